@@ -1,0 +1,327 @@
+//! Events: what the app enqueues ([`NewEvent`]) and what the outbox stores and
+//! delivers ([`Event`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::json::to_json_strict;
+use crate::time::Timestamp;
+
+/// Longest accepted event type name, in bytes.
+pub const MAX_EVENT_TYPE_LEN: usize = 256;
+
+/// Default limit on one event's size (type + key + payload + headers), in bytes.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 256 * 1024;
+
+/// An event's identity: a UUIDv7, made when the event is enqueued, and the
+/// idempotency key the server dedupes on (together with the client id).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EventId(Uuid);
+
+impl EventId {
+    /// A new time-ordered id (UUIDv7).
+    pub fn new() -> Self {
+        EventId(Uuid::now_v7())
+    }
+
+    /// The underlying UUID.
+    pub fn as_uuid(&self) -> &Uuid {
+        &self.0
+    }
+}
+
+impl Default for EventId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl From<Uuid> for EventId {
+    fn from(u: Uuid) -> Self {
+        EventId(u)
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+impl fmt::Debug for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EventId({self})")
+    }
+}
+
+impl FromStr for EventId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Uuid::parse_str(s)
+            .map(EventId)
+            .map_err(|e| Error::InvalidConfig {
+                reason: format!("{s:?} is not an event id (a UUID): {e}"),
+            })
+    }
+}
+
+/// An event the app wants to publish, built before it is enqueued.
+///
+/// ```
+/// # use edge_outbox::NewEvent;
+/// #[derive(serde::Serialize)]
+/// struct OrderCreated { order_id: u64, amount: u32 }
+///
+/// let event = NewEvent::json("OrderCreated", &OrderCreated { order_id: 123, amount: 250 })?
+///     .key("order-123")
+///     .header("schema", "1");
+/// assert_eq!(event.payload_json(), r#"{"order_id":123,"amount":250}"#);
+/// # Ok::<(), edge_outbox::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewEvent {
+    pub(crate) event_type: String,
+    pub(crate) payload: String,
+    pub(crate) key: Option<String>,
+    pub(crate) headers: BTreeMap<String, String>,
+}
+
+impl NewEvent {
+    /// An event of type `event_type` whose payload is `payload` serialized as JSON.
+    ///
+    /// Fails with [`Error::InvalidEventType`] for an empty or over-long type
+    /// name, and with [`Error::InvalidPayload`] when the payload has no faithful
+    /// JSON form: NaN or infinite numbers, map keys that are not strings, or a
+    /// `Serialize` impl that returns an error.
+    pub fn json<T: Serialize + ?Sized>(event_type: impl Into<String>, payload: &T) -> Result<Self> {
+        let event_type = validate_type(event_type.into())?;
+        let payload = to_json_strict(payload).map_err(|reason| Error::InvalidPayload { reason })?;
+        Ok(NewEvent {
+            event_type,
+            payload,
+            key: None,
+            headers: BTreeMap::new(),
+        })
+    }
+
+    /// An event whose payload is already JSON text; the text is checked to be
+    /// one valid JSON value and stored as given.
+    pub fn from_json_text(event_type: impl Into<String>, payload: impl Into<String>) -> Result<Self> {
+        let event_type = validate_type(event_type.into())?;
+        let payload = payload.into();
+        serde_json::from_str::<serde::de::IgnoredAny>(&payload).map_err(|e| {
+            Error::InvalidPayload {
+                reason: format!("not valid JSON text: {e}"),
+            }
+        })?;
+        Ok(NewEvent {
+            event_type,
+            payload,
+            key: None,
+            headers: BTreeMap::new(),
+        })
+    }
+
+    /// Set the ordering/aggregate key (for example `"order-123"`).
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Add a string header (trace context, schema version, ...). Header names
+    /// must be non-empty; that is checked when the event is enqueued.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// The event type name.
+    pub fn event_type(&self) -> &str {
+        &self.event_type
+    }
+
+    /// The payload as JSON text.
+    pub fn payload_json(&self) -> &str {
+        &self.payload
+    }
+
+    /// The ordering key, if any.
+    pub fn get_key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
+    /// The headers.
+    pub fn headers(&self) -> &BTreeMap<String, String> {
+        &self.headers
+    }
+
+    /// Bytes this event counts against the size limit: type, key, payload and
+    /// headers (names and values).
+    pub fn size(&self) -> usize {
+        event_size(&self.event_type, self.key.as_deref(), &self.payload, &self.headers)
+    }
+
+    /// Check everything a store checks before writing: header names and the
+    /// size limit. Called by every store on enqueue, so the rule lives here once.
+    pub fn validate(&self, max_event_bytes: usize) -> Result<()> {
+        if self.headers.keys().any(String::is_empty) {
+            return Err(Error::InvalidHeader {
+                reason: "a header name is empty".into(),
+            });
+        }
+        let size = self.size();
+        if size > max_event_bytes {
+            return Err(Error::EventTooLarge {
+                size,
+                limit: max_event_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The one definition of an event's size, shared by [`NewEvent`] and [`Event`].
+fn event_size(
+    event_type: &str,
+    key: Option<&str>,
+    payload: &str,
+    headers: &BTreeMap<String, String>,
+) -> usize {
+    let headers: usize = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    event_type.len() + key.map_or(0, str::len) + payload.len() + headers
+}
+
+fn validate_type(name: String) -> Result<String> {
+    if name.is_empty() {
+        return Err(Error::InvalidEventType {
+            reason: "the name is empty".into(),
+        });
+    }
+    if name.len() > MAX_EVENT_TYPE_LEN {
+        return Err(Error::InvalidEventType {
+            reason: format!("the name is {} bytes long", name.len()),
+        });
+    }
+    Ok(name)
+}
+
+/// Delivery state of a stored event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventStatus {
+    /// Not yet acknowledged by the server.
+    Pending,
+    /// Acknowledged (accepted or duplicate) by the server.
+    Sent,
+    /// Given up on (rejected by the server, expired, or too large); see `last_error`.
+    Dead,
+}
+
+impl EventStatus {
+    /// The name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventStatus::Pending => "pending",
+            EventStatus::Sent => "sent",
+            EventStatus::Dead => "dead",
+        }
+    }
+
+    /// Parse a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(EventStatus::Pending),
+            "sent" => Some(EventStatus::Sent),
+            "dead" => Some(EventStatus::Dead),
+            _ => None,
+        }
+    }
+}
+
+/// An event as stored in the outbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Local commit order: strictly increasing, gaps allowed.
+    pub seq: i64,
+    /// The idempotency key.
+    pub id: EventId,
+    /// The event type name.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Optional ordering/aggregate key.
+    pub key: Option<String>,
+    /// The payload, as JSON text.
+    pub payload: String,
+    /// String headers.
+    pub headers: BTreeMap<String, String>,
+    /// When the event was enqueued.
+    pub created_at: Timestamp,
+    /// Delivery state.
+    pub status: EventStatus,
+    /// Delivery attempts made so far.
+    pub attempts: u32,
+    /// Earliest time of the next attempt.
+    pub next_attempt_at: Timestamp,
+    /// Why the last attempt failed, or why the event is dead.
+    pub last_error: Option<String>,
+    /// When the server acknowledged it.
+    pub sent_at: Option<Timestamp>,
+}
+
+impl Event {
+    /// Deserialize the payload into `T`.
+    pub fn payload_as<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_str(&self.payload).map_err(|e| Error::InvalidPayload {
+            reason: e.to_string(),
+        })
+    }
+
+    /// Bytes this event counts against batch and size limits (see [`NewEvent::size`]).
+    pub fn size(&self) -> usize {
+        event_size(&self.event_type, self.key.as_deref(), &self.payload, &self.headers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn type_name_is_checked() {
+        assert!(matches!(
+            NewEvent::json("", &1),
+            Err(Error::InvalidEventType { .. })
+        ));
+        assert!(NewEvent::json("x".repeat(256), &1).is_ok());
+        assert!(matches!(
+            NewEvent::json("x".repeat(257), &1),
+            Err(Error::InvalidEventType { .. })
+        ));
+    }
+
+    #[test]
+    fn size_limit_and_headers() {
+        let e = NewEvent::json("T", &"a".repeat(100)).unwrap();
+        assert!(e.validate(1000).is_ok());
+        assert!(matches!(
+            e.validate(50),
+            Err(Error::EventTooLarge { limit: 50, .. })
+        ));
+        let e = NewEvent::json("T", &1).unwrap().header("", "v");
+        assert!(matches!(e.validate(1000), Err(Error::InvalidHeader { .. })));
+    }
+
+    #[test]
+    fn ids_are_time_ordered() {
+        let a = EventId::new();
+        let b = EventId::new();
+        assert!(a < b);
+        assert_eq!(a.to_string().parse::<EventId>().unwrap(), a);
+    }
+}

@@ -1,0 +1,23 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+mod error;
+mod event;
+mod json;
+pub mod protocol;
+pub mod store;
+mod time;
+
+pub use error::{BoxError, Error, Result};
+pub use event::{DEFAULT_MAX_EVENT_BYTES, Event, EventId, EventStatus, MAX_EVENT_TYPE_LEN, NewEvent};
+pub use store::{Claim, ClaimRequest, Outcome, Stats, Store};
+pub use time::Timestamp;
+
+// The backend is chosen here and nowhere else (see build.rs for the aliases).
+#[cfg(native)]
+mod native;
+#[cfg(native)]
+pub use native::*;
+
+#[cfg(web)]
+pub mod web;

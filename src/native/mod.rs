@@ -1,0 +1,1 @@
+//! Native backend: SQLite store and the Outbox facade.

@@ -1,0 +1,131 @@
+//! Wire types of sync protocol v1, shared by the relay and the reference
+//! server. `docs/protocol.md` is the contract; the JSON Schemas under
+//! `docs/schema/` describe these same types and a test keeps them in step.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::error::{Error, Result};
+use crate::event::{Event, EventId};
+
+/// The protocol version this crate speaks (the `protocol` field of a push).
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Body of `POST {endpoint}`: a batch of events from one client, in `seq` order.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PushRequest {
+    /// Always [`PROTOCOL_VERSION`].
+    pub protocol: u32,
+    /// The outbox's client id (a UUID made at first open).
+    pub client_id: String,
+    /// Events in increasing `seq` order.
+    pub events: Vec<WireEvent>,
+}
+
+/// One event on the wire.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WireEvent {
+    /// UUIDv7; the server dedupes on (client_id, id).
+    pub id: EventId,
+    /// The client's local commit order.
+    pub seq: i64,
+    /// Event type name.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Optional ordering/aggregate key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// The payload, exactly as the app serialized it.
+    pub payload: Box<RawValue>,
+    /// String headers.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// RFC 3339 UTC time of the local commit, millisecond precision.
+    pub created_at: String,
+}
+
+impl TryFrom<&Event> for WireEvent {
+    type Error = Error;
+
+    fn try_from(e: &Event) -> Result<Self> {
+        Ok(WireEvent {
+            id: e.id,
+            seq: e.seq,
+            event_type: e.event_type.clone(),
+            key: e.key.clone(),
+            payload: RawValue::from_string(e.payload.clone()).map_err(|err| {
+                Error::InvalidPayload {
+                    reason: format!("stored payload of event {} is not JSON: {err}", e.id),
+                }
+            })?,
+            headers: e.headers.clone(),
+            created_at: e.created_at.to_rfc3339(),
+        })
+    }
+}
+
+/// Body of a `200` answer to a push: one result per event the server handled.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushResponse {
+    /// Results, normally one per event of the request.
+    pub results: Vec<EventResult>,
+}
+
+/// What the server did with one event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventResult {
+    /// The event's id.
+    pub id: EventId,
+    /// Accepted, duplicate or rejected.
+    pub status: ResultStatus,
+    /// Why it was rejected (present for `rejected`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Per-event status in a [`PushResponse`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResultStatus {
+    /// Stored (and applied) now.
+    Accepted,
+    /// Stored earlier; nothing changed now.
+    Duplicate,
+    /// Refused for good; the client dead-letters it.
+    Rejected,
+}
+
+/// Body of every non-2xx answer of the reference server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Machine readable code, e.g. `"unauthorized"`, `"payload_too_large"`.
+    pub error: String,
+    /// Human readable explanation.
+    pub message: String,
+}
+
+/// Answer of `GET {endpoint}?after=CURSOR&limit=N`: received events in arrival order.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PullResponse {
+    /// Events received after the cursor, oldest first.
+    pub events: Vec<ReceivedEvent>,
+    /// Cursor to pass as `after` for the next page; absent when no event was returned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<i64>,
+}
+
+/// An event as the server stored it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReceivedEvent {
+    /// Arrival position at the server (strictly increasing).
+    pub cursor: i64,
+    /// The client that sent it.
+    pub client_id: String,
+    /// The event itself, as sent.
+    #[serde(flatten)]
+    pub event: WireEvent,
+    /// When the server stored it (RFC 3339).
+    pub received_at: String,
+}

@@ -1,0 +1,175 @@
+//! The store contract: what a storage backend (SQLite natively, IndexedDB in
+//! the browser) must do for the relay and for the app's management calls.
+//!
+//! Committing the app's own state together with events is backend specific
+//! (a rusqlite transaction, an `IDBTransaction`) and lives in each backend;
+//! everything after the commit goes through this trait, so the relay and the
+//! conformance suite (`tests/conformance`) are written once.
+//!
+//! # Obligations of an implementation
+//!
+//! 1. `enqueue` writes all events of one call in one atomic transaction, or none.
+//! 2. `seq` is strictly increasing in commit order, across every writer of the
+//!    same database (threads, processes, tabs); gaps are allowed.
+//! 3. Every event gets a fresh UUIDv7 `id` at enqueue; ids are never reused.
+//! 4. An event is validated ([`NewEvent::validate`]) before anything is written.
+//! 5. `claim` runs in one transaction: it takes or renews the relay lease for
+//!    `owner` (refusing while another owner's lease is unexpired), then returns
+//!    the pending events with the lowest `seq`, in `seq` order, starting at the
+//!    oldest pending event, up to `max_events` and `max_bytes` (always at least
+//!    one event, however large), and counts one attempt on each of them.
+//! 6. `claim` returns [`Claim::NotBefore`] when the oldest pending event is not
+//!    due yet (`next_attempt_at` in the future): later events never overtake it.
+//! 7. `settle` applies outcomes only to events still pending; a `Sent` event
+//!    records `sent_at`; a `Dead` one its reason; a `Retry` one its error and next
+//!    attempt time. Settling never creates, drops or reorders events.
+//! 8. Sent events stay until `prune_sent`; dead events stay until `retry` or `discard`.
+//! 9. Nothing a crash interrupts is lost: an event claimed but never settled is
+//!    still pending and is claimed again once the lease expires.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::error::Result;
+use crate::event::{Event, EventId, NewEvent};
+use crate::time::Timestamp;
+
+/// `Send` natively, where the relay runs on tokio's multi-threaded runtime;
+/// nothing in the browser, where JavaScript handles are not `Send`.
+#[cfg(not(web))]
+pub trait MaybeSend: Send {}
+#[cfg(not(web))]
+impl<T: Send + ?Sized> MaybeSend for T {}
+/// `Send` natively, where the relay runs on tokio's multi-threaded runtime;
+/// nothing in the browser, where JavaScript handles are not `Send`.
+#[cfg(web)]
+pub trait MaybeSend {}
+#[cfg(web)]
+impl<T: ?Sized> MaybeSend for T {}
+
+/// `Sync` natively, nothing in the browser (see [`MaybeSend`]).
+#[cfg(not(web))]
+pub trait MaybeSync: Sync {}
+#[cfg(not(web))]
+impl<T: Sync + ?Sized> MaybeSync for T {}
+/// `Sync` natively, nothing in the browser (see [`MaybeSend`]).
+#[cfg(web)]
+pub trait MaybeSync {}
+#[cfg(web)]
+impl<T: ?Sized> MaybeSync for T {}
+
+/// What the relay asks of [`Store::claim`].
+#[derive(Clone, Debug)]
+pub struct ClaimRequest<'a> {
+    /// Identifies the relay instance holding the lease.
+    pub owner: &'a str,
+    /// How long the lease lasts unless renewed by the next claim.
+    pub lease: Duration,
+    /// Most events in one batch.
+    pub max_events: usize,
+    /// Most bytes ([`Event::size`]) in one batch; the first event is always taken.
+    pub max_bytes: usize,
+    /// The current time.
+    pub now: Timestamp,
+}
+
+/// The answer of [`Store::claim`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// Events to send, in `seq` order; one attempt has been counted on each.
+    Batch(Vec<Event>),
+    /// Nothing is pending.
+    Empty,
+    /// The oldest pending event waits for its retry time.
+    NotBefore(Timestamp),
+    /// Another relay holds the lease until the given time.
+    LeaseHeld {
+        /// When that lease expires unless renewed.
+        until: Timestamp,
+    },
+}
+
+/// What happened to one claimed event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The server has it (accepted, or a duplicate of one it had).
+    Sent,
+    /// Give up on it, with a reason (rejected, expired, too large).
+    Dead {
+        /// Why.
+        reason: String,
+    },
+    /// Try again no sooner than `at`.
+    Retry {
+        /// Earliest next attempt.
+        at: Timestamp,
+        /// What went wrong this time.
+        error: String,
+    },
+}
+
+/// Counts over the outbox.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Events not yet acknowledged.
+    pub pending: u64,
+    /// Events acknowledged and not yet pruned.
+    pub sent: u64,
+    /// Events given up on.
+    pub dead: u64,
+    /// When the oldest pending event was enqueued.
+    pub oldest_pending_at: Option<Timestamp>,
+}
+
+impl Stats {
+    /// Age of the oldest pending event at `now`.
+    pub fn oldest_pending_age(&self, now: Timestamp) -> Option<Duration> {
+        self.oldest_pending_at.map(|t| now.since(t))
+    }
+}
+
+/// A storage backend for the outbox. See the module docs for the obligations.
+pub trait Store: MaybeSend + MaybeSync {
+    /// The client id made at first open (a UUID), the stream name at the server.
+    fn client_id(&self) -> &str;
+
+    /// Append events in one transaction with nothing else (apps that have no
+    /// state of their own to commit). Returns the stored events, in order.
+    fn enqueue(&self, events: Vec<NewEvent>) -> impl Future<Output = Result<Vec<Event>>> + MaybeSend;
+
+    /// Take (or renew) the lease and claim the next batch (obligations 5, 6).
+    fn claim(&self, request: ClaimRequest<'_>) -> impl Future<Output = Result<Claim>> + MaybeSend;
+
+    /// Record what happened to claimed events (obligation 7).
+    fn settle(
+        &self,
+        outcomes: Vec<(EventId, Outcome)>,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<()>> + MaybeSend;
+
+    /// Give up the lease if `owner` holds it, so another relay may start at once.
+    fn release_lease(&self, owner: &str) -> impl Future<Output = Result<()>> + MaybeSend;
+
+    /// Counts of pending, sent and dead events.
+    fn stats(&self) -> impl Future<Output = Result<Stats>> + MaybeSend;
+
+    /// Up to `limit` pending events in `seq` order.
+    fn pending(&self, limit: usize) -> impl Future<Output = Result<Vec<Event>>> + MaybeSend;
+
+    /// Up to `limit` dead events in `seq` order.
+    fn dead_letters(&self, limit: usize) -> impl Future<Output = Result<Vec<Event>>> + MaybeSend;
+
+    /// One event by id, whatever its status.
+    fn get(&self, id: EventId) -> impl Future<Output = Result<Option<Event>>> + MaybeSend;
+
+    /// Make a dead event pending again (attempts reset, due now). Returns false
+    /// when no dead event has this id.
+    fn retry(&self, id: EventId, now: Timestamp) -> impl Future<Output = Result<bool>> + MaybeSend;
+
+    /// Delete a dead event for good. Returns false when no dead event has this
+    /// id (pending events cannot be discarded: that would lose them).
+    fn discard(&self, id: EventId) -> impl Future<Output = Result<bool>> + MaybeSend;
+
+    /// Delete sent events acknowledged before `before`. Returns how many.
+    fn prune_sent(&self, before: Timestamp) -> impl Future<Output = Result<u64>> + MaybeSend;
+}

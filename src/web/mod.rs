@@ -1,0 +1,1 @@
+//! Browser backend: IndexedDB store and the JavaScript API.
