@@ -1,0 +1,1 @@
+//! Reference sync server for edge-outbox.
