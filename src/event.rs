@@ -112,7 +112,10 @@ impl NewEvent {
 
     /// An event whose payload is already JSON text; the text is checked to be
     /// one valid JSON value and stored as given.
-    pub fn from_json_text(event_type: impl Into<String>, payload: impl Into<String>) -> Result<Self> {
+    pub fn from_json_text(
+        event_type: impl Into<String>,
+        payload: impl Into<String>,
+    ) -> Result<Self> {
         let event_type = validate_type(event_type.into())?;
         let payload = payload.into();
         serde_json::from_str::<serde::de::IgnoredAny>(&payload).map_err(|e| {
@@ -164,7 +167,12 @@ impl NewEvent {
     /// Bytes this event counts against the size limit: type, key, payload and
     /// headers (names and values).
     pub fn size(&self) -> usize {
-        event_size(&self.event_type, self.key.as_deref(), &self.payload, &self.headers)
+        event_size(
+            &self.event_type,
+            self.key.as_deref(),
+            &self.payload,
+            &self.headers,
+        )
     }
 
     /// Check everything a store checks before writing: header names and the
@@ -284,7 +292,12 @@ impl Event {
 
     /// Bytes this event counts against batch and size limits (see [`NewEvent::size`]).
     pub fn size(&self) -> usize {
-        event_size(&self.event_type, self.key.as_deref(), &self.payload, &self.headers)
+        event_size(
+            &self.event_type,
+            self.key.as_deref(),
+            &self.payload,
+            &self.headers,
+        )
     }
 }
 

@@ -135,7 +135,10 @@ pub trait Store: MaybeSend + MaybeSync {
 
     /// Append events in one transaction with nothing else (apps that have no
     /// state of their own to commit). Returns the stored events, in order.
-    fn enqueue(&self, events: Vec<NewEvent>) -> impl Future<Output = Result<Vec<Event>>> + MaybeSend;
+    fn enqueue(
+        &self,
+        events: Vec<NewEvent>,
+    ) -> impl Future<Output = Result<Vec<Event>>> + MaybeSend;
 
     /// Take (or renew) the lease and claim the next batch (obligations 5, 6).
     fn claim(&self, request: ClaimRequest<'_>) -> impl Future<Output = Result<Claim>> + MaybeSend;

@@ -1,0 +1,596 @@
+//! The SQLite store: schema, migrations, error mapping and the [`Store`]
+//! contract over one shared connection.
+//!
+//! One connection per [`SqliteStore`] (shared by its clones behind a mutex):
+//! SQLite serializes writers anyway, and one connection keeps prepared
+//! statements cached. Writers in other processes are handled by `BEGIN
+//! IMMEDIATE` plus the busy timeout: the write lock is taken at the start of
+//! each transaction, so a transaction never has to upgrade from reader to
+//! writer, the one case a busy timeout cannot resolve ("database is locked").
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
+use tokio::sync::Notify;
+
+use super::outbox::{Config, Durability};
+use crate::error::{Error, Result};
+use crate::event::{Event, EventId, EventStatus, NewEvent};
+use crate::store::{Claim, ClaimRequest, Outcome, Stats, Store};
+use crate::time::Timestamp;
+
+/// The outbox schema version this build writes and understands.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Schema v1. Status is stored as text so the table reads well in any SQLite
+/// browser; `(status, seq)` serves the claim query and the per-status counts.
+const SCHEMA_V1: &str = "
+CREATE TABLE IF NOT EXISTS edge_outbox_meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS edge_outbox_events (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    id              BLOB    NOT NULL UNIQUE,
+    type            TEXT    NOT NULL,
+    key             TEXT,
+    payload         TEXT    NOT NULL,
+    headers         TEXT,
+    created_at      INTEGER NOT NULL,
+    status          TEXT    NOT NULL DEFAULT 'pending'
+                            CHECK (status IN ('pending', 'sent', 'dead')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    last_error      TEXT,
+    sent_at         INTEGER
+);
+CREATE INDEX IF NOT EXISTS edge_outbox_events_status ON edge_outbox_events (status, seq);
+";
+
+const INSERT_EVENT: &str = "INSERT INTO edge_outbox_events \
+     (id, type, key, payload, headers, created_at, next_attempt_at) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)";
+
+const SELECT_EVENT: &str = "SELECT seq, id, type, key, payload, headers, created_at, status, \
+     attempts, next_attempt_at, last_error, sent_at FROM edge_outbox_events";
+
+/// State shared by every clone of an [`Outbox`](super::Outbox) / [`SqliteStore`].
+pub(crate) struct Inner {
+    conn: Mutex<Connection>,
+    pub(crate) path: String,
+    pub(crate) client_id: String,
+    pub(crate) max_event_bytes: usize,
+    /// Woken after every commit that enqueued events (the relay waits on it).
+    pub(crate) commits: Arc<Notify>,
+}
+
+/// The SQLite implementation of [`Store`]. Cheap to clone; all clones share
+/// one connection. Get it from [`Outbox::store`](super::Outbox::store).
+#[derive(Clone)]
+pub struct SqliteStore {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .field("client_id", &self.inner.client_id)
+            .finish()
+    }
+}
+
+/// Map an SQLite error to the crate's error, naming `path` where it helps.
+pub(crate) fn map_err(e: rusqlite::Error, path: &str) -> Error {
+    let code = e.sqlite_error_code();
+    match code {
+        Some(ErrorCode::NotADatabase) => Error::NotADatabase { path: path.into() },
+        Some(ErrorCode::ReadOnly) => Error::ReadOnly { path: path.into() },
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => Error::Busy,
+        Some(ErrorCode::DiskFull) => Error::QuotaExceeded,
+        _ => Error::storage(e.to_string(), Some(Box::new(e))),
+    }
+}
+
+/// Lets app code inside `Outbox::transaction` use `?` on rusqlite calls.
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        map_err(e, "<database>")
+    }
+}
+
+impl Inner {
+    /// Open (creating or migrating) the outbox inside the SQLite file at `path`.
+    pub(crate) fn open(path: &str, config: &Config) -> Result<Inner> {
+        let err = |e| map_err(e, path);
+        let conn = Connection::open(path).map_err(err)?;
+        conn.busy_timeout(config.busy_timeout).map_err(err)?;
+
+        // Everything up to the migration only reads, so a database we must not
+        // touch (not SQLite, newer schema, read-only) is left exactly as it was.
+        let found = read_schema_version(&conn).map_err(err)?;
+        if let Some(found) = found {
+            if found > SCHEMA_VERSION {
+                return Err(Error::SchemaTooNew {
+                    found,
+                    supported: SCHEMA_VERSION,
+                });
+            }
+        }
+        if conn.is_readonly(rusqlite::MAIN_DB).map_err(err)? {
+            return Err(Error::ReadOnly { path: path.into() });
+        }
+
+        // WAL lets readers (the app's UI) run while the relay writes.
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(err)?;
+        if !mode.eq_ignore_ascii_case("wal") && !mode.eq_ignore_ascii_case("memory") {
+            return Err(Error::storage(
+                format!("could not switch {path} to WAL mode (journal_mode is {mode})"),
+                None,
+            ));
+        }
+        let sync = match config.durability {
+            Durability::Normal => "NORMAL",
+            Durability::Full => "FULL",
+        };
+        conn.execute_batch(&format!("PRAGMA synchronous = {sync};"))
+            .map_err(err)?;
+
+        let client_id = migrate(&conn).map_err(|e| match e {
+            MigrateError::Sqlite(e) => map_err(e, path),
+            MigrateError::Other(e) => e,
+        })?;
+
+        Ok(Inner {
+            conn: Mutex::new(conn),
+            path: path.into(),
+            client_id,
+            max_event_bytes: config.max_event_bytes,
+            commits: Arc::new(Notify::new()),
+        })
+    }
+
+    /// The connection. A panic inside an app's transaction closure poisons the
+    /// mutex, but the transaction was rolled back while unwinding, so the
+    /// connection is sound and we keep using it.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn map(&self, e: rusqlite::Error) -> Error {
+        map_err(e, &self.path)
+    }
+
+    /// Run `f` in an IMMEDIATE transaction and commit it.
+    fn write<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
+        let mut conn = self.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.map(e))?;
+        let value = f(&tx)?;
+        tx.commit().map_err(|e| self.map(e))?;
+        Ok(value)
+    }
+
+    /// Validate and insert one event into an open transaction on this database.
+    pub(crate) fn insert(&self, conn: &Connection, event: &NewEvent) -> Result<Event> {
+        event.validate(self.max_event_bytes)?;
+        let id = EventId::new();
+        let now = Timestamp::now();
+        let headers = encode_headers(&event.headers);
+        let mut stmt = conn.prepare_cached(INSERT_EVENT).map_err(|e| self.map(e))?;
+        stmt.execute(params![
+            id.as_uuid().as_bytes(),
+            event.event_type,
+            event.key,
+            event.payload,
+            headers,
+            now.as_millis()
+        ])
+        .map_err(|e| self.map(e))?;
+        Ok(Event {
+            seq: conn.last_insert_rowid(),
+            id,
+            event_type: event.event_type.clone(),
+            key: event.key.clone(),
+            payload: event.payload.clone(),
+            headers: event.headers.clone(),
+            created_at: now,
+            status: EventStatus::Pending,
+            attempts: 0,
+            next_attempt_at: now,
+            last_error: None,
+            sent_at: None,
+        })
+    }
+
+    pub(crate) fn enqueue(&self, events: &[NewEvent]) -> Result<Vec<Event>> {
+        let stored: Vec<Event> =
+            self.write(|tx| events.iter().map(|e| self.insert(tx, e)).collect())?;
+        if !stored.is_empty() {
+            self.commits.notify_one();
+        }
+        Ok(stored)
+    }
+
+    pub(crate) fn claim(&self, req: &ClaimRequest<'_>) -> Result<Claim> {
+        self.write(|tx| {
+            let now = req.now.as_millis();
+            let lease: Option<(String, i64)> = tx
+                .query_row(
+                    "SELECT o.value, CAST(u.value AS INTEGER) FROM edge_outbox_meta o \
+                     JOIN edge_outbox_meta u ON u.key = 'lease_until' WHERE o.key = 'lease_owner'",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(|e| self.map(e))?;
+            if let Some((owner, until)) = lease {
+                if owner != req.owner && until > now {
+                    return Ok(Claim::LeaseHeld {
+                        until: Timestamp::from_millis(until),
+                    });
+                }
+            }
+            let until = req.now.add(req.lease).as_millis();
+            tx.execute(
+                "INSERT OR REPLACE INTO edge_outbox_meta (key, value) VALUES \
+                 ('lease_owner', ?1), ('lease_until', ?2)",
+                params![req.owner, until.to_string()],
+            )
+            .map_err(|e| self.map(e))?;
+
+            let mut stmt = tx
+                .prepare_cached(&format!(
+                    "{SELECT_EVENT} WHERE status = 'pending' ORDER BY seq LIMIT ?1"
+                ))
+                .map_err(|e| self.map(e))?;
+            let limit = i64::try_from(req.max_events.max(1)).unwrap_or(i64::MAX);
+            let mut rows = stmt.query([limit]).map_err(|e| self.map(e))?;
+            let mut batch = Vec::new();
+            let mut bytes = 0usize;
+            while let Some(row) = rows.next().map_err(|e| self.map(e))? {
+                let event = row_to_event(row).map_err(|e| self.map(e))?;
+                if batch.is_empty() && event.next_attempt_at.as_millis() > now {
+                    // Head-of-line: nothing overtakes an event waiting to retry.
+                    return Ok(Claim::NotBefore(event.next_attempt_at));
+                }
+                bytes += event.size();
+                if !batch.is_empty() && bytes > req.max_bytes {
+                    break;
+                }
+                batch.push(event);
+            }
+            drop(rows);
+            if batch.is_empty() {
+                return Ok(Claim::Empty);
+            }
+            let mut bump = tx
+                .prepare_cached(
+                    "UPDATE edge_outbox_events SET attempts = attempts + 1 WHERE seq = ?1",
+                )
+                .map_err(|e| self.map(e))?;
+            for event in &mut batch {
+                bump.execute([event.seq]).map_err(|e| self.map(e))?;
+                event.attempts += 1;
+            }
+            Ok(Claim::Batch(batch))
+        })
+    }
+
+    pub(crate) fn settle(&self, outcomes: &[(EventId, Outcome)], now: Timestamp) -> Result<()> {
+        self.write(|tx| {
+            for (id, outcome) in outcomes {
+                let id = id.as_uuid().as_bytes();
+                // `status = 'pending'`: a late answer never resurrects an event the
+                // app has since discarded, nor undoes a dead or sent state.
+                match outcome {
+                    Outcome::Sent => tx
+                        .prepare_cached(
+                            "UPDATE edge_outbox_events SET status = 'sent', sent_at = ?2, \
+                             last_error = NULL WHERE id = ?1 AND status = 'pending'",
+                        )
+                        .and_then(|mut s| s.execute(params![id, now.as_millis()])),
+                    Outcome::Dead { reason } => tx
+                        .prepare_cached(
+                            "UPDATE edge_outbox_events SET status = 'dead', last_error = ?2 \
+                             WHERE id = ?1 AND status = 'pending'",
+                        )
+                        .and_then(|mut s| s.execute(params![id, reason])),
+                    Outcome::Retry { at, error } => tx
+                        .prepare_cached(
+                            "UPDATE edge_outbox_events SET next_attempt_at = ?2, last_error = ?3 \
+                             WHERE id = ?1 AND status = 'pending'",
+                        )
+                        .and_then(|mut s| s.execute(params![id, at.as_millis(), error])),
+                }
+                .map_err(|e| self.map(e))?;
+            }
+            Ok(())
+        })
+    }
+
+    pub(crate) fn release_lease(&self, owner: &str) -> Result<()> {
+        self.write(|tx| {
+            let held: Option<String> = tx
+                .query_row(
+                    "SELECT value FROM edge_outbox_meta WHERE key = 'lease_owner'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(|e| self.map(e))?;
+            if held.as_deref() == Some(owner) {
+                tx.execute(
+                    "DELETE FROM edge_outbox_meta WHERE key IN ('lease_owner', 'lease_until')",
+                    [],
+                )
+                .map_err(|e| self.map(e))?;
+            }
+            Ok(())
+        })
+    }
+
+    pub(crate) fn stats(&self) -> Result<Stats> {
+        let conn = self.lock();
+        let mut stats = Stats::default();
+        let mut stmt = conn
+            .prepare_cached("SELECT status, count(*) FROM edge_outbox_events GROUP BY status")
+            .map_err(|e| self.map(e))?;
+        let mut rows = stmt.query([]).map_err(|e| self.map(e))?;
+        while let Some(row) = rows.next().map_err(|e| self.map(e))? {
+            let status: String = row.get(0).map_err(|e| self.map(e))?;
+            let count: i64 = row.get(1).map_err(|e| self.map(e))?;
+            let count = count.max(0) as u64;
+            match EventStatus::parse(&status) {
+                Some(EventStatus::Pending) => stats.pending = count,
+                Some(EventStatus::Sent) => stats.sent = count,
+                Some(EventStatus::Dead) => stats.dead = count,
+                None => {}
+            }
+        }
+        drop(rows);
+        stats.oldest_pending_at = conn
+            .query_row(
+                "SELECT created_at FROM edge_outbox_events WHERE status = 'pending' \
+                 ORDER BY seq LIMIT 1",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map_err(|e| self.map(e))?
+            .map(Timestamp::from_millis);
+        Ok(stats)
+    }
+
+    pub(crate) fn list(&self, status: EventStatus, limit: usize) -> Result<Vec<Event>> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "{SELECT_EVENT} WHERE status = ?1 ORDER BY seq LIMIT ?2"
+            ))
+            .map_err(|e| self.map(e))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        stmt.query_map(params![status.as_str(), limit], row_to_event)
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.map(e))
+    }
+
+    pub(crate) fn get(&self, id: EventId) -> Result<Option<Event>> {
+        let conn = self.lock();
+        conn.query_row(
+            &format!("{SELECT_EVENT} WHERE id = ?1"),
+            [id.as_uuid().as_bytes()],
+            row_to_event,
+        )
+        .optional()
+        .map_err(|e| self.map(e))
+    }
+
+    pub(crate) fn retry(&self, id: EventId, now: Timestamp) -> Result<bool> {
+        let changed = self.write(|tx| {
+            tx.execute(
+                "UPDATE edge_outbox_events SET status = 'pending', attempts = 0, \
+                 next_attempt_at = ?2, last_error = NULL WHERE id = ?1 AND status = 'dead'",
+                params![id.as_uuid().as_bytes(), now.as_millis()],
+            )
+            .map_err(|e| self.map(e))
+        })?;
+        if changed > 0 {
+            self.commits.notify_one();
+        }
+        Ok(changed > 0)
+    }
+
+    pub(crate) fn discard(&self, id: EventId) -> Result<bool> {
+        self.write(|tx| {
+            tx.execute(
+                "DELETE FROM edge_outbox_events WHERE id = ?1 AND status = 'dead'",
+                [id.as_uuid().as_bytes()],
+            )
+            .map(|n| n > 0)
+            .map_err(|e| self.map(e))
+        })
+    }
+
+    pub(crate) fn prune_sent(&self, before: Timestamp) -> Result<u64> {
+        self.write(|tx| {
+            tx.execute(
+                "DELETE FROM edge_outbox_events WHERE status = 'sent' AND sent_at < ?1",
+                [before.as_millis()],
+            )
+            .map(|n| n as u64)
+            .map_err(|e| self.map(e))
+        })
+    }
+}
+
+/// `None` when the outbox was never created in this database.
+fn read_schema_version(conn: &Connection) -> rusqlite::Result<Option<u32>> {
+    let has_meta: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'edge_outbox_meta')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_meta {
+        return Ok(None);
+    }
+    let v: Option<String> = conn
+        .query_row(
+            "SELECT value FROM edge_outbox_meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    // An unparsable version is treated as "newer than us": never touch what we
+    // do not understand.
+    Ok(v.map(|v| v.parse().unwrap_or(u32::MAX)))
+}
+
+enum MigrateError {
+    Sqlite(rusqlite::Error),
+    Other(Error),
+}
+
+impl From<rusqlite::Error> for MigrateError {
+    fn from(e: rusqlite::Error) -> Self {
+        MigrateError::Sqlite(e)
+    }
+}
+
+/// Create or upgrade the schema and return the client id, in one IMMEDIATE
+/// transaction so two processes opening a new file at once agree on both.
+fn migrate(conn: &Connection) -> std::result::Result<String, MigrateError> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let result = (|| {
+        // Re-read under the write lock: another process may have migrated.
+        if let Some(found) = read_schema_version(conn)? {
+            if found > SCHEMA_VERSION {
+                return Err(MigrateError::Other(Error::SchemaTooNew {
+                    found,
+                    supported: SCHEMA_VERSION,
+                }));
+            }
+        }
+        conn.execute_batch(SCHEMA_V1)?;
+        conn.execute(
+            "INSERT OR IGNORE INTO edge_outbox_meta (key, value) VALUES ('schema_version', ?1)",
+            [SCHEMA_VERSION.to_string()],
+        )?;
+        conn.execute(
+            "INSERT OR IGNORE INTO edge_outbox_meta (key, value) VALUES ('client_id', ?1)",
+            [uuid::Uuid::new_v4().to_string()],
+        )?;
+        let client_id: String = conn.query_row(
+            "SELECT value FROM edge_outbox_meta WHERE key = 'client_id'",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(client_id)
+    })();
+    match result {
+        Ok(id) => {
+            conn.execute_batch("COMMIT")?;
+            Ok(id)
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+fn encode_headers(headers: &BTreeMap<String, String>) -> Option<String> {
+    if headers.is_empty() {
+        None
+    } else {
+        // A map of strings always serializes.
+        serde_json::to_string(headers).ok()
+    }
+}
+
+fn row_to_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
+    let conversion = |i: usize, msg: String| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, msg.into())
+    };
+    let id: [u8; 16] = row.get(1)?;
+    let headers: Option<String> = row.get(5)?;
+    let headers = match headers {
+        Some(h) => serde_json::from_str(&h).map_err(|e| conversion(5, e.to_string()))?,
+        None => BTreeMap::new(),
+    };
+    let status: String = row.get(7)?;
+    let status = EventStatus::parse(&status)
+        .ok_or_else(|| conversion(7, format!("unknown status {status:?}")))?;
+    Ok(Event {
+        seq: row.get(0)?,
+        id: EventId::from(uuid::Uuid::from_bytes(id)),
+        event_type: row.get(2)?,
+        key: row.get(3)?,
+        payload: row.get(4)?,
+        headers,
+        created_at: Timestamp::from_millis(row.get(6)?),
+        status,
+        attempts: row.get(8)?,
+        next_attempt_at: Timestamp::from_millis(row.get(9)?),
+        last_error: row.get(10)?,
+        sent_at: row.get::<_, Option<i64>>(11)?.map(Timestamp::from_millis),
+    })
+}
+
+/// How long to wait for SQLite's write lock before reporting [`Error::Busy`].
+pub(crate) const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Store for SqliteStore {
+    fn client_id(&self) -> &str {
+        &self.inner.client_id
+    }
+
+    async fn enqueue(&self, events: Vec<NewEvent>) -> Result<Vec<Event>> {
+        self.inner.enqueue(&events)
+    }
+
+    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim> {
+        self.inner.claim(&request)
+    }
+
+    async fn settle(&self, outcomes: Vec<(EventId, Outcome)>, now: Timestamp) -> Result<()> {
+        self.inner.settle(&outcomes, now)
+    }
+
+    async fn release_lease(&self, owner: &str) -> Result<()> {
+        self.inner.release_lease(owner)
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        self.inner.stats()
+    }
+
+    async fn pending(&self, limit: usize) -> Result<Vec<Event>> {
+        self.inner.list(EventStatus::Pending, limit)
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<Event>> {
+        self.inner.list(EventStatus::Dead, limit)
+    }
+
+    async fn get(&self, id: EventId) -> Result<Option<Event>> {
+        self.inner.get(id)
+    }
+
+    async fn retry(&self, id: EventId, now: Timestamp) -> Result<bool> {
+        self.inner.retry(id, now)
+    }
+
+    async fn discard(&self, id: EventId) -> Result<bool> {
+        self.inner.discard(id)
+    }
+
+    async fn prune_sent(&self, before: Timestamp) -> Result<u64> {
+        self.inner.prune_sent(before)
+    }
+}

@@ -1,0 +1,397 @@
+//! The store conformance suite: the obligations of `edge_outbox::Store`
+//! (see `src/store.rs`), written once and run against every backend —
+//! SQLite natively (`tests/native.rs`) and IndexedDB in headless Chromium
+//! (`tests/browser.rs`).
+//!
+//! `run_all` takes a factory that yields a fresh, empty store per check.
+
+use std::future::Future;
+use std::time::Duration;
+
+use edge_outbox::{
+    Claim, ClaimRequest, Error, EventId, EventStatus, NewEvent, Outcome, Store, Timestamp,
+};
+
+/// Run every check, each on a fresh store from `make`.
+pub async fn run_all<S, F, Fut>(mut make: F)
+where
+    S: Store,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = S>,
+{
+    // One line per check so a failure names the obligation it broke.
+    macro_rules! check {
+        ($name:ident) => {{
+            println!("conformance: {}", stringify!($name));
+            $name(&make().await).await;
+        }};
+    }
+    check!(enqueue_assigns_increasing_seq_and_fresh_ids);
+    check!(enqueue_is_atomic_and_validates_first);
+    check!(claim_takes_oldest_in_order_and_counts_attempts);
+    check!(claim_respects_count_and_byte_limits);
+    check!(claim_on_empty_store);
+    check!(lease_excludes_other_owners_until_expiry_or_release);
+    check!(settle_sent_dead_and_retry);
+    check!(retry_time_blocks_later_events);
+    check!(settle_touches_only_pending_events);
+    check!(stats_count_each_status);
+    check!(retry_and_discard_dead_letters);
+    check!(prune_sent_removes_only_old_sent_events);
+    check!(lists_are_ordered_and_limited);
+    check!(client_id_is_a_stable_uuid);
+}
+
+const LEASE: Duration = Duration::from_secs(30);
+
+fn ev(n: usize) -> NewEvent {
+    NewEvent::json("Tested", &serde_json::json!({ "n": n }))
+        .unwrap()
+        .key(format!("k{n}"))
+        .header("h", "v")
+}
+
+fn request(owner: &str, max_events: usize, max_bytes: usize, now: Timestamp) -> ClaimRequest<'_> {
+    ClaimRequest {
+        owner,
+        lease: LEASE,
+        max_events,
+        max_bytes,
+        now,
+    }
+}
+
+async fn claim_batch<S: Store>(s: &S, owner: &str, max_events: usize) -> Vec<edge_outbox::Event> {
+    match s
+        .claim(request(owner, max_events, usize::MAX, Timestamp::now()))
+        .await
+        .unwrap()
+    {
+        Claim::Batch(b) => b,
+        other => panic!("expected a batch, got {other:?}"),
+    }
+}
+
+async fn enqueue_assigns_increasing_seq_and_fresh_ids<S: Store>(s: &S) {
+    let first = s.enqueue(vec![ev(0), ev(1), ev(2)]).await.unwrap();
+    let second = s.enqueue(vec![ev(3)]).await.unwrap();
+    let all: Vec<_> = first.iter().chain(&second).collect();
+    assert_eq!(all.len(), 4);
+    for pair in all.windows(2) {
+        assert!(pair[0].seq < pair[1].seq, "seq must strictly increase");
+        assert_ne!(pair[0].id, pair[1].id, "ids must be fresh");
+    }
+    let stored = s.get(all[1].id).await.unwrap().expect("stored event");
+    assert_eq!(stored.event_type, "Tested");
+    assert_eq!(stored.payload, r#"{"n":1}"#);
+    assert_eq!(stored.key.as_deref(), Some("k1"));
+    assert_eq!(stored.headers.get("h").map(String::as_str), Some("v"));
+    assert_eq!(stored.status, EventStatus::Pending);
+    assert_eq!(stored.attempts, 0);
+    assert_eq!(stored.sent_at, None);
+}
+
+async fn enqueue_is_atomic_and_validates_first<S: Store>(s: &S) {
+    let too_big = NewEvent::json("Big", &"x".repeat(300 * 1024)).unwrap();
+    let err = s.enqueue(vec![ev(0), too_big]).await.unwrap_err();
+    assert!(matches!(err, Error::EventTooLarge { .. }), "{err:?}");
+    let bad_header = ev(1).header("", "x");
+    let err = s.enqueue(vec![ev(2), bad_header]).await.unwrap_err();
+    assert!(err.is_invalid_input(), "{err:?}");
+    assert_eq!(
+        s.stats().await.unwrap().pending,
+        0,
+        "nothing may be written"
+    );
+    assert!(s.pending(10).await.unwrap().is_empty());
+}
+
+async fn claim_takes_oldest_in_order_and_counts_attempts<S: Store>(s: &S) {
+    let stored = s.enqueue((0..5).map(ev).collect()).await.unwrap();
+    let batch = claim_batch(s, "a", 3).await;
+    let seqs: Vec<i64> = batch.iter().map(|e| e.seq).collect();
+    let expected: Vec<i64> = stored[..3].iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, expected);
+    assert!(batch.iter().all(|e| e.attempts == 1));
+    assert_eq!(s.get(stored[0].id).await.unwrap().unwrap().attempts, 1);
+    assert_eq!(s.get(stored[4].id).await.unwrap().unwrap().attempts, 0);
+    // Unsettled events are claimed again (a crashed relay loses nothing).
+    let again = claim_batch(s, "a", 10).await;
+    assert_eq!(again.len(), 5);
+    assert_eq!(again[0].attempts, 2);
+}
+
+async fn claim_respects_count_and_byte_limits<S: Store>(s: &S) {
+    s.enqueue((0..4).map(ev).collect()).await.unwrap();
+    let one = s.pending(1).await.unwrap()[0].size();
+    let now = Timestamp::now();
+    let Claim::Batch(b) = s.claim(request("a", 10, one * 2, now)).await.unwrap() else {
+        panic!("expected a batch");
+    };
+    assert_eq!(b.len(), 2, "byte limit");
+    // The first event is always taken, however large.
+    let Claim::Batch(b) = s.claim(request("a", 10, 1, now)).await.unwrap() else {
+        panic!("expected a batch");
+    };
+    assert_eq!(b.len(), 1);
+}
+
+async fn claim_on_empty_store<S: Store>(s: &S) {
+    let claim = s
+        .claim(request("a", 10, usize::MAX, Timestamp::now()))
+        .await
+        .unwrap();
+    assert_eq!(claim, Claim::Empty);
+}
+
+async fn lease_excludes_other_owners_until_expiry_or_release<S: Store>(s: &S) {
+    s.enqueue(vec![ev(0)]).await.unwrap();
+    let now = Timestamp::now();
+    assert!(matches!(
+        s.claim(request("a", 10, usize::MAX, now)).await.unwrap(),
+        Claim::Batch(_)
+    ));
+    match s.claim(request("b", 10, usize::MAX, now)).await.unwrap() {
+        Claim::LeaseHeld { until } => assert_eq!(until, now.add(LEASE)),
+        other => panic!("b must not claim while a holds the lease: {other:?}"),
+    }
+    // The holder renews its own lease.
+    assert!(matches!(
+        s.claim(request("a", 10, usize::MAX, now)).await.unwrap(),
+        Claim::Batch(_)
+    ));
+    // After expiry another owner takes over.
+    let later = now.add(LEASE).add(Duration::from_millis(1));
+    assert!(matches!(
+        s.claim(request("b", 10, usize::MAX, later)).await.unwrap(),
+        Claim::Batch(_)
+    ));
+    // Releasing hands over at once; releasing a lease one does not hold is a no-op.
+    s.release_lease("a").await.unwrap();
+    assert!(matches!(
+        s.claim(request("a", 10, usize::MAX, later)).await.unwrap(),
+        Claim::LeaseHeld { .. }
+    ));
+    s.release_lease("b").await.unwrap();
+    assert!(matches!(
+        s.claim(request("a", 10, usize::MAX, later)).await.unwrap(),
+        Claim::Batch(_)
+    ));
+}
+
+async fn settle_sent_dead_and_retry<S: Store>(s: &S) {
+    let e = s.enqueue((0..3).map(ev).collect()).await.unwrap();
+    claim_batch(s, "a", 3).await;
+    let now = Timestamp::now();
+    let retry_at = now.add(Duration::from_secs(60));
+    s.settle(
+        vec![
+            (e[0].id, Outcome::Sent),
+            (
+                e[1].id,
+                Outcome::Dead {
+                    reason: "rejected: bad".into(),
+                },
+            ),
+            (
+                e[2].id,
+                Outcome::Retry {
+                    at: retry_at,
+                    error: "HTTP 500".into(),
+                },
+            ),
+        ],
+        now,
+    )
+    .await
+    .unwrap();
+    let sent = s.get(e[0].id).await.unwrap().unwrap();
+    assert_eq!(sent.status, EventStatus::Sent);
+    assert_eq!(sent.sent_at, Some(now));
+    let dead = s.get(e[1].id).await.unwrap().unwrap();
+    assert_eq!(dead.status, EventStatus::Dead);
+    assert_eq!(dead.last_error.as_deref(), Some("rejected: bad"));
+    let retry = s.get(e[2].id).await.unwrap().unwrap();
+    assert_eq!(retry.status, EventStatus::Pending);
+    assert_eq!(retry.next_attempt_at, retry_at);
+    assert_eq!(retry.last_error.as_deref(), Some("HTTP 500"));
+    assert_eq!(retry.attempts, 1);
+}
+
+async fn retry_time_blocks_later_events<S: Store>(s: &S) {
+    let e = s.enqueue((0..3).map(ev).collect()).await.unwrap();
+    claim_batch(s, "a", 1).await;
+    let now = Timestamp::now();
+    let at = now.add(Duration::from_secs(60));
+    s.settle(
+        vec![(
+            e[0].id,
+            Outcome::Retry {
+                at,
+                error: "timeout".into(),
+            },
+        )],
+        now,
+    )
+    .await
+    .unwrap();
+    // e[1] and e[2] are due, but must not overtake e[0].
+    assert_eq!(
+        s.claim(request("a", 10, usize::MAX, now)).await.unwrap(),
+        Claim::NotBefore(at)
+    );
+    let Claim::Batch(b) = s.claim(request("a", 10, usize::MAX, at)).await.unwrap() else {
+        panic!("expected a batch once due");
+    };
+    assert_eq!(
+        b.iter().map(|x| x.seq).collect::<Vec<_>>(),
+        [e[0].seq, e[1].seq, e[2].seq]
+    );
+}
+
+async fn settle_touches_only_pending_events<S: Store>(s: &S) {
+    let e = s.enqueue(vec![ev(0), ev(1)]).await.unwrap();
+    claim_batch(s, "a", 2).await;
+    let now = Timestamp::now();
+    s.settle(
+        vec![
+            (e[0].id, Outcome::Dead { reason: "r".into() }),
+            (e[1].id, Outcome::Sent),
+        ],
+        now,
+    )
+    .await
+    .unwrap();
+    // A late answer for the same events changes nothing.
+    s.settle(
+        vec![
+            (e[0].id, Outcome::Sent),
+            (
+                e[1].id,
+                Outcome::Retry {
+                    at: now,
+                    error: "late".into(),
+                },
+            ),
+            (EventId::new(), Outcome::Sent),
+        ],
+        now.add(Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.get(e[0].id).await.unwrap().unwrap().status,
+        EventStatus::Dead
+    );
+    let sent = s.get(e[1].id).await.unwrap().unwrap();
+    assert_eq!(sent.status, EventStatus::Sent);
+    assert_eq!(sent.last_error, None);
+    let stats = s.stats().await.unwrap();
+    assert_eq!((stats.pending, stats.sent, stats.dead), (0, 1, 1));
+}
+
+async fn stats_count_each_status<S: Store>(s: &S) {
+    let empty = s.stats().await.unwrap();
+    assert_eq!((empty.pending, empty.sent, empty.dead), (0, 0, 0));
+    assert_eq!(empty.oldest_pending_at, None);
+    let e = s.enqueue((0..4).map(ev).collect()).await.unwrap();
+    claim_batch(s, "a", 2).await;
+    let now = Timestamp::now();
+    s.settle(
+        vec![
+            (e[0].id, Outcome::Sent),
+            (e[1].id, Outcome::Dead { reason: "x".into() }),
+        ],
+        now,
+    )
+    .await
+    .unwrap();
+    let stats = s.stats().await.unwrap();
+    assert_eq!((stats.pending, stats.sent, stats.dead), (2, 1, 1));
+    assert_eq!(stats.oldest_pending_at, Some(e[2].created_at));
+}
+
+async fn retry_and_discard_dead_letters<S: Store>(s: &S) {
+    let e = s.enqueue(vec![ev(0), ev(1), ev(2)]).await.unwrap();
+    claim_batch(s, "a", 2).await;
+    let now = Timestamp::now();
+    s.settle(
+        vec![
+            (e[0].id, Outcome::Dead { reason: "a".into() }),
+            (e[1].id, Outcome::Dead { reason: "b".into() }),
+        ],
+        now,
+    )
+    .await
+    .unwrap();
+    assert!(s.retry(e[0].id, now).await.unwrap());
+    let back = s.get(e[0].id).await.unwrap().unwrap();
+    assert_eq!(back.status, EventStatus::Pending);
+    assert_eq!(back.attempts, 0);
+    assert_eq!(back.seq, e[0].seq, "a retried event keeps its seq");
+    assert!(!s.retry(e[0].id, now).await.unwrap(), "no longer dead");
+    assert!(!s.retry(EventId::new(), now).await.unwrap());
+
+    assert!(s.discard(e[1].id).await.unwrap());
+    assert_eq!(s.get(e[1].id).await.unwrap(), None);
+    assert!(
+        !s.discard(e[2].id).await.unwrap(),
+        "pending events cannot be discarded"
+    );
+    assert!(s.get(e[2].id).await.unwrap().is_some());
+    assert!(s.dead_letters(10).await.unwrap().is_empty());
+}
+
+async fn prune_sent_removes_only_old_sent_events<S: Store>(s: &S) {
+    let e = s.enqueue(vec![ev(0), ev(1), ev(2)]).await.unwrap();
+    claim_batch(s, "a", 2).await;
+    let t0 = Timestamp::now();
+    s.settle(vec![(e[0].id, Outcome::Sent)], t0).await.unwrap();
+    let t1 = t0.add(Duration::from_secs(10));
+    s.settle(vec![(e[1].id, Outcome::Sent)], t1).await.unwrap();
+    assert_eq!(s.prune_sent(t1).await.unwrap(), 1);
+    assert_eq!(s.get(e[0].id).await.unwrap(), None);
+    assert!(s.get(e[1].id).await.unwrap().is_some());
+    assert!(
+        s.get(e[2].id).await.unwrap().is_some(),
+        "pending events are never pruned"
+    );
+    let stats = s.stats().await.unwrap();
+    assert_eq!((stats.pending, stats.sent), (1, 1));
+}
+
+async fn lists_are_ordered_and_limited<S: Store>(s: &S) {
+    let e = s.enqueue((0..6).map(ev).collect()).await.unwrap();
+    let pending = s.pending(4).await.unwrap();
+    assert_eq!(
+        pending.iter().map(|x| x.seq).collect::<Vec<_>>(),
+        e[..4].iter().map(|x| x.seq).collect::<Vec<_>>()
+    );
+    claim_batch(s, "a", 6).await;
+    let now = Timestamp::now();
+    s.settle(
+        vec![
+            (e[4].id, Outcome::Dead { reason: "x".into() }),
+            (e[1].id, Outcome::Dead { reason: "y".into() }),
+        ],
+        now,
+    )
+    .await
+    .unwrap();
+    let dead = s.dead_letters(10).await.unwrap();
+    assert_eq!(
+        dead.iter().map(|x| x.seq).collect::<Vec<_>>(),
+        [e[1].seq, e[4].seq]
+    );
+    assert_eq!(s.dead_letters(1).await.unwrap().len(), 1);
+}
+
+async fn client_id_is_a_stable_uuid<S: Store>(s: &S) {
+    let id = s.client_id().to_owned();
+    assert!(
+        uuid::Uuid::parse_str(&id).is_ok(),
+        "client id {id:?} is not a UUID"
+    );
+    s.enqueue(vec![ev(0)]).await.unwrap();
+    assert_eq!(s.client_id(), id);
+}
