@@ -23,7 +23,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 #[non_exhaustive]
 pub enum Error {
     /// The event type name is empty or longer than [`crate::MAX_EVENT_TYPE_LEN`] bytes.
-    #[error("invalid event type: {reason}; use a non-empty name of at most 256 bytes, such as \"OrderCreated\"")]
+    #[error(
+        "invalid event type: {reason}; use a non-empty name of at most 256 bytes, such as \"OrderCreated\""
+    )]
     InvalidEventType {
         /// What is wrong with the name.
         reason: String,
@@ -31,7 +33,9 @@ pub enum Error {
 
     /// The payload cannot be represented as JSON (NaN or infinite numbers, a map
     /// whose keys are not strings, a `Serialize` impl that failed, invalid JSON text).
-    #[error("event payload is not representable as JSON: {reason}; store NaN/infinity as null or a string and use string map keys")]
+    #[error(
+        "event payload is not representable as JSON: {reason}; store NaN/infinity as null or a string and use string map keys"
+    )]
     InvalidPayload {
         /// Why serialization was refused.
         reason: String,
@@ -45,7 +49,9 @@ pub enum Error {
     },
 
     /// The serialized event is larger than the configured limit.
-    #[error("event is {size} bytes, over the limit of {limit} bytes; store large blobs elsewhere and reference them, or raise Config::max_event_bytes")]
+    #[error(
+        "event is {size} bytes, over the limit of {limit} bytes; store large blobs elsewhere and reference them, or raise Config::max_event_bytes"
+    )]
     EventTooLarge {
         /// Serialized size of the event in bytes.
         size: usize,
@@ -54,7 +60,9 @@ pub enum Error {
     },
 
     /// The file exists but is not an SQLite database.
-    #[error("{path} is not an SQLite database; point Outbox::open at the app's SQLite file or at a new path")]
+    #[error(
+        "{path} is not an SQLite database; point Outbox::open at the app's SQLite file or at a new path"
+    )]
     NotADatabase {
         /// The path that was opened.
         path: String,
@@ -62,7 +70,9 @@ pub enum Error {
 
     /// The outbox schema in the database was written by a newer edge-outbox.
     /// The database was left untouched.
-    #[error("the outbox schema in this database is version {found}, newer than version {supported} understood by this edge-outbox; upgrade the library (the database was not modified)")]
+    #[error(
+        "the outbox schema in this database is version {found}, newer than version {supported} understood by this edge-outbox; upgrade the library (the database was not modified)"
+    )]
     SchemaTooNew {
         /// Schema version found in the database.
         found: u32,
@@ -71,18 +81,24 @@ pub enum Error {
     },
 
     /// The database (or its directory) cannot be written.
-    #[error("the database at {path} is read-only; open a writable file (check permissions, mount options and the directory, which SQLite needs for its WAL files)")]
+    #[error(
+        "the database at {path} is read-only; open a writable file (check permissions, mount options and the directory, which SQLite needs for its WAL files)"
+    )]
     ReadOnly {
         /// The path, or `<connection>` for a caller-supplied connection.
         path: String,
     },
 
     /// The database stayed locked by another writer for longer than the busy timeout.
-    #[error("the database stayed locked by another writer for longer than the busy timeout; retry, or raise Config::busy_timeout")]
+    #[error(
+        "the database stayed locked by another writer for longer than the busy timeout; retry, or raise Config::busy_timeout"
+    )]
     Busy,
 
     /// The disk or the browser's storage quota is full.
-    #[error("storage is full (disk or browser quota); free space, prune sent events with prune_sent, or ask the user for persistent storage")]
+    #[error(
+        "storage is full (disk or browser quota); free space, prune sent events with prune_sent, or ask the user for persistent storage"
+    )]
     QuotaExceeded,
 
     /// The outbox (or its database connection) has been closed.

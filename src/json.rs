@@ -44,7 +44,9 @@ fn finite(v: f64) -> R {
     if v.is_finite() {
         Ok(())
     } else {
-        Err(Refused(format!("the number {v} has no JSON representation")))
+        Err(Refused(format!(
+            "the number {v} has no JSON representation"
+        )))
     }
 }
 
@@ -340,17 +342,23 @@ impl ser::Serializer for KeyCheck {
         not_a_string_key("an enum with data")
     }
     fn serialize_seq(self, _: Option<usize>) -> Result<Self::SerializeSeq, Refused> {
-        Err(Refused("a map key is a sequence; JSON object keys must be strings".into()))
+        Err(Refused(
+            "a map key is a sequence; JSON object keys must be strings".into(),
+        ))
     }
     fn serialize_tuple(self, _: usize) -> Result<Self::SerializeTuple, Refused> {
-        Err(Refused("a map key is a tuple; JSON object keys must be strings".into()))
+        Err(Refused(
+            "a map key is a tuple; JSON object keys must be strings".into(),
+        ))
     }
     fn serialize_tuple_struct(
         self,
         _: &'static str,
         _: usize,
     ) -> Result<Self::SerializeTupleStruct, Refused> {
-        Err(Refused("a map key is a tuple struct; JSON object keys must be strings".into()))
+        Err(Refused(
+            "a map key is a tuple struct; JSON object keys must be strings".into(),
+        ))
     }
     fn serialize_tuple_variant(
         self,
@@ -359,13 +367,19 @@ impl ser::Serializer for KeyCheck {
         _: &'static str,
         _: usize,
     ) -> Result<Self::SerializeTupleVariant, Refused> {
-        Err(Refused("a map key is an enum with data; JSON object keys must be strings".into()))
+        Err(Refused(
+            "a map key is an enum with data; JSON object keys must be strings".into(),
+        ))
     }
     fn serialize_map(self, _: Option<usize>) -> Result<Self::SerializeMap, Refused> {
-        Err(Refused("a map key is a map; JSON object keys must be strings".into()))
+        Err(Refused(
+            "a map key is a map; JSON object keys must be strings".into(),
+        ))
     }
     fn serialize_struct(self, _: &'static str, _: usize) -> Result<Self::SerializeStruct, Refused> {
-        Err(Refused("a map key is a struct; JSON object keys must be strings".into()))
+        Err(Refused(
+            "a map key is a struct; JSON object keys must be strings".into(),
+        ))
     }
     fn serialize_struct_variant(
         self,
@@ -374,7 +388,9 @@ impl ser::Serializer for KeyCheck {
         _: &'static str,
         _: usize,
     ) -> Result<Self::SerializeStructVariant, Refused> {
-        Err(Refused("a map key is an enum with data; JSON object keys must be strings".into()))
+        Err(Refused(
+            "a map key is an enum with data; JSON object keys must be strings".into(),
+        ))
     }
 }
 
@@ -396,6 +412,10 @@ mod tests {
         assert!(to_json_strict(&f64::NAN).unwrap_err().contains("NaN"));
         assert!(to_json_strict(&vec![f32::INFINITY]).is_err());
         let m: HashMap<i32, &str> = [(1, "x")].into();
-        assert!(to_json_strict(&m).unwrap_err().contains("keys must be strings"));
+        assert!(
+            to_json_strict(&m)
+                .unwrap_err()
+                .contains("keys must be strings")
+        );
     }
 }

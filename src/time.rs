@@ -37,12 +37,18 @@ impl Timestamp {
 
     /// This time plus a duration (saturating).
     pub fn add(self, d: Duration) -> Self {
-        Timestamp(self.0.saturating_add(d.as_millis().min(i64::MAX as u128) as i64))
+        Timestamp(
+            self.0
+                .saturating_add(d.as_millis().min(i64::MAX as u128) as i64),
+        )
     }
 
     /// This time minus a duration (saturating).
     pub fn sub(self, d: Duration) -> Self {
-        Timestamp(self.0.saturating_sub(d.as_millis().min(i64::MAX as u128) as i64))
+        Timestamp(
+            self.0
+                .saturating_sub(d.as_millis().min(i64::MAX as u128) as i64),
+        )
     }
 
     /// Time elapsed from `earlier` to `self`, zero if `earlier` is later.
