@@ -1,0 +1,310 @@
+//! Thin async helpers over raw IndexedDB (web-sys).
+//!
+//! Why raw IndexedDB and not a wrapper crate: an `IDBTransaction` commits on
+//! its own as soon as the task that uses it yields to anything but one of its
+//! own requests. Every helper here resolves inside a microtask of the
+//! request's `success` event (wasm-bindgen-futures polls on microtasks), so
+//! code that awaits only these futures keeps its transaction alive, and code
+//! that awaits anything else (a `fetch`, a timer) must not hold one.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use js_sys::{Array, Object, Promise, Reflect};
+use wasm_bindgen::JsCast;
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::JsFuture;
+use web_sys::{
+    DomException, IdbDatabase, IdbFactory, IdbIndexParameters, IdbObjectStore,
+    IdbObjectStoreParameters, IdbOpenDbRequest, IdbRequest, IdbTransaction, IdbVersionChangeEvent,
+};
+
+use crate::error::{Error, Result};
+
+/// Object store holding the events (key: `seq`, auto-incremented).
+pub(crate) const EVENTS: &str = "edge_outbox_events";
+/// Object store holding the meta records (schema version, client id, lease).
+pub(crate) const META: &str = "edge_outbox_meta";
+/// Index of [`EVENTS`] on the event id (unique).
+pub(crate) const BY_ID: &str = "id";
+/// Index of [`EVENTS`] on `[status, seq]`: each status in commit order.
+pub(crate) const BY_STATUS: &str = "status_seq";
+/// Index of [`EVENTS`] on `sent_at`; only sent events have that field, so the
+/// index holds exactly the sent events, in acknowledgement order.
+pub(crate) const BY_SENT_AT: &str = "sent_at";
+/// The outbox schema version this build writes and understands.
+pub(crate) const SCHEMA_VERSION: u32 = 1;
+
+#[wasm_bindgen]
+extern "C" {
+    /// An `IDBDatabase`, seen through the one method web-sys lacks.
+    type RawDb;
+
+    /// `IDBDatabase.transaction(names, mode, options)`: web-sys only exposes the
+    /// options dictionary (durability) behind its unstable-API flag.
+    #[wasm_bindgen(method, catch, js_name = transaction)]
+    fn transaction_with_options(
+        this: &RawDb,
+        names: &JsValue,
+        mode: &str,
+        options: &JsValue,
+    ) -> std::result::Result<IdbTransaction, JsValue>;
+}
+
+/// The future of one `IDBRequest`. The handlers are attached when the future
+/// is made (not when first polled), so several requests can be issued and
+/// then awaited in order without missing an event.
+pub(crate) struct Request {
+    req: IdbRequest,
+    done: JsFuture,
+}
+
+/// Start waiting for `req`.
+pub(crate) fn wait(req: IdbRequest) -> Request {
+    let promise = Promise::new(&mut |resolve, reject| {
+        req.set_onsuccess(Some(&resolve));
+        req.set_onerror(Some(&reject));
+    });
+    Request {
+        req,
+        done: JsFuture::from(promise),
+    }
+}
+
+impl Future for Request {
+    type Output = std::result::Result<JsValue, JsValue>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match Pin::new(&mut self.done).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(_)) => Poll::Ready(self.req.result()),
+            Poll::Ready(Err(event)) => Poll::Ready(Err(request_error(&self.req, event))),
+        }
+    }
+}
+
+fn request_error(req: &IdbRequest, fallback: JsValue) -> JsValue {
+    match req.error() {
+        Ok(Some(e)) => e.into(),
+        _ => fallback,
+    }
+}
+
+/// The future of a transaction's end: `Ok` once it committed, `Err(cause)`
+/// when it aborted. Made before the first request, so no event is missed.
+pub(crate) struct Done {
+    tx: IdbTransaction,
+    done: JsFuture,
+}
+
+/// Start waiting for `tx` to commit or abort.
+pub(crate) fn done(tx: &IdbTransaction) -> Done {
+    let promise = Promise::new(&mut |resolve, reject| {
+        tx.set_oncomplete(Some(&resolve));
+        tx.set_onabort(Some(&reject));
+    });
+    Done {
+        tx: tx.clone(),
+        done: JsFuture::from(promise),
+    }
+}
+
+impl Future for Done {
+    type Output = std::result::Result<(), JsValue>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match Pin::new(&mut self.done).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(event)) => Poll::Ready(Err(match self.tx.error() {
+                Some(e) => e.into(),
+                // An explicit abort() has no error: report an AbortError.
+                None => DomException::new_with_message_and_name(
+                    "the transaction was aborted",
+                    "AbortError",
+                )
+                .map(JsValue::from)
+                .unwrap_or(event),
+            })),
+        }
+    }
+}
+
+/// Open a transaction over `names` with `mode` ("readonly"/"readwrite") and
+/// the durability `options` object (`{ durability }`, or undefined).
+pub(crate) fn transaction(
+    db: &IdbDatabase,
+    names: &[&str],
+    mode: &str,
+    options: &JsValue,
+) -> std::result::Result<IdbTransaction, JsValue> {
+    let list: Array = names.iter().map(|n| JsValue::from_str(n)).collect();
+    db.unchecked_ref::<RawDb>()
+        .transaction_with_options(&list, mode, options)
+}
+
+/// Open a transaction over a JS array of store names (the app's call).
+pub(crate) fn transaction_js(
+    db: &IdbDatabase,
+    names: &Array,
+    mode: &str,
+    options: &JsValue,
+) -> std::result::Result<IdbTransaction, JsValue> {
+    db.unchecked_ref::<RawDb>()
+        .transaction_with_options(names, mode, options)
+}
+
+/// The global `indexedDB` (page or worker: read from `globalThis`).
+pub(crate) fn factory() -> Result<IdbFactory> {
+    Reflect::get(&js_sys::global(), &JsValue::from_str("indexedDB"))
+        .ok()
+        .filter(|f| !f.is_undefined() && !f.is_null())
+        .map(JsCast::unchecked_into)
+        .ok_or_else(|| Error::Storage {
+            message: "IndexedDB is not available in this context (globalThis.indexedDB is missing)"
+                .into(),
+            source: None,
+        })
+}
+
+/// Open `name` at `version` (or its current version), running `upgrade`
+/// inside the `versionchange` transaction when the version grows. `upgrade`
+/// gets the database and the upgrade transaction; an `Err` aborts the upgrade.
+pub(crate) async fn open(
+    name: &str,
+    version: Option<u32>,
+    upgrade: impl FnMut(&IdbDatabase, &IdbTransaction) -> std::result::Result<(), JsValue> + 'static,
+) -> std::result::Result<IdbDatabase, JsValue> {
+    let factory = factory().map_err(|e| JsValue::from_str(&e.to_string()))?;
+    let req: IdbOpenDbRequest = match version {
+        Some(v) => factory.open_with_u32(name, v)?,
+        None => factory.open(name)?,
+    };
+    let mut upgrade = upgrade;
+    let req2 = req.clone();
+    let on_upgrade = Closure::<dyn FnMut(IdbVersionChangeEvent)>::new(move |_e| {
+        let Ok(db) = req2.result() else { return };
+        let db: IdbDatabase = db.unchecked_into();
+        let Some(tx) = req2.transaction() else { return };
+        if upgrade(&db, &tx).is_err() {
+            // Aborting the versionchange transaction fails the open request:
+            // the database keeps its previous version and schema.
+            let _ = tx.abort();
+        }
+    });
+    req.set_onupgradeneeded(Some(on_upgrade.as_ref().unchecked_ref()));
+    let result = wait(req.clone().unchecked_into()).await;
+    req.set_onupgradeneeded(None);
+    drop(on_upgrade);
+    Ok(result?.unchecked_into())
+}
+
+/// Create the outbox stores and indexes that `db` lacks. Only valid inside
+/// an upgrade (`versionchange`) transaction; `tx` is that transaction.
+pub(crate) fn create_outbox_stores(
+    db: &IdbDatabase,
+    tx: Option<&IdbTransaction>,
+) -> std::result::Result<(), JsValue> {
+    let names = db.object_store_names();
+    let events: IdbObjectStore = if names.contains(EVENTS) {
+        match tx {
+            Some(tx) => tx.object_store(EVENTS)?,
+            None => return create_meta(db),
+        }
+    } else {
+        let params = IdbObjectStoreParameters::new();
+        params.set_key_path(&JsValue::from_str("seq"));
+        params.set_auto_increment(true);
+        db.create_object_store_with_optional_parameters(EVENTS, &params)?
+    };
+    let indexes = events.index_names();
+    if !indexes.contains(BY_ID) {
+        let unique = IdbIndexParameters::new();
+        unique.set_unique(true);
+        events.create_index_with_str_and_optional_parameters(BY_ID, "id", &unique)?;
+    }
+    if !indexes.contains(BY_STATUS) {
+        let path: Array = ["status", "seq"]
+            .iter()
+            .map(|s| JsValue::from_str(s))
+            .collect();
+        events.create_index_with_str_sequence(BY_STATUS, &path)?;
+    }
+    if !indexes.contains(BY_SENT_AT) {
+        events.create_index_with_str(BY_SENT_AT, "sent_at")?;
+    }
+    create_meta(db)
+}
+
+fn create_meta(db: &IdbDatabase) -> std::result::Result<(), JsValue> {
+    if !db.object_store_names().contains(META) {
+        db.create_object_store(META)?;
+    }
+    Ok(())
+}
+
+/// True when `db` already has every outbox store (and, when the versionchange
+/// transaction is not at hand, the indexes are assumed with them).
+pub(crate) fn has_outbox_stores(db: &IdbDatabase) -> bool {
+    let names = db.object_store_names();
+    names.contains(EVENTS) && names.contains(META)
+}
+
+/// The `{ durability }` options object for `IDBDatabase.transaction`.
+pub(crate) fn durability_options(durability: &str) -> JsValue {
+    let o = Object::new();
+    let _ = Reflect::set(&o, &"durability".into(), &durability.into());
+    o.into()
+}
+
+/// `name` and `message` of a JS error value (DOMException, Error, or anything).
+pub(crate) fn error_parts(e: &JsValue) -> (String, String) {
+    let get = |k: &str| {
+        Reflect::get(e, &JsValue::from_str(k))
+            .ok()
+            .and_then(|v| v.as_string())
+            .unwrap_or_default()
+    };
+    let (name, message) = (get("name"), get("message"));
+    if name.is_empty() && message.is_empty() {
+        (
+            String::new(),
+            e.as_string().unwrap_or_else(|| format!("{e:?}")),
+        )
+    } else {
+        (name, message)
+    }
+}
+
+/// Map an IndexedDB failure to the crate's error: a full quota is
+/// [`Error::QuotaExceeded`], a closed connection [`Error::Closed`], a newer
+/// database version [`Error::SchemaTooNew`]-like version conflict, the rest
+/// [`Error::Storage`] with the DOMException's name and message.
+pub(crate) fn to_error(what: &str, e: JsValue) -> Error {
+    let (name, message) = error_parts(&e);
+    match name.as_str() {
+        "QuotaExceededError" => Error::QuotaExceeded,
+        "InvalidStateError" if message.contains("clos") => Error::Closed,
+        _ => Error::Storage {
+            message: if name.is_empty() {
+                format!("{what}: {message}")
+            } else {
+                format!("{what}: {name}: {message}")
+            },
+            source: None,
+        },
+    }
+}
+
+/// `.idb("what")` on web-sys results: map the JS error with [`to_error`].
+pub(crate) trait IdbResult<T> {
+    /// Map the error, naming the operation that failed.
+    fn idb(self, what: &str) -> Result<T>;
+}
+
+impl<T> IdbResult<T> for std::result::Result<T, JsValue> {
+    fn idb(self, what: &str) -> Result<T> {
+        self.map_err(|e| to_error(what, e))
+    }
+}

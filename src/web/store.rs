@@ -1,0 +1,819 @@
+//! The IndexedDB store: the [`Store`] contract over the `edge_outbox_events`
+//! and `edge_outbox_meta` object stores.
+//!
+//! How each obligation of the contract is met:
+//! 1. one `enqueue` call is one readwrite transaction;
+//! 2. `seq` is the events store's key generator: readwrite transactions whose
+//!    scopes overlap run one after another (also across tabs and workers), so
+//!    the generator hands out keys in commit order;
+//! 5. `claim` reads and writes the lease record and the batch in one
+//!    readwrite transaction over both stores;
+//! 7. `settle`, `retry` and `discard` re-read each event inside their
+//!    transaction and only touch it in the expected status.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use js_sys::{Array, Object, Reflect};
+use wasm_bindgen::JsCast;
+use wasm_bindgen::prelude::*;
+use web_sys::{IdbDatabase, IdbKeyRange, IdbObjectStore, IdbTransaction};
+
+use super::idb::{self, BY_ID, BY_SENT_AT, BY_STATUS, EVENTS, IdbResult, META, SCHEMA_VERSION};
+use crate::error::{Error, Result};
+use crate::event::{DEFAULT_MAX_EVENT_BYTES, Event, EventId, EventStatus, NewEvent};
+use crate::store::{Claim, ClaimRequest, Outcome, Stats, Store};
+use crate::time::Timestamp;
+
+/// How hard IndexedDB works to make a commit durable before reporting it
+/// (the `durability` option of `IDBDatabase.transaction`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// The browser's default: `relaxed` in Chromium (commit reported once the
+    /// data is handed to the OS; a power loss may lose the last commits, a
+    /// crash of the browser does not), `strict` in some other browsers.
+    #[default]
+    Default,
+    /// Flush to disk before the commit is reported (slower, survives power loss).
+    Strict,
+    /// Report the commit before the data is flushed to disk (faster).
+    Relaxed,
+}
+
+impl Durability {
+    /// The IndexedDB name: `"default"`, `"strict"` or `"relaxed"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::Default => "default",
+            Durability::Strict => "strict",
+            Durability::Relaxed => "relaxed",
+        }
+    }
+
+    /// Parse the IndexedDB name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "default" => Some(Durability::Default),
+            "strict" => Some(Durability::Strict),
+            "relaxed" => Some(Durability::Relaxed),
+            _ => None,
+        }
+    }
+}
+
+/// An outbox kept in IndexedDB: the browser's [`Store`].
+///
+/// Cheap to clone (a shared handle). Open one with [`IdbStore::open`], or
+/// through the JavaScript `Outbox.open`, which also declares the app's stores.
+#[derive(Clone)]
+pub struct IdbStore {
+    inner: Rc<Inner>,
+}
+
+struct Inner {
+    db: IdbDatabase,
+    name: String,
+    client_id: String,
+    options: JsValue,
+    max_event_bytes: usize,
+    closed: Cell<bool>,
+    /// Called after every local commit that added events (wakes the relay).
+    on_commit: RefCell<Option<Rc<dyn Fn()>>>,
+}
+
+impl std::fmt::Debug for IdbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdbStore")
+            .field("database", &self.inner.name)
+            .field("client_id", &self.inner.client_id)
+            .finish()
+    }
+}
+
+impl IdbStore {
+    /// Open (creating or upgrading when needed) the database `name` with only
+    /// the outbox stores in it, or add them to an existing database.
+    pub async fn open(name: &str, durability: Durability) -> Result<IdbStore> {
+        let db = open_database(name, &[]).await?;
+        IdbStore::from_database(db, durability, DEFAULT_MAX_EVENT_BYTES).await
+    }
+
+    /// Wrap an open database that already has the outbox stores (created with
+    /// `createOutboxStores` in the app's upgrade handler, or by
+    /// [`open_database`]): checks the schema version and reads or makes the
+    /// client id.
+    pub async fn from_database(
+        db: IdbDatabase,
+        durability: Durability,
+        max_event_bytes: usize,
+    ) -> Result<IdbStore> {
+        if !idb::has_outbox_stores(&db) {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "the database {:?} has no outbox stores; call createOutboxStores(db) in its upgrade handler",
+                    db.name()
+                ),
+            });
+        }
+        // A versionchange from another tab (a newer app schema) must not be
+        // blocked by this connection: close it, later calls fail as Closed.
+        let closer = db.clone();
+        let on_versionchange =
+            Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| closer.close());
+        db.set_onversionchange(Some(on_versionchange.as_ref().unchecked_ref()));
+        on_versionchange.forget();
+
+        let options = idb::durability_options(durability.as_str());
+        let client_id = init_meta(&db, &options).await?;
+        Ok(IdbStore {
+            inner: Rc::new(Inner {
+                name: db.name(),
+                db,
+                client_id,
+                options,
+                max_event_bytes,
+                closed: Cell::new(false),
+                on_commit: RefCell::new(None),
+            }),
+        })
+    }
+
+    /// The underlying database connection (the app reads its own stores with it).
+    pub fn database(&self) -> &IdbDatabase {
+        &self.inner.db
+    }
+
+    /// The database name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Largest accepted event (type + key + payload + headers), in bytes.
+    pub fn max_event_bytes(&self) -> usize {
+        self.inner.max_event_bytes
+    }
+
+    /// The `{ durability }` options passed to every readwrite transaction.
+    pub(crate) fn tx_options(&self) -> &JsValue {
+        &self.inner.options
+    }
+
+    /// Close the connection; later calls fail with [`Error::Closed`].
+    pub fn close(&self) {
+        self.inner.closed.set(true);
+        self.inner.db.close();
+    }
+
+    /// True once [`IdbStore::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.get()
+    }
+
+    /// Call `f` after every commit of this store that added events (the
+    /// browser relay wakes on it).
+    pub fn set_on_commit(&self, f: Option<Rc<dyn Fn()>>) {
+        *self.inner.on_commit.borrow_mut() = f;
+    }
+
+    /// Tell the commit listener that events were committed.
+    pub(crate) fn committed(&self) {
+        let f = self.inner.on_commit.borrow().clone();
+        if let Some(f) = f {
+            f();
+        }
+    }
+
+    /// Add `event` to the app's own readwrite transaction `tx`, whose scope
+    /// must include the events store. Validates first: on a bad event nothing
+    /// is written and the error is returned (the caller aborts `tx`).
+    /// The event commits with `tx`, or not at all.
+    pub fn enqueue_in(&self, tx: &IdbTransaction, event: &NewEvent) -> Result<EventId> {
+        event.validate(self.inner.max_event_bytes)?;
+        let store = tx.object_store(EVENTS).idb("the transaction does not include the outbox store (add \"edge_outbox_events\" to its scope)")?;
+        let (id, record) = new_record(event, Timestamp::now());
+        store.add(&record).idb("writing the event")?;
+        Ok(id)
+    }
+
+    fn tx(&self, names: &[&str], mode: &str) -> Result<IdbTransaction> {
+        if self.is_closed() {
+            return Err(Error::Closed);
+        }
+        let options = if mode == "readwrite" {
+            &self.inner.options
+        } else {
+            &JsValue::UNDEFINED
+        };
+        idb::transaction(&self.inner.db, names, mode, options).map_err(|e| {
+            if self.inner.db.name().is_empty() {
+                Error::Closed
+            } else {
+                idb::to_error("starting a transaction", e)
+            }
+        })
+    }
+}
+
+/// Open `name`, upgrading it (version + 1) when it lacks the outbox stores
+/// or one of the app stores declared in `app`; `app` is run inside the
+/// upgrade to create what is missing.
+pub(crate) async fn open_database(name: &str, app: &[AppStore]) -> Result<IdbDatabase> {
+    let db = idb::open(name, None, |_, _| Ok(()))
+        .await
+        .idb("opening the database")?;
+    let missing = !idb::has_outbox_stores(&db) || app_schema_missing(&db, app)?;
+    if !missing {
+        return Ok(db);
+    }
+    let version = db.version() as u32 + 1;
+    db.close();
+    let app = app.to_vec();
+    idb::open(name, Some(version), move |db, tx| {
+        idb::create_outbox_stores(db, Some(tx))?;
+        for store in &app {
+            store.create(db, tx)?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| match idb::error_parts(&e).0.as_str() {
+        "VersionError" => Error::InvalidConfig {
+            reason: format!(
+                "the database {name:?} was upgraded by another tab meanwhile; open it again"
+            ),
+        },
+        _ => idb::to_error("upgrading the database", e),
+    })
+}
+
+/// An object store the app declares in `Outbox.open({ stores })`.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct AppStore {
+    pub name: String,
+    /// A key path (string or array of strings), or `None` for out-of-line keys.
+    pub key_path: Option<KeyPath>,
+    pub auto_increment: bool,
+    pub indexes: Vec<AppIndex>,
+}
+
+/// A key path: one property or several.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum KeyPath {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl KeyPath {
+    fn to_js(&self) -> JsValue {
+        match self {
+            KeyPath::One(s) => JsValue::from_str(s),
+            KeyPath::Many(v) => v
+                .iter()
+                .map(|s| JsValue::from_str(s))
+                .collect::<Array>()
+                .into(),
+        }
+    }
+}
+
+/// An index the app declares on one of its stores.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct AppIndex {
+    pub name: String,
+    pub key_path: KeyPath,
+    pub unique: bool,
+    pub multi_entry: bool,
+}
+
+impl AppStore {
+    /// Create this store and its indexes where missing (inside an upgrade).
+    fn create(&self, db: &IdbDatabase, tx: &IdbTransaction) -> std::result::Result<(), JsValue> {
+        let store: IdbObjectStore = if db.object_store_names().contains(&self.name) {
+            tx.object_store(&self.name)?
+        } else {
+            let params = web_sys::IdbObjectStoreParameters::new();
+            if let Some(kp) = &self.key_path {
+                params.set_key_path(&kp.to_js());
+            }
+            params.set_auto_increment(self.auto_increment);
+            db.create_object_store_with_optional_parameters(&self.name, &params)?
+        };
+        let existing = store.index_names();
+        for index in &self.indexes {
+            if existing.contains(&index.name) {
+                continue;
+            }
+            let params = web_sys::IdbIndexParameters::new();
+            params.set_unique(index.unique);
+            params.set_multi_entry(index.multi_entry);
+            match &index.key_path {
+                KeyPath::One(p) => {
+                    store.create_index_with_str_and_optional_parameters(&index.name, p, &params)?
+                }
+                KeyPath::Many(v) => {
+                    let arr: Array = v.iter().map(|s| JsValue::from_str(s)).collect();
+                    store.create_index_with_str_sequence_and_optional_parameters(
+                        &index.name,
+                        &arr,
+                        &params,
+                    )?
+                }
+            };
+        }
+        Ok(())
+    }
+}
+
+/// True when a declared store or index is missing from `db`.
+fn app_schema_missing(db: &IdbDatabase, app: &[AppStore]) -> Result<bool> {
+    let names = db.object_store_names();
+    if app.iter().any(|s| !names.contains(&s.name)) {
+        return Ok(true);
+    }
+    if app.iter().all(|s| s.indexes.is_empty()) {
+        return Ok(false);
+    }
+    // Index names are only visible through a transaction; this one makes no
+    // request and ends on its own.
+    let with_indexes: Vec<&str> = app
+        .iter()
+        .filter(|s| !s.indexes.is_empty())
+        .map(|s| s.name.as_str())
+        .collect();
+    let tx = idb::transaction(db, &with_indexes, "readonly", &JsValue::UNDEFINED)
+        .idb("reading the schema")?;
+    for s in app.iter().filter(|s| !s.indexes.is_empty()) {
+        let store = tx.object_store(&s.name).idb("reading the schema")?;
+        let existing = store.index_names();
+        if s.indexes.iter().any(|i| !existing.contains(&i.name)) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Check the outbox schema version and read (or make, at first open) the client id.
+async fn init_meta(db: &IdbDatabase, options: &JsValue) -> Result<String> {
+    let tx = idb::transaction(db, &[META], "readwrite", options).idb("reading the outbox meta")?;
+    let done = idb::done(&tx);
+    let meta = tx.object_store(META).idb("reading the outbox meta")?;
+    let version = idb::wait(
+        meta.get(&"schema_version".into())
+            .idb("reading the outbox meta")?,
+    );
+    let client = idb::wait(
+        meta.get(&"client_id".into())
+            .idb("reading the outbox meta")?,
+    );
+    let version = version.await.idb("reading the outbox meta")?;
+    let client = client.await.idb("reading the outbox meta")?;
+    if let Some(found) = version.as_f64() {
+        let found = found as u32;
+        if found > SCHEMA_VERSION {
+            // Leave the database untouched: abort this transaction.
+            let _ = tx.abort();
+            let _ = done.await;
+            return Err(Error::SchemaTooNew {
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+    } else {
+        meta.put_with_key(&JsValue::from(SCHEMA_VERSION), &"schema_version".into())
+            .idb("writing the outbox meta")?;
+    }
+    let client_id = match client.as_string() {
+        Some(id) => id,
+        None => {
+            let id = uuid::Uuid::new_v4().to_string();
+            meta.put_with_key(&JsValue::from_str(&id), &"client_id".into())
+                .idb("writing the outbox meta")?;
+            id
+        }
+    };
+    done.await.idb("writing the outbox meta")?;
+    Ok(client_id)
+}
+
+// ---- records ---------------------------------------------------------------
+
+fn set(o: &Object, k: &str, v: &JsValue) {
+    // Reflect.set on a plain fresh object cannot fail.
+    let _ = Reflect::set(o, &JsValue::from_str(k), v);
+}
+
+fn get(o: &JsValue, k: &str) -> JsValue {
+    Reflect::get(o, &JsValue::from_str(k)).unwrap_or(JsValue::UNDEFINED)
+}
+
+fn opt_str(v: JsValue) -> Option<String> {
+    v.as_string()
+}
+
+fn num(o: &JsValue, k: &str) -> Option<f64> {
+    get(o, k).as_f64()
+}
+
+/// The record of a new event (no `seq`: the key generator assigns it).
+fn new_record(e: &NewEvent, now: Timestamp) -> (EventId, Object) {
+    let id = EventId::new();
+    let o = Object::new();
+    set(&o, "id", &JsValue::from_str(&id.to_string()));
+    set(&o, "type", &JsValue::from_str(&e.event_type));
+    if let Some(k) = &e.key {
+        set(&o, "key", &JsValue::from_str(k));
+    }
+    // The payload stays JSON text: what the app wrote is what is sent, byte for byte.
+    set(&o, "payload", &JsValue::from_str(&e.payload));
+    let headers = Object::new();
+    for (k, v) in &e.headers {
+        set(&headers, k, &JsValue::from_str(v));
+    }
+    set(&o, "headers", &headers);
+    set(&o, "created_at", &JsValue::from_f64(now.as_millis() as f64));
+    set(&o, "status", &JsValue::from_str("pending"));
+    set(&o, "attempts", &JsValue::from_f64(0.0));
+    set(
+        &o,
+        "next_attempt_at",
+        &JsValue::from_f64(now.as_millis() as f64),
+    );
+    (id, o)
+}
+
+/// Parse a stored record.
+pub(crate) fn parse_record(r: &JsValue) -> Result<Event> {
+    let bad = |what: &str| Error::Storage {
+        message: format!("a stored outbox record is corrupt ({what})"),
+        source: None,
+    };
+    let id: EventId = opt_str(get(r, "id"))
+        .ok_or_else(|| bad("id"))?
+        .parse()
+        .map_err(|_| bad("id"))?;
+    let status = opt_str(get(r, "status"))
+        .and_then(|s| EventStatus::parse(&s))
+        .ok_or_else(|| bad("status"))?;
+    let mut headers = BTreeMap::new();
+    let h = get(r, "headers");
+    if h.is_object() {
+        for entry in Object::entries(h.unchecked_ref()).iter() {
+            let pair: Array = entry.unchecked_into();
+            if let (Some(k), Some(v)) = (pair.get(0).as_string(), pair.get(1).as_string()) {
+                headers.insert(k, v);
+            }
+        }
+    }
+    let ts = |k: &str| num(r, k).map(|n| Timestamp::from_millis(n as i64));
+    Ok(Event {
+        seq: num(r, "seq").ok_or_else(|| bad("seq"))? as i64,
+        id,
+        event_type: opt_str(get(r, "type")).ok_or_else(|| bad("type"))?,
+        key: opt_str(get(r, "key")),
+        payload: opt_str(get(r, "payload")).ok_or_else(|| bad("payload"))?,
+        headers,
+        created_at: ts("created_at").ok_or_else(|| bad("created_at"))?,
+        status,
+        attempts: num(r, "attempts").unwrap_or(0.0) as u32,
+        next_attempt_at: ts("next_attempt_at").unwrap_or(Timestamp::from_millis(0)),
+        last_error: opt_str(get(r, "last_error")),
+        sent_at: ts("sent_at"),
+    })
+}
+
+/// All records of one status, in `seq` order.
+fn status_range(status: &str) -> Result<JsValue> {
+    let lo = Array::of2(
+        &JsValue::from_str(status),
+        &JsValue::from_f64(f64::NEG_INFINITY),
+    );
+    let hi = Array::of2(
+        &JsValue::from_str(status),
+        &JsValue::from_f64(f64::INFINITY),
+    );
+    IdbKeyRange::bound(&lo, &hi)
+        .map(JsValue::from)
+        .idb("building a key range")
+}
+
+fn count_arg(limit: usize) -> u32 {
+    u32::try_from(limit).unwrap_or(u32::MAX)
+}
+
+impl IdbStore {
+    async fn list(&self, status: EventStatus, limit: usize) -> Result<Vec<Event>> {
+        if limit == 0 {
+            // getAll's count 0 means "no limit" in IndexedDB.
+            return Ok(Vec::new());
+        }
+        let tx = self.tx(&[EVENTS], "readonly")?;
+        let index = tx
+            .object_store(EVENTS)
+            .and_then(|s| s.index(BY_STATUS))
+            .idb("listing events")?;
+        let req = index
+            .get_all_with_key_and_limit(&status_range(status.as_str())?, count_arg(limit))
+            .idb("listing events")?;
+        let all: Array = idb::wait(req).await.idb("listing events")?.unchecked_into();
+        all.iter().map(|r| parse_record(&r)).collect()
+    }
+
+    /// Read the record of `id` inside `tx`.
+    async fn record_by_id(store: &IdbObjectStore, id: EventId) -> Result<Option<JsValue>> {
+        let index = store.index(BY_ID).idb("reading an event")?;
+        let req = index
+            .get(&JsValue::from_str(&id.to_string()))
+            .idb("reading an event")?;
+        let r = idb::wait(req).await.idb("reading an event")?;
+        Ok((!r.is_undefined()).then_some(r))
+    }
+}
+
+impl Store for IdbStore {
+    fn client_id(&self) -> &str {
+        &self.inner.client_id
+    }
+
+    async fn enqueue(&self, events: Vec<NewEvent>) -> Result<Vec<Event>> {
+        for e in &events {
+            e.validate(self.inner.max_event_bytes)?;
+        }
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tx = self.tx(&[EVENTS], "readwrite")?;
+        let done = idb::done(&tx);
+        let store = tx.object_store(EVENTS).idb("writing events")?;
+        let now = Timestamp::now();
+        let mut pending = Vec::with_capacity(events.len());
+        for e in events {
+            let (id, record) = new_record(&e, now);
+            let req = store.add(&record).idb("writing events")?;
+            pending.push((id, e, idb::wait(req)));
+        }
+        let mut out = Vec::with_capacity(pending.len());
+        for (id, e, req) in pending {
+            let seq = req.await.idb("writing events")?.as_f64().unwrap_or(0.0) as i64;
+            out.push(Event {
+                seq,
+                id,
+                event_type: e.event_type,
+                key: e.key,
+                payload: e.payload,
+                headers: e.headers,
+                created_at: now,
+                status: EventStatus::Pending,
+                attempts: 0,
+                next_attempt_at: now,
+                last_error: None,
+                sent_at: None,
+            });
+        }
+        done.await.idb("committing events")?;
+        self.committed();
+        Ok(out)
+    }
+
+    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim> {
+        let tx = self.tx(&[EVENTS, META], "readwrite")?;
+        let done = idb::done(&tx);
+        let meta = tx.object_store(META).idb("claiming")?;
+        let events = tx.object_store(EVENTS).idb("claiming")?;
+        let now = request.now.as_millis();
+        let lease = idb::wait(meta.get(&"lease".into()).idb("claiming")?)
+            .await
+            .idb("claiming")?;
+        if lease.is_object() {
+            let owner = opt_str(get(&lease, "owner")).unwrap_or_default();
+            let until = num(&lease, "until").unwrap_or(0.0) as i64;
+            if owner != request.owner && until > now {
+                let _ = done.await;
+                return Ok(Claim::LeaseHeld {
+                    until: Timestamp::from_millis(until),
+                });
+            }
+        }
+        let new_lease = Object::new();
+        set(&new_lease, "owner", &JsValue::from_str(request.owner));
+        set(
+            &new_lease,
+            "until",
+            &JsValue::from_f64(request.now.add(request.lease).as_millis() as f64),
+        );
+        meta.put_with_key(&new_lease, &"lease".into())
+            .idb("claiming")?;
+
+        let index = events.index(BY_STATUS).idb("claiming")?;
+        let req = index
+            .get_all_with_key_and_limit(
+                &status_range("pending")?,
+                count_arg(request.max_events.max(1)),
+            )
+            .idb("claiming")?;
+        let records: Array = idb::wait(req).await.idb("claiming")?.unchecked_into();
+        let mut batch = Vec::new();
+        let mut bytes = 0usize;
+        for record in records.iter() {
+            let mut event = parse_record(&record)?;
+            if batch.is_empty() && event.next_attempt_at.as_millis() > now {
+                // Head-of-line: nothing overtakes an event waiting to retry.
+                done.await.idb("claiming")?;
+                return Ok(Claim::NotBefore(event.next_attempt_at));
+            }
+            bytes += event.size();
+            if !batch.is_empty() && bytes > request.max_bytes {
+                break;
+            }
+            event.attempts += 1;
+            set(
+                record.unchecked_ref(),
+                "attempts",
+                &JsValue::from_f64(f64::from(event.attempts)),
+            );
+            events.put(&record).idb("claiming")?;
+            batch.push(event);
+        }
+        done.await.idb("claiming")?;
+        Ok(if batch.is_empty() {
+            Claim::Empty
+        } else {
+            Claim::Batch(batch)
+        })
+    }
+
+    async fn settle(&self, outcomes: Vec<(EventId, Outcome)>, now: Timestamp) -> Result<()> {
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        let tx = self.tx(&[EVENTS], "readwrite")?;
+        let done = idb::done(&tx);
+        let store = tx.object_store(EVENTS).idb("settling")?;
+        for (id, outcome) in outcomes {
+            let Some(record) = Self::record_by_id(&store, id).await? else {
+                continue;
+            };
+            // Only pending events: a late answer never resurrects an event the
+            // app has since discarded, nor undoes a dead or sent state.
+            if opt_str(get(&record, "status")).as_deref() != Some("pending") {
+                continue;
+            }
+            let o: &Object = record.unchecked_ref();
+            match outcome {
+                Outcome::Sent => {
+                    set(o, "status", &JsValue::from_str("sent"));
+                    set(o, "sent_at", &JsValue::from_f64(now.as_millis() as f64));
+                    let _ = Reflect::delete_property(o, &"last_error".into());
+                }
+                Outcome::Dead { reason } => {
+                    set(o, "status", &JsValue::from_str("dead"));
+                    set(o, "last_error", &JsValue::from_str(&reason));
+                }
+                Outcome::Retry { at, error } => {
+                    set(
+                        o,
+                        "next_attempt_at",
+                        &JsValue::from_f64(at.as_millis() as f64),
+                    );
+                    set(o, "last_error", &JsValue::from_str(&error));
+                }
+            }
+            store.put(&record).idb("settling")?;
+        }
+        done.await.idb("settling")?;
+        Ok(())
+    }
+
+    async fn release_lease(&self, owner: &str) -> Result<()> {
+        let tx = self.tx(&[META], "readwrite")?;
+        let done = idb::done(&tx);
+        let meta = tx.object_store(META).idb("releasing the lease")?;
+        let lease = idb::wait(meta.get(&"lease".into()).idb("releasing the lease")?)
+            .await
+            .idb("releasing the lease")?;
+        if lease.is_object() && opt_str(get(&lease, "owner")).as_deref() == Some(owner) {
+            meta.delete(&"lease".into()).idb("releasing the lease")?;
+        }
+        done.await.idb("releasing the lease")
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        let tx = self.tx(&[EVENTS], "readonly")?;
+        let index = tx
+            .object_store(EVENTS)
+            .and_then(|s| s.index(BY_STATUS))
+            .idb("counting events")?;
+        let count = |status: &str| -> Result<idb::Request> {
+            Ok(idb::wait(
+                index
+                    .count_with_key(&status_range(status)?)
+                    .idb("counting events")?,
+            ))
+        };
+        let (pending, sent, dead) = (count("pending")?, count("sent")?, count("dead")?);
+        let oldest = idb::wait(
+            index
+                .get_all_with_key_and_limit(&status_range("pending")?, 1)
+                .idb("counting events")?,
+        );
+        let n = |v: JsValue| v.as_f64().unwrap_or(0.0) as u64;
+        let pending = n(pending.await.idb("counting events")?);
+        let sent = n(sent.await.idb("counting events")?);
+        let dead = n(dead.await.idb("counting events")?);
+        let oldest: Array = oldest.await.idb("counting events")?.unchecked_into();
+        let oldest_pending_at = (oldest.length() > 0)
+            .then(|| num(&oldest.get(0), "created_at"))
+            .flatten()
+            .map(|n| Timestamp::from_millis(n as i64));
+        Ok(Stats {
+            pending,
+            sent,
+            dead,
+            oldest_pending_at,
+        })
+    }
+
+    async fn pending(&self, limit: usize) -> Result<Vec<Event>> {
+        self.list(EventStatus::Pending, limit).await
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<Event>> {
+        self.list(EventStatus::Dead, limit).await
+    }
+
+    async fn get(&self, id: EventId) -> Result<Option<Event>> {
+        let tx = self.tx(&[EVENTS], "readonly")?;
+        let store = tx.object_store(EVENTS).idb("reading an event")?;
+        Self::record_by_id(&store, id)
+            .await?
+            .map(|r| parse_record(&r))
+            .transpose()
+    }
+
+    async fn retry(&self, id: EventId, now: Timestamp) -> Result<bool> {
+        let tx = self.tx(&[EVENTS], "readwrite")?;
+        let done = idb::done(&tx);
+        let store = tx.object_store(EVENTS).idb("retrying an event")?;
+        let record = Self::record_by_id(&store, id).await?;
+        let changed = match record {
+            Some(r) if opt_str(get(&r, "status")).as_deref() == Some("dead") => {
+                let o: &Object = r.unchecked_ref();
+                set(o, "status", &JsValue::from_str("pending"));
+                set(o, "attempts", &JsValue::from_f64(0.0));
+                set(
+                    o,
+                    "next_attempt_at",
+                    &JsValue::from_f64(now.as_millis() as f64),
+                );
+                let _ = Reflect::delete_property(o, &"last_error".into());
+                store.put(&r).idb("retrying an event")?;
+                true
+            }
+            _ => false,
+        };
+        done.await.idb("retrying an event")?;
+        if changed {
+            self.committed();
+        }
+        Ok(changed)
+    }
+
+    async fn discard(&self, id: EventId) -> Result<bool> {
+        let tx = self.tx(&[EVENTS], "readwrite")?;
+        let done = idb::done(&tx);
+        let store = tx.object_store(EVENTS).idb("discarding an event")?;
+        let record = Self::record_by_id(&store, id).await?;
+        let changed = match record {
+            Some(r) if opt_str(get(&r, "status")).as_deref() == Some("dead") => {
+                store.delete(&get(&r, "seq")).idb("discarding an event")?;
+                true
+            }
+            _ => false,
+        };
+        done.await.idb("discarding an event")?;
+        Ok(changed)
+    }
+
+    async fn prune_sent(&self, before: Timestamp) -> Result<u64> {
+        let tx = self.tx(&[EVENTS], "readwrite")?;
+        let done = idb::done(&tx);
+        let store = tx.object_store(EVENTS).idb("pruning sent events")?;
+        let index = store.index(BY_SENT_AT).idb("pruning sent events")?;
+        let range =
+            IdbKeyRange::upper_bound_with_open(&JsValue::from_f64(before.as_millis() as f64), true)
+                .idb("pruning sent events")?;
+        let keys: Array = idb::wait(
+            index
+                .get_all_keys_with_key(&range)
+                .idb("pruning sent events")?,
+        )
+        .await
+        .idb("pruning sent events")?
+        .unchecked_into();
+        for key in keys.iter() {
+            store.delete(&key).idb("pruning sent events")?;
+        }
+        done.await.idb("pruning sent events")?;
+        Ok(u64::from(keys.length()))
+    }
+}
