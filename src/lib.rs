@@ -4,14 +4,23 @@
 mod error;
 mod event;
 mod json;
+pub mod policy;
 pub mod protocol;
+pub mod relay;
 pub mod store;
+pub mod testing;
 mod time;
+pub mod transport;
 
 pub use error::{BoxError, Error, Result};
-pub use event::{DEFAULT_MAX_EVENT_BYTES, Event, EventId, EventStatus, MAX_EVENT_TYPE_LEN, NewEvent};
+pub use event::{
+    DEFAULT_MAX_EVENT_BYTES, Event, EventId, EventStatus, MAX_EVENT_TYPE_LEN, NewEvent,
+};
+pub use policy::{Jitter, RetryPolicy};
+pub use relay::{FlushReport, Relay, RelayConfig, RelayStatus};
 pub use store::{Claim, ClaimRequest, Outcome, Stats, Store};
 pub use time::Timestamp;
+pub use transport::{Credentials, Transport};
 
 // The backend is chosen here and nowhere else (see build.rs for the aliases).
 #[cfg(native)]

@@ -1,0 +1,1030 @@
+//! The relay core: claim a batch, send it, settle the answer. Target independent.
+//!
+//! [`Relay`] owns a [`Store`] and a [`Transport`] and runs one delivery cycle
+//! per [`Relay::step`]:
+//!
+//! 1. **claim** (one store transaction): take or renew the relay lease and the
+//!    oldest pending events, up to `max_events` and `max_bytes`;
+//! 2. **send** (no store transaction open: an IndexedDB transaction must never
+//!    span a `fetch`, and a SQLite write lock must not wait on the network);
+//! 3. **settle** (a second store transaction): record what the server said.
+//!
+//! The answer is interpreted exactly as sync protocol v1 says
+//! (`docs/protocol.md`):
+//!
+//! | answer | what happens |
+//! |---|---|
+//! | 200, event `accepted` / `duplicate` | sent |
+//! | 200, event `rejected` | dead, with the server's reason |
+//! | 200, event not named | stays pending (retried) |
+//! | network error, timeout, 5xx, unreadable 200 body | retry with backoff (full jitter) |
+//! | 408, 429, 503 | retry, no sooner than `Retry-After` |
+//! | 401, 403 | ask the credentials provider for fresh ones, resend once, then back off; never dead |
+//! | 413 | split the batch in halves; a single event -> dead ("too large") |
+//! | 400, 422 | bisect until the poison event is alone; only it -> dead |
+//! | older than the policy's max age | dead ("expired"), not sent |
+//!
+//! The core never sleeps and never spawns: the driver (tokio natively, the
+//! browser's event loop on wasm) decides when to call [`Relay::step`] or
+//! [`Relay::flush`] again, using [`RelayStatus::next_attempt`]. That keeps
+//! this module free of any runtime, so the same code runs on both targets.
+
+use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::event::{Event, EventId};
+use crate::policy::{Jitter, RetryPolicy};
+use crate::protocol::{ErrorBody, PROTOCOL_VERSION, PushResponse, ResultStatus, WireEvent};
+use crate::store::{Claim, ClaimRequest, MaybeSend, MaybeSync, Outcome, Store};
+use crate::time::Timestamp;
+use crate::transport::{Push, Response, Transport};
+
+/// Default most events in one push.
+pub const DEFAULT_MAX_EVENTS: usize = 100;
+/// Default most event bytes ([`Event::size`]) in one push: 512 KiB.
+pub const DEFAULT_MAX_BYTES: usize = 512 * 1024;
+/// Default relay lease: another relay may take over this long after the last claim.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+
+/// The reason recorded on events dead-lettered for their age.
+pub const EXPIRED: &str = "expired";
+
+/// How a relay batches, leases and retries.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct RelayConfig {
+    /// Most events in one push (default 100).
+    pub max_events: usize,
+    /// Most event bytes in one push (default 512 KiB); a larger single event
+    /// is still sent alone.
+    pub max_bytes: usize,
+    /// How long the lease taken at each claim lasts (default 30 s). Keep it
+    /// longer than the transport's total timeout.
+    pub lease: Duration,
+    /// Backoff, `Retry-After` handling and max age.
+    pub retry: RetryPolicy,
+    /// The lease owner's name; unique per relay instance (a random one by default).
+    pub owner: String,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            max_events: DEFAULT_MAX_EVENTS,
+            max_bytes: DEFAULT_MAX_BYTES,
+            lease: DEFAULT_LEASE,
+            retry: RetryPolicy::new(),
+            owner: format!("relay-{}", uuid::Uuid::new_v4()),
+        }
+    }
+}
+
+impl RelayConfig {
+    /// The defaults: 100 events, 512 KiB, 30 s lease, default retry policy, random owner.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Set the most events in one push.
+    pub fn with_max_events(mut self, n: usize) -> Self {
+        self.max_events = n.max(1);
+        self
+    }
+
+    /// Set the most event bytes in one push.
+    pub fn with_max_bytes(mut self, n: usize) -> Self {
+        self.max_bytes = n.max(1);
+        self
+    }
+
+    /// Set the lease duration.
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Set the retry policy.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Set the lease owner's name.
+    pub fn with_owner(mut self, owner: impl Into<String>) -> Self {
+        self.owner = owner.into();
+        self
+    }
+}
+
+/// What the app can show about delivery: a snapshot, published after every
+/// change (see [`StatusObserver`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RelayStatus {
+    /// Events not yet acknowledged (as of the last count; new commits show at the next wake).
+    pub pending: u64,
+    /// Events acknowledged and not yet pruned.
+    pub sent: u64,
+    /// Events given up on.
+    pub dead: u64,
+    /// Events in the request on the wire now (0 when idle).
+    pub in_flight: usize,
+    /// The last delivery failure; cleared by the next fully successful batch.
+    pub last_error: Option<String>,
+    /// When the oldest pending event may be tried again, when it is waiting.
+    pub next_attempt: Option<Timestamp>,
+    /// Set while another relay (process, tab) holds the lease: until when.
+    pub lease_held_until: Option<Timestamp>,
+}
+
+/// Receives every new [`RelayStatus`]. Closures `Fn(&RelayStatus)` implement it.
+pub trait StatusObserver: MaybeSend + MaybeSync {
+    /// Called with the new status after each change.
+    fn status_changed(&self, status: &RelayStatus);
+}
+
+impl<F: Fn(&RelayStatus) + MaybeSend + MaybeSync> StatusObserver for F {
+    fn status_changed(&self, status: &RelayStatus) {
+        self(status)
+    }
+}
+
+/// What one [`Relay::step`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// A batch was claimed, sent (or not, when all expired) and settled.
+    Batch {
+        /// Events now sent.
+        sent: usize,
+        /// Events now dead.
+        dead: usize,
+        /// Events left pending.
+        retry: usize,
+        /// True when the batch met a failure (network, status, auth): the
+        /// driver should wait for [`RelayStatus::next_attempt`] before stepping again.
+        failed: bool,
+    },
+    /// Nothing is pending.
+    Idle,
+    /// The oldest pending event waits for its retry time.
+    NotBefore(Timestamp),
+    /// Another relay holds the lease until the given time.
+    LeaseHeld {
+        /// When that lease expires unless renewed.
+        until: Timestamp,
+    },
+}
+
+/// What a [`Relay::flush`] achieved.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlushReport {
+    /// Events acknowledged by the server during this flush.
+    pub sent: u64,
+    /// Events dead-lettered during this flush.
+    pub dead: u64,
+    /// Events still pending afterwards.
+    pub pending: u64,
+    /// When the next attempt is due, if events wait for a retry time.
+    pub next_attempt: Option<Timestamp>,
+    /// The last failure seen, if the flush stopped on one.
+    pub last_error: Option<String>,
+    /// Set when another relay holds the lease, until when.
+    pub lease_held_until: Option<Timestamp>,
+}
+
+impl FlushReport {
+    /// Add one step's counts.
+    fn add(&mut self, step: &Step) {
+        if let Step::Batch { sent, dead, .. } = step {
+            self.sent += *sent as u64;
+            self.dead += *dead as u64;
+        }
+    }
+}
+
+/// The flush loop core over a store and a transport. See the module docs.
+pub struct Relay<S, T> {
+    store: S,
+    transport: T,
+    config: RelayConfig,
+    jitter: Jitter,
+    /// True after a 401/403, until an answer that is neither: every push asks
+    /// the credentials provider for fresh ones meanwhile.
+    refresh_credentials: bool,
+    status: RelayStatus,
+    observer: Option<Box<dyn StatusObserver>>,
+    /// `{"protocol":1,"client_id":"…","events":[`, built once.
+    body_prefix: Vec<u8>,
+}
+
+impl<S: std::fmt::Debug, T: std::fmt::Debug> std::fmt::Debug for Relay<S, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("store", &self.store)
+            .field("transport", &self.transport)
+            .field("config", &self.config)
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The answer to one push, classified.
+enum Verdict {
+    /// 200 with a readable body.
+    Results(PushResponse),
+    /// Retry the rest of the batch later.
+    Retry {
+        retry_after: Option<Duration>,
+        error: String,
+    },
+    /// 413: split.
+    TooLarge,
+    /// 400/422: bisect; the reason is used when the range is a single event.
+    Poison { reason: String },
+}
+
+impl<S: Store, T: Transport> Relay<S, T> {
+    /// A relay over `store` and `transport`.
+    pub fn new(store: S, transport: T, config: RelayConfig) -> Self {
+        let mut body_prefix = br#"{"protocol":"#.to_vec();
+        body_prefix.extend_from_slice(PROTOCOL_VERSION.to_string().as_bytes());
+        body_prefix.extend_from_slice(br#","client_id":"#);
+        // A client id is a UUID, but serialize it properly anyway.
+        body_prefix.extend_from_slice(
+            &serde_json::to_vec(store.client_id()).expect("a string always serializes"),
+        );
+        body_prefix.extend_from_slice(br#","events":["#);
+        Relay {
+            store,
+            transport,
+            config,
+            jitter: Jitter::from_entropy(),
+            refresh_credentials: false,
+            status: RelayStatus::default(),
+            observer: None,
+            body_prefix,
+        }
+    }
+
+    /// Use a fixed jitter source (deterministic tests).
+    pub fn with_jitter(mut self, jitter: Jitter) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    /// Publish every status change to `observer` (replacing any previous one).
+    pub fn set_observer(&mut self, observer: impl StatusObserver + 'static) {
+        self.observer = Some(Box::new(observer));
+        self.publish();
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> &T {
+        &self.transport
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RelayConfig {
+        &self.config
+    }
+
+    /// The latest status.
+    pub fn status(&self) -> &RelayStatus {
+        &self.status
+    }
+
+    fn publish(&self) {
+        if let Some(observer) = &self.observer {
+            observer.status_changed(&self.status);
+        }
+    }
+
+    /// Re-read the counts from the store (events committed since the last
+    /// count become visible) and publish them.
+    pub async fn refresh_status(&mut self) -> Result<()> {
+        let stats = self.store.stats().await?;
+        self.status.pending = stats.pending;
+        self.status.sent = stats.sent;
+        self.status.dead = stats.dead;
+        self.publish();
+        Ok(())
+    }
+
+    /// Give up the lease so another relay can start at once (at shutdown).
+    pub async fn release_lease(&mut self) -> Result<()> {
+        self.store.release_lease(&self.config.owner).await
+    }
+
+    /// Deliver what is due now: step until nothing is pending, the oldest
+    /// event waits for a retry time, another relay holds the lease, or a batch
+    /// fails (the driver waits for [`RelayStatus::next_attempt`] then).
+    pub async fn flush(&mut self) -> Result<FlushReport> {
+        self.refresh_status().await?;
+        let mut report = FlushReport::default();
+        loop {
+            let step = self.step().await?;
+            report.add(&step);
+            match step {
+                Step::Batch { failed: false, .. } => continue,
+                Step::LeaseHeld { until } => {
+                    report.lease_held_until = Some(until);
+                    break;
+                }
+                Step::Batch { failed: true, .. } | Step::Idle | Step::NotBefore(_) => break,
+            }
+        }
+        self.refresh_status().await?;
+        report.pending = self.status.pending;
+        report.next_attempt = self.status.next_attempt;
+        report.last_error = self.status.last_error.clone();
+        Ok(report)
+    }
+
+    /// One claim -> send -> settle cycle (or the reason there was none).
+    pub async fn step(&mut self) -> Result<Step> {
+        let now = Timestamp::now();
+        let claim = self
+            .store
+            .claim(ClaimRequest {
+                owner: &self.config.owner,
+                lease: self.config.lease,
+                max_events: self.config.max_events,
+                max_bytes: self.config.max_bytes,
+                now,
+            })
+            .await;
+        let claim = match claim {
+            Ok(claim) => claim,
+            Err(e) => {
+                self.status.last_error = Some(format!("claim failed: {e}"));
+                self.publish();
+                return Err(e);
+            }
+        };
+        match claim {
+            Claim::Empty => {
+                self.status.pending = 0;
+                self.status.next_attempt = None;
+                self.status.lease_held_until = None;
+                self.publish();
+                Ok(Step::Idle)
+            }
+            Claim::NotBefore(at) => {
+                self.status.next_attempt = Some(at);
+                self.status.lease_held_until = None;
+                self.publish();
+                Ok(Step::NotBefore(at))
+            }
+            Claim::LeaseHeld { until } => {
+                self.status.lease_held_until = Some(until);
+                self.publish();
+                Ok(Step::LeaseHeld { until })
+            }
+            Claim::Batch(events) => {
+                self.status.lease_held_until = None;
+                self.deliver(events).await
+            }
+        }
+    }
+
+    /// Send a claimed batch and settle the answer.
+    async fn deliver(&mut self, events: Vec<Event>) -> Result<Step> {
+        let now = Timestamp::now();
+        // The claim counted this attempt; the head event has the most attempts.
+        let attempts = events.iter().map(|e| e.attempts).max().unwrap_or(1).max(1);
+        let mut outcomes: Vec<(EventId, Outcome)> = Vec::with_capacity(events.len());
+        // Each event serialized once; sub-batches (413, 400) are re-joined from these.
+        let mut wire: Vec<(EventId, Vec<u8>)> = Vec::with_capacity(events.len());
+        for event in &events {
+            if self.config.retry.is_expired(event.created_at, now) {
+                outcomes.push((
+                    event.id,
+                    Outcome::Dead {
+                        reason: EXPIRED.to_owned(),
+                    },
+                ));
+                continue;
+            }
+            match WireEvent::try_from(event).and_then(|w| {
+                serde_json::to_vec(&w).map_err(|e| Error::Protocol {
+                    message: e.to_string(),
+                })
+            }) {
+                Ok(bytes) => wire.push((event.id, bytes)),
+                // A stored payload that is not JSON can never be sent: dead, not stuck.
+                Err(e) => outcomes.push((
+                    event.id,
+                    Outcome::Dead {
+                        reason: e.to_string(),
+                    },
+                )),
+            }
+        }
+        drop(events);
+
+        let mut failed = false;
+        let mut queue: VecDeque<Range<usize>> = VecDeque::new();
+        if !wire.is_empty() {
+            queue.push_back(0..wire.len());
+        }
+        while let Some(range) = queue.pop_front() {
+            let verdict = self.send_range(&wire, range.clone()).await;
+            match verdict {
+                Verdict::Results(response) => {
+                    let mut results: HashMap<EventId, (ResultStatus, Option<String>)> = response
+                        .results
+                        .into_iter()
+                        .map(|r| (r.id, (r.status, r.reason)))
+                        .collect();
+                    let mut unnamed = Vec::new();
+                    for (id, _) in &wire[range.clone()] {
+                        match results.remove(id) {
+                            Some((ResultStatus::Accepted | ResultStatus::Duplicate, _)) => {
+                                outcomes.push((*id, Outcome::Sent))
+                            }
+                            Some((ResultStatus::Rejected, reason)) => outcomes.push((
+                                *id,
+                                Outcome::Dead {
+                                    reason: reason
+                                        .unwrap_or_else(|| "rejected by the server".to_owned()),
+                                },
+                            )),
+                            None => unnamed.push(*id),
+                        }
+                    }
+                    if !unnamed.is_empty() {
+                        // The server skipped these: they stay pending. If it made
+                        // progress on others, come back at once; otherwise back off
+                        // so a server that never names an event is not hammered.
+                        let progressed = unnamed.len() < range.len();
+                        let error = "the server's answer did not name this event".to_owned();
+                        let at = if progressed {
+                            now
+                        } else {
+                            failed = true;
+                            self.status.last_error = Some(error.clone());
+                            self.config
+                                .retry
+                                .next_attempt(now, attempts, None, &mut self.jitter)
+                        };
+                        for id in unnamed {
+                            outcomes.push((
+                                id,
+                                Outcome::Retry {
+                                    at,
+                                    error: error.clone(),
+                                },
+                            ));
+                        }
+                        // Later sub-batches must not overtake the skipped events.
+                        self.retry_rest(
+                            &wire,
+                            &mut queue,
+                            &mut outcomes,
+                            at,
+                            "not sent: an earlier event in the batch is still pending",
+                        );
+                    }
+                }
+                Verdict::TooLarge if range.len() > 1 => split_front(&mut queue, range),
+                Verdict::TooLarge => outcomes.push((
+                    wire[range.start].0,
+                    Outcome::Dead {
+                        reason: "too large for the server (413 Payload Too Large)".to_owned(),
+                    },
+                )),
+                Verdict::Poison { .. } if range.len() > 1 => split_front(&mut queue, range),
+                Verdict::Poison { reason } => {
+                    outcomes.push((wire[range.start].0, Outcome::Dead { reason }))
+                }
+                Verdict::Retry { retry_after, error } => {
+                    failed = true;
+                    let at = self.config.retry.next_attempt(
+                        now,
+                        attempts,
+                        retry_after,
+                        &mut self.jitter,
+                    );
+                    for (id, _) in &wire[range] {
+                        outcomes.push((
+                            *id,
+                            Outcome::Retry {
+                                at,
+                                error: error.clone(),
+                            },
+                        ));
+                    }
+                    self.retry_rest(&wire, &mut queue, &mut outcomes, at, &error);
+                    self.status.last_error = Some(error);
+                    self.status.next_attempt = Some(at);
+                }
+            }
+        }
+
+        let (mut sent, mut dead, mut retry) = (0, 0, 0);
+        for (_, outcome) in &outcomes {
+            match outcome {
+                Outcome::Sent => sent += 1,
+                Outcome::Dead { .. } => dead += 1,
+                Outcome::Retry { .. } => retry += 1,
+            }
+        }
+        if let Err(e) = self.store.settle(outcomes, Timestamp::now()).await {
+            // Nothing is lost: the events stay pending and are claimed (and
+            // resent, harmlessly: the server dedupes) again.
+            self.status.last_error = Some(format!("settle failed: {e}"));
+            self.publish();
+            return Err(e);
+        }
+        self.status.pending = self.status.pending.saturating_sub((sent + dead) as u64);
+        self.status.sent += sent as u64;
+        self.status.dead += dead as u64;
+        if !failed {
+            self.status.last_error = None;
+            self.status.next_attempt = None;
+        }
+        self.publish();
+        Ok(Step::Batch {
+            sent,
+            dead,
+            retry,
+            failed,
+        })
+    }
+
+    /// Mark every range still queued as Retry at `at` (they were not sent).
+    fn retry_rest(
+        &self,
+        wire: &[(EventId, Vec<u8>)],
+        queue: &mut VecDeque<Range<usize>>,
+        outcomes: &mut Vec<(EventId, Outcome)>,
+        at: Timestamp,
+        error: &str,
+    ) {
+        for range in queue.drain(..) {
+            for (id, _) in &wire[range] {
+                outcomes.push((
+                    *id,
+                    Outcome::Retry {
+                        at,
+                        error: error.to_owned(),
+                    },
+                ));
+            }
+        }
+    }
+
+    fn body(&self, wire: &[(EventId, Vec<u8>)]) -> Vec<u8> {
+        let len = self.body_prefix.len() + 2 + wire.iter().map(|(_, b)| b.len() + 1).sum::<usize>();
+        let mut body = Vec::with_capacity(len);
+        body.extend_from_slice(&self.body_prefix);
+        for (i, (_, bytes)) in wire.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(bytes);
+        }
+        body.extend_from_slice(b"]}");
+        body
+    }
+
+    /// Send one sub-batch, resending once with fresh credentials after a 401/403.
+    async fn send_range(&mut self, wire: &[(EventId, Vec<u8>)], range: Range<usize>) -> Verdict {
+        let part = &wire[range];
+        let body = self.body(part);
+        self.status.in_flight = part.len();
+        self.publish();
+        let mut answer = self.send_once(body.clone(), part.len()).await;
+        if matches!(&answer, Ok(r) if is_auth(r.status)) && !self.refresh_credentials {
+            // A token expired: refresh and resend at once rather than back off.
+            self.refresh_credentials = true;
+            answer = self.send_once(body, part.len()).await;
+        }
+        self.status.in_flight = 0;
+        match answer {
+            Ok(response) => {
+                self.refresh_credentials = is_auth(response.status);
+                classify(response)
+            }
+            Err(e) => Verdict::Retry {
+                retry_after: None,
+                error: e.to_string(),
+            },
+        }
+    }
+
+    async fn send_once(&mut self, body: Vec<u8>, events: usize) -> Result<Response> {
+        let push = Push {
+            body,
+            events,
+            refresh_credentials: self.refresh_credentials,
+        };
+        self.transport.send(push).await
+    }
+}
+
+fn is_auth(status: u16) -> bool {
+    status == 401 || status == 403
+}
+
+/// Replace `range` at the front of the queue by its two halves, in order.
+fn split_front(queue: &mut VecDeque<Range<usize>>, range: Range<usize>) {
+    let mid = range.start + range.len() / 2;
+    queue.push_front(mid..range.end);
+    queue.push_front(range.start..mid);
+}
+
+/// What a status code means (see the table in the module docs).
+fn classify(response: Response) -> Verdict {
+    let status = response.status;
+    match status {
+        200 => match serde_json::from_slice::<PushResponse>(&response.body) {
+            Ok(parsed) => Verdict::Results(parsed),
+            Err(e) => Verdict::Retry {
+                retry_after: None,
+                error: format!("unreadable 200 answer from the server: {e}"),
+            },
+        },
+        413 => Verdict::TooLarge,
+        400 | 422 => Verdict::Poison {
+            reason: format!(
+                "rejected by the server ({status}): {}",
+                error_text(&response.body)
+            ),
+        },
+        401 | 403 => Verdict::Retry {
+            retry_after: response.retry_after,
+            error: format!(
+                "the server refused the credentials ({status}), fresh ones too: {}",
+                error_text(&response.body)
+            ),
+        },
+        _ => Verdict::Retry {
+            // 408/429/503 carry Retry-After; honouring it elsewhere is harmless.
+            retry_after: response.retry_after,
+            error: format!(
+                "the server answered {status}: {}",
+                error_text(&response.body)
+            ),
+        },
+    }
+}
+
+/// The message of an [`ErrorBody`], or the body's text (shortened).
+fn error_text(body: &[u8]) -> String {
+    if let Ok(e) = serde_json::from_slice::<ErrorBody>(body) {
+        return e.message;
+    }
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        return "(no body)".to_owned();
+    }
+    match text.char_indices().nth(200) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll, Waker};
+
+    use super::*;
+    use crate::event::{EventStatus, NewEvent};
+    use crate::testing::{Fault, MemoryServer, MemoryStore};
+
+    /// The test doubles never wait, so a no-op waker runs them to completion.
+    fn block_on<F: Future>(f: F) -> F::Output {
+        let mut f = pin!(f);
+        let mut cx = Context::from_waker(Waker::noop());
+        loop {
+            if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+                return v;
+            }
+        }
+    }
+
+    fn setup(n: usize) -> (Relay<MemoryStore, MemoryServer>, MemoryStore, MemoryServer) {
+        let store = MemoryStore::new();
+        let server = MemoryServer::new();
+        let events = (0..n)
+            .map(|i| NewEvent::json("OrderCreated", &i).unwrap())
+            .collect();
+        block_on(store.enqueue(events)).unwrap();
+        let config = RelayConfig::new()
+            .with_max_events(10)
+            .with_retry(RetryPolicy::new().with_base(Duration::from_secs(1)));
+        let relay =
+            Relay::new(store.clone(), server.clone(), config).with_jitter(Jitter::seeded(3));
+        (relay, store, server)
+    }
+
+    fn seqs(server: &MemoryServer) -> Vec<i64> {
+        server.stored().iter().map(|s| s.2).collect()
+    }
+
+    fn count(store: &MemoryStore, status: EventStatus) -> usize {
+        store.all().iter().filter(|e| e.status == status).count()
+    }
+
+    /// Make every pending event due now (skip the backoff without sleeping).
+    fn make_due(store: &MemoryStore) {
+        let ids: Vec<_> = store.all().iter().map(|e| e.id).collect();
+        let now = Timestamp::now().sub(Duration::from_millis(1));
+        block_on(
+            store.settle(
+                ids.into_iter()
+                    .map(|id| {
+                        (
+                            id,
+                            Outcome::Retry {
+                                at: now,
+                                error: "test".into(),
+                            },
+                        )
+                    })
+                    .collect(),
+                now,
+            ),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn flush_delivers_everything_in_order_in_batches() {
+        let (mut relay, _store, server) = setup(35);
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!((report.sent, report.dead, report.pending), (35, 0, 0));
+        assert_eq!(seqs(&server), (1..=35).collect::<Vec<_>>());
+        assert_eq!(
+            server.requests().iter().map(|r| r.0).collect::<Vec<_>>(),
+            [10, 10, 10, 5]
+        );
+        assert_eq!(relay.status().sent, 35);
+        assert_eq!(relay.status().pending, 0);
+        assert_eq!(block_on(relay.flush()).unwrap(), FlushReport::default());
+    }
+
+    #[test]
+    fn body_is_a_valid_push_request() {
+        let (relay, store, _) = setup(3);
+        let events = store.all();
+        let wire: Vec<_> = events
+            .iter()
+            .map(|e| {
+                (
+                    e.id,
+                    serde_json::to_vec(&WireEvent::try_from(e).unwrap()).unwrap(),
+                )
+            })
+            .collect();
+        let body = relay.body(&wire);
+        let parsed: crate::protocol::PushRequest = serde_json::from_slice(&body).unwrap();
+        assert_eq!(parsed.protocol, PROTOCOL_VERSION);
+        assert_eq!(parsed.client_id, store.client_id());
+        assert_eq!(parsed.events.len(), 3);
+    }
+
+    #[test]
+    fn network_error_backs_off_and_keeps_events_pending() {
+        let (mut relay, store, server) = setup(5);
+        server.push_fault(Fault::Network);
+        let before = Timestamp::now();
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!((report.sent, report.pending), (0, 5));
+        let at = report.next_attempt.expect("a retry time");
+        assert!(at >= before && at <= Timestamp::now().add(Duration::from_secs(1)));
+        assert!(report.last_error.unwrap().contains("connection refused"));
+        assert!(
+            store
+                .all()
+                .iter()
+                .all(|e| e.attempts == 1 && e.status == EventStatus::Pending)
+        );
+        make_due(&store);
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!(
+            (report.sent, report.pending, report.last_error),
+            (5, 0, None)
+        );
+        assert_eq!(seqs(&server), [1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn retry_after_is_honoured() {
+        let (mut relay, _store, server) = setup(2);
+        for status in [503, 429, 408] {
+            server.push_fault(Fault::Status {
+                status,
+                retry_after: Some(Duration::from_secs(60)),
+                body: String::new(),
+            });
+            let before = Timestamp::now();
+            let report = block_on(relay.flush()).unwrap();
+            assert!(report.next_attempt.unwrap() >= before.add(Duration::from_secs(60)));
+            assert!(report.last_error.unwrap().contains(&status.to_string()));
+            make_due(&_store);
+        }
+    }
+
+    #[test]
+    fn server_errors_and_unreadable_bodies_are_retried_not_dead() {
+        let (mut relay, store, server) = setup(4);
+        server.push_fault(Fault::Status {
+            status: 500,
+            retry_after: None,
+            body: "boom".into(),
+        });
+        assert_eq!(block_on(relay.flush()).unwrap().sent, 0);
+        make_due(&store);
+        server.push_fault(Fault::Malformed);
+        let report = block_on(relay.flush()).unwrap();
+        assert!(report.last_error.unwrap().contains("unreadable"));
+        assert_eq!(count(&store, EventStatus::Pending), 4);
+        make_due(&store);
+        // The malformed answer came after a commit: the resend is all duplicates.
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!(report.sent, 4);
+        assert_eq!(seqs(&server), [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn lost_response_resend_changes_nothing() {
+        let (mut relay, store, server) = setup(3);
+        server.push_fault(Fault::CommitThenDrop);
+        block_on(relay.flush()).unwrap();
+        make_due(&store);
+        assert_eq!(block_on(relay.flush()).unwrap().sent, 3);
+        assert_eq!(seqs(&server), [1, 2, 3]);
+    }
+
+    #[test]
+    fn auth_failure_refreshes_credentials_and_resends_at_once() {
+        let (mut relay, _store, server) = setup(3);
+        server.expire_credentials();
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!(report.sent, 3);
+        assert_eq!(server.requests(), [(3, false), (3, true)]);
+        // Back to cached credentials afterwards.
+        block_on(_store.enqueue(vec![NewEvent::json("T", &1).unwrap()])).unwrap();
+        block_on(relay.flush()).unwrap();
+        assert_eq!(server.requests().last(), Some(&(1, false)));
+    }
+
+    #[test]
+    fn persistent_auth_failure_is_never_dead() {
+        let (mut relay, store, server) = setup(2);
+        for _ in 0..2 {
+            server.push_fault(Fault::Status {
+                status: 403,
+                retry_after: None,
+                body: String::new(),
+            });
+        }
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!((report.sent, report.dead, report.pending), (0, 0, 2));
+        assert!(report.last_error.unwrap().contains("403"));
+        make_due(&store);
+        // The next attempt asks for fresh credentials straight away.
+        assert_eq!(block_on(relay.flush()).unwrap().sent, 2);
+        assert_eq!(server.requests(), [(2, false), (2, true), (2, true)]);
+    }
+
+    #[test]
+    fn too_large_splits_and_dead_letters_only_a_single_oversized_event() {
+        let (mut relay, store, server) = setup(0);
+        let mut events: Vec<_> = (0..7)
+            .map(|i| NewEvent::json("Small", &i).unwrap())
+            .collect();
+        events.insert(3, NewEvent::json("Big", &"x".repeat(2_000)).unwrap());
+        block_on(store.enqueue(events)).unwrap();
+        server.max_body(1_000);
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!((report.sent, report.dead, report.pending), (7, 1, 0));
+        let dead = block_on(store.dead_letters(10)).unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].event_type, "Big");
+        assert!(dead[0].last_error.as_ref().unwrap().contains("413"));
+        assert_eq!(seqs(&server), [1, 2, 3, 5, 6, 7, 8]);
+    }
+
+    #[test]
+    fn poison_event_is_isolated_by_bisection() {
+        let (mut relay, store, server) = setup(0);
+        let mut events: Vec<_> = (0..9)
+            .map(|i| NewEvent::json("Good", &i).unwrap())
+            .collect();
+        events.insert(6, NewEvent::json("Poison", &0).unwrap());
+        block_on(store.enqueue(events)).unwrap();
+        server.poison_type("Poison");
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!((report.sent, report.dead, report.pending), (9, 1, 0));
+        let dead = block_on(store.dead_letters(10)).unwrap();
+        assert_eq!(dead[0].seq, 7);
+        assert!(dead[0].last_error.as_ref().unwrap().contains("422"));
+        assert_eq!(seqs(&server), [1, 2, 3, 4, 5, 6, 8, 9, 10]);
+    }
+
+    #[test]
+    fn rejected_events_are_dead_with_the_reason() {
+        let (mut relay, store, server) = setup(2);
+        block_on(store.enqueue(vec![NewEvent::json("Nope", &1).unwrap()])).unwrap();
+        server.reject_type("Nope");
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!((report.sent, report.dead), (2, 1));
+        let dead = block_on(store.dead_letters(10)).unwrap();
+        assert_eq!(dead[0].last_error.as_deref(), Some("refused by type"));
+    }
+
+    #[test]
+    fn unnamed_events_stay_pending_and_are_sent_next() {
+        let (mut relay, store, server) = setup(25);
+        server.push_fault(Fault::SkipLast);
+        let report = block_on(relay.flush()).unwrap();
+        // Progress was made, so the skipped event is due at once and the
+        // flush goes on; the server saw it again with the next batch.
+        assert_eq!((report.sent, report.pending), (25, 0));
+        assert_eq!(seqs(&server), (1..=25).collect::<Vec<_>>());
+        let skipped = &store.all()[9];
+        assert_eq!(skipped.attempts, 2);
+    }
+
+    #[test]
+    fn expired_events_are_dead_and_not_sent() {
+        let (mut relay, store, server) = setup(0);
+        let old = Timestamp::now().sub(Duration::from_secs(3600));
+        store.enqueue_at(NewEvent::json("Old", &1).unwrap(), old);
+        block_on(store.enqueue(vec![NewEvent::json("New", &2).unwrap()])).unwrap();
+        relay.config.retry = RetryPolicy::new().with_max_age(Some(Duration::from_secs(60)));
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!((report.sent, report.dead), (1, 1));
+        assert_eq!(
+            block_on(store.dead_letters(1)).unwrap()[0]
+                .last_error
+                .as_deref(),
+            Some(EXPIRED)
+        );
+        assert_eq!(seqs(&server), [2]);
+    }
+
+    #[test]
+    fn store_failures_lose_nothing() {
+        let (mut relay, store, server) = setup(3);
+        store.fail_next_claims(1);
+        assert!(block_on(relay.flush()).is_err());
+        store.fail_next_settles(1);
+        assert!(block_on(relay.flush()).is_err());
+        assert!(
+            relay
+                .status()
+                .last_error
+                .as_ref()
+                .unwrap()
+                .contains("settle")
+        );
+        assert_eq!(count(&store, EventStatus::Pending), 3);
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!(report.sent, 3);
+        assert_eq!(seqs(&server), [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_second_relay_waits_for_the_lease() {
+        let (mut a, store, server) = setup(3);
+        let mut b = Relay::new(store.clone(), server.clone(), RelayConfig::new());
+        store.fail_next_settles(1);
+        // `a` claims (takes the lease) and crashes before settling.
+        assert!(block_on(a.flush()).is_err());
+        let report = block_on(b.flush()).unwrap();
+        assert!(report.lease_held_until.is_some());
+        assert_eq!(report.sent, 0);
+        block_on(a.release_lease()).unwrap();
+        assert_eq!(block_on(b.flush()).unwrap().sent, 3);
+        assert_eq!(seqs(&server), [1, 2, 3]);
+    }
+
+    #[test]
+    fn observer_sees_status_changes() {
+        let (mut relay, _store, server) = setup(3);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        relay.set_observer(move |s: &RelayStatus| sink.lock().unwrap().push(s.clone()));
+        server.push_fault(Fault::Network);
+        block_on(relay.flush()).unwrap();
+        let seen = seen.lock().unwrap();
+        assert!(seen.iter().any(|s| s.in_flight == 3));
+        let last = seen.last().unwrap();
+        assert_eq!((last.pending, last.in_flight), (3, 0));
+        assert!(last.last_error.is_some() && last.next_attempt.is_some());
+    }
+}

@@ -1,0 +1,186 @@
+//! The transport contract: how the relay hands a serialized push to the network.
+//!
+//! The relay core ([`crate::relay`]) builds the request body and interprets the
+//! answer; a transport only moves bytes. Natively the crate ships an HTTP
+//! transport on reqwest (`HttpTransport`); in the browser a transport over
+//! `fetch` implements the same trait. Keeping it this small is deliberate: a
+//! new target needs one method.
+//!
+//! # Obligations of an implementation
+//!
+//! 1. `send` POSTs `push.body` (JSON, `Content-Type: application/json`) to the
+//!    sync endpoint, optionally gzip-compressed (then with `Content-Encoding: gzip`).
+//! 2. Credentials are asked for at send time from a [`Credentials`] provider,
+//!    with `push.refresh_credentials` passed through, and never stored by the
+//!    transport beyond what the provider itself caches.
+//! 3. Any HTTP answer, whatever its status, is `Ok(Response)`: the relay alone
+//!    decides what a status means. The body is returned unparsed.
+//! 4. A failure to get an answer (DNS, connection refused, reset, timeout, a
+//!    body that could not be read) is `Err(Error::Network { .. })`.
+//! 5. `send` is bounded in time (a total timeout), so that a relay's lease
+//!    (30 s by default) outlives a stuck request.
+//! 6. `Retry-After` is returned as a duration ([`parse_retry_after`] reads both
+//!    the seconds and the HTTP-date forms).
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::error::Result;
+use crate::store::{MaybeSend, MaybeSync};
+use crate::time::Timestamp;
+
+/// HTTP headers as name/value pairs (for example `("authorization", "Bearer …")`).
+pub type Headers = Vec<(String, String)>;
+
+/// One push to send: the serialized [`crate::protocol::PushRequest`].
+#[derive(Clone, Debug)]
+pub struct Push {
+    /// The JSON body, uncompressed; the transport may gzip it.
+    pub body: Vec<u8>,
+    /// How many events the body holds (for logs and metrics).
+    pub events: usize,
+    /// True when the previous attempt was answered 401 or 403: the transport
+    /// must ask its [`Credentials`] provider for fresh ones.
+    pub refresh_credentials: bool,
+}
+
+/// A server's answer, whatever its status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Response {
+    /// The HTTP status code.
+    pub status: u16,
+    /// The parsed `Retry-After` header, when present and readable.
+    pub retry_after: Option<Duration>,
+    /// The raw response body.
+    pub body: Vec<u8>,
+}
+
+/// Moves one push to the sync endpoint and returns the answer.
+/// See the module docs for the obligations.
+pub trait Transport: MaybeSend + MaybeSync {
+    /// Send `push` and return the server's answer, or `Error::Network` when
+    /// there was none.
+    fn send(&self, push: Push) -> impl Future<Output = Result<Response>> + MaybeSend;
+}
+
+/// The app's credentials, asked for at every send, so tokens are never
+/// stored in the outbox and can be refreshed at any time.
+pub trait Credentials: MaybeSend + MaybeSync {
+    /// Headers to add to the next request. `refresh` is true when the previous
+    /// request was refused with 401/403: return fresh credentials (refresh the
+    /// token), not cached ones.
+    fn headers(&self, refresh: bool) -> impl Future<Output = Result<Headers>> + MaybeSend;
+}
+
+/// No credentials: an endpoint that allows anonymous pushes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoCredentials;
+
+impl Credentials for NoCredentials {
+    async fn headers(&self, _refresh: bool) -> Result<Headers> {
+        Ok(Vec::new())
+    }
+}
+
+/// The same headers on every request (a long-lived API key).
+#[derive(Clone, Debug, Default)]
+pub struct StaticHeaders(pub Headers);
+
+impl StaticHeaders {
+    /// `Authorization: Bearer {token}`.
+    pub fn bearer(token: impl AsRef<str>) -> Self {
+        StaticHeaders(vec![(
+            "authorization".to_owned(),
+            format!("Bearer {}", token.as_ref()),
+        )])
+    }
+}
+
+impl Credentials for StaticHeaders {
+    async fn headers(&self, _refresh: bool) -> Result<Headers> {
+        Ok(self.0.clone())
+    }
+}
+
+/// Credentials from an async closure `Fn(refresh: bool) -> Future<Output = Result<Headers>>`;
+/// build one with [`credentials_fn`].
+#[derive(Clone)]
+pub struct FnCredentials<F>(F);
+
+/// Wrap an async closure as a [`Credentials`] provider.
+///
+/// ```
+/// use edge_outbox::transport::{credentials_fn, Credentials};
+/// let provider = credentials_fn(|refresh: bool| async move {
+///     // A real app would call its auth library here, forcing a refresh when asked.
+///     let token = if refresh { "fresh" } else { "cached" };
+///     Ok(vec![("authorization".to_owned(), format!("Bearer {token}"))])
+/// });
+/// # let _ = &provider;
+/// ```
+pub fn credentials_fn<F, Fut>(f: F) -> FnCredentials<F>
+where
+    F: Fn(bool) -> Fut + MaybeSend + MaybeSync,
+    Fut: Future<Output = Result<Headers>> + MaybeSend,
+{
+    FnCredentials(f)
+}
+
+impl<F, Fut> Credentials for FnCredentials<F>
+where
+    F: Fn(bool) -> Fut + MaybeSend + MaybeSync,
+    Fut: Future<Output = Result<Headers>> + MaybeSend,
+{
+    fn headers(&self, refresh: bool) -> impl Future<Output = Result<Headers>> + MaybeSend {
+        (self.0)(refresh)
+    }
+}
+
+impl<F> std::fmt::Debug for FnCredentials<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FnCredentials")
+    }
+}
+
+/// Read a `Retry-After` value: delta-seconds (`"120"`) or an HTTP-date
+/// (`"Wed, 21 Oct 2015 07:28:00 GMT"`, relative to `now`; a past date is 0).
+/// Anything else is `None`, and the relay falls back to its backoff.
+pub fn parse_retry_after(value: &str, now: Timestamp) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let fmt = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    let at = time::PrimitiveDateTime::parse(value, &fmt)
+        .ok()?
+        .assume_utc();
+    let at_ms = (at.unix_timestamp_nanos() / 1_000_000) as i64;
+    Some(Timestamp::from_millis(at_ms).since(now))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        let now = Timestamp::parse_rfc3339("2015-10-21T07:27:00Z").unwrap();
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
+    }
+}
