@@ -98,12 +98,30 @@ pub enum ResultStatus {
 }
 
 /// Body of every non-2xx answer of the reference server.
+///
+/// Clients must not depend on it: a proxy may answer with anything. It is
+/// there for people reading logs, and for `unsupported_protocol` answers,
+/// which name the versions the server speaks.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
     /// Machine readable code, e.g. `"unauthorized"`, `"payload_too_large"`.
     pub error: String,
     /// Human readable explanation.
     pub message: String,
+    /// Protocol versions the server accepts; present on `unsupported_protocol` answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supported_protocols: Option<Vec<u32>>,
+}
+
+impl ErrorBody {
+    /// An error body with a code and a message.
+    pub fn new(error: impl Into<String>, message: impl Into<String>) -> Self {
+        ErrorBody {
+            error: error.into(),
+            message: message.into(),
+            supported_protocols: None,
+        }
+    }
 }
 
 /// Answer of `GET {endpoint}?after=CURSOR&limit=N`: received events in arrival order.
@@ -117,15 +135,73 @@ pub struct PullResponse {
 }
 
 /// An event as the server stored it.
+///
+/// On the wire it is one flat object: the [`WireEvent`] fields plus `cursor`,
+/// `client_id` and `received_at`. (It is not `#[serde(flatten)]`ed because
+/// serde's flatten buffers values and cannot hand them to a [`RawValue`].)
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(from = "FlatReceivedEvent", into = "FlatReceivedEvent")]
 pub struct ReceivedEvent {
     /// Arrival position at the server (strictly increasing).
     pub cursor: i64,
     /// The client that sent it.
     pub client_id: String,
     /// The event itself, as sent.
-    #[serde(flatten)]
     pub event: WireEvent,
     /// When the server stored it (RFC 3339).
     pub received_at: String,
+}
+
+/// The wire shape of [`ReceivedEvent`].
+#[derive(Clone, Serialize, Deserialize)]
+struct FlatReceivedEvent {
+    cursor: i64,
+    client_id: String,
+    id: EventId,
+    seq: i64,
+    #[serde(rename = "type")]
+    event_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
+    payload: Box<RawValue>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    headers: BTreeMap<String, String>,
+    created_at: String,
+    received_at: String,
+}
+
+impl From<FlatReceivedEvent> for ReceivedEvent {
+    fn from(f: FlatReceivedEvent) -> Self {
+        ReceivedEvent {
+            cursor: f.cursor,
+            client_id: f.client_id,
+            event: WireEvent {
+                id: f.id,
+                seq: f.seq,
+                event_type: f.event_type,
+                key: f.key,
+                payload: f.payload,
+                headers: f.headers,
+                created_at: f.created_at,
+            },
+            received_at: f.received_at,
+        }
+    }
+}
+
+impl From<ReceivedEvent> for FlatReceivedEvent {
+    fn from(r: ReceivedEvent) -> Self {
+        FlatReceivedEvent {
+            cursor: r.cursor,
+            client_id: r.client_id,
+            id: r.event.id,
+            seq: r.event.seq,
+            event_type: r.event.event_type,
+            key: r.event.key,
+            payload: r.event.payload,
+            headers: r.event.headers,
+            created_at: r.event.created_at,
+            received_at: r.received_at,
+        }
+    }
 }

@@ -1,1 +1,379 @@
-//! Reference sync server for edge-outbox.
+//! Reference sync server for edge-outbox: receives the events that outboxes
+//! push (sync protocol v1, `docs/protocol.md`), exactly once in effect.
+//!
+//! It is a binary (`edge-outbox-server --help`) and a library:
+//!
+//! - [`router`] gives the axum [`Router`](axum::Router) to mount in your own app;
+//! - [`serve`] runs it on a listener with graceful shutdown;
+//! - [`spawn`] runs it in-process on `127.0.0.1:0` for tests and demos, with
+//!   fault injection ([`Faults`]) and inspection of what arrived;
+//! - an [`Inbox`] applies each event to your own tables inside the same
+//!   SQLite transaction as the event's dedupe record.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), edge_outbox_server::Error> {
+//! use edge_outbox_server::{Failure, ServerConfig};
+//!
+//! let server = edge_outbox_server::spawn(ServerConfig::in_memory().allow_anonymous(true)).await?;
+//! println!("push to {}", server.events_url());
+//! server.faults().fail_next(2, Failure::status(503).retry_after(1));
+//! // ... run a relay against it ...
+//! let received = server.events("my-client-id")?;
+//! server.shutdown().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Storage sits behind the [`EventStore`] trait; SQLite ([`SqliteStore`]) is
+//! the one implementation so far. A PostgreSQL store (for several server
+//! instances behind a load balancer) would be another implementation of it.
+#![warn(missing_docs)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use edge_outbox::protocol::ReceivedEvent;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+mod faults;
+mod http;
+mod inbox;
+mod store;
+
+pub use faults::{Failure, Faults, RequestRecord};
+pub use http::{AppState, router};
+pub use inbox::{Applied, BoxError, Inbox, StoreOnly};
+pub use store::{EventStore, SqliteStore};
+
+/// Default limit on a push body, after gzip inflation: 4 MiB.
+pub const DEFAULT_BODY_LIMIT: usize = 4 * 1024 * 1024;
+
+/// Errors of the server library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The SQLite database failed.
+    #[error("database: {0}")]
+    Database(#[from] rusqlite::Error),
+    /// An [`Inbox`] failed (its `migrate` or `apply`).
+    #[error("inbox: {0}")]
+    Inbox(BoxError),
+    /// Binding or serving failed.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// A stored value could not be read back, or another internal failure.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// Where a server keeps its events.
+#[derive(Clone)]
+pub(crate) enum Database {
+    File(PathBuf),
+    InMemory,
+    Custom(Arc<dyn EventStore>),
+}
+
+/// Configuration of a server, built with chained setters.
+///
+/// ```
+/// use edge_outbox_server::ServerConfig;
+/// let config = ServerConfig::new("events.db")
+///     .token("s3cret", "0192f0c1-7c1e-7000-8000-000000000001")
+///     .body_limit(1 << 20);
+/// ```
+#[derive(Clone)]
+pub struct ServerConfig {
+    pub(crate) listen: SocketAddr,
+    pub(crate) database: Database,
+    pub(crate) tokens: HashMap<String, String>,
+    pub(crate) allow_anonymous: bool,
+    pub(crate) body_limit: usize,
+    pub(crate) static_dir: Option<PathBuf>,
+    pub(crate) test_controls: bool,
+    pub(crate) inbox: Arc<dyn Inbox>,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Tokens are credentials: show how many, never which.
+        f.debug_struct("ServerConfig")
+            .field("listen", &self.listen)
+            .field("tokens", &self.tokens.len())
+            .field("allow_anonymous", &self.allow_anonymous)
+            .field("body_limit", &self.body_limit)
+            .field("static_dir", &self.static_dir)
+            .field("test_controls", &self.test_controls)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerConfig {
+    fn with_database(database: Database) -> Self {
+        ServerConfig {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            database,
+            tokens: HashMap::new(),
+            allow_anonymous: false,
+            body_limit: DEFAULT_BODY_LIMIT,
+            static_dir: None,
+            test_controls: false,
+            inbox: Arc::new(StoreOnly),
+        }
+    }
+
+    /// Events in the SQLite file at `path` (created if missing, WAL mode).
+    /// Listens on `127.0.0.1:0` (an ephemeral port) unless [`listen`](Self::listen) says otherwise.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self::with_database(Database::File(path.into()))
+    }
+
+    /// Events in a private in-memory SQLite database, gone with the server.
+    pub fn in_memory() -> Self {
+        Self::with_database(Database::InMemory)
+    }
+
+    /// Events in a store of your own (the [`Inbox`] setting is then unused:
+    /// the store applies events itself).
+    pub fn with_store(store: Arc<dyn EventStore>) -> Self {
+        Self::with_database(Database::Custom(store))
+    }
+
+    /// Address to bind (used by [`spawn`] and the binary; [`serve`] takes a bound listener).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = addr;
+        self
+    }
+
+    /// Accept bearer `token` for pushes of `client_id` (and for reads). Repeatable.
+    pub fn token(mut self, token: impl Into<String>, client_id: impl Into<String>) -> Self {
+        self.tokens.insert(token.into(), client_id.into());
+        self
+    }
+
+    /// Accept pushes for any client id, and reads, without a token. Local
+    /// development only. A request that does present a token still needs a
+    /// valid one.
+    pub fn allow_anonymous(mut self, yes: bool) -> Self {
+        self.allow_anonymous = yes;
+        self
+    }
+
+    /// Largest push body in bytes, after gzip inflation (default [`DEFAULT_BODY_LIMIT`]); larger ones get 413.
+    pub fn body_limit(mut self, bytes: usize) -> Self {
+        self.body_limit = bytes;
+        self
+    }
+
+    /// Serve the files of `dir` at `/` (the demo web app), behind the API routes.
+    pub fn static_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.static_dir = Some(dir.into());
+        self
+    }
+
+    /// Mount the fault-injection endpoints under `/__test/` and log pushes.
+    /// Never in production: anyone reaching the server could break it.
+    pub fn test_controls(mut self, yes: bool) -> Self {
+        self.test_controls = yes;
+        self
+    }
+
+    /// Apply events with `inbox` (default [`StoreOnly`]).
+    pub fn inbox(mut self, inbox: impl Inbox) -> Self {
+        self.inbox = Arc::new(inbox);
+        self
+    }
+}
+
+/// Serve `config` on `listener` until `shutdown` completes, then stop
+/// accepting, let in-flight requests finish, and return.
+pub async fn serve(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let state = AppState::new(config)?;
+    serve_state(listener, state, shutdown).await
+}
+
+async fn serve_state(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Start a server in this process on `config`'s listen address (by default
+/// `127.0.0.1:0`, an ephemeral port). Its fault controls are active (from
+/// Rust, see [`RunningServer::faults`]); the `/__test/` HTTP endpoints exist
+/// only with [`ServerConfig::test_controls`]. Must be called within a tokio runtime.
+pub async fn spawn(config: ServerConfig) -> Result<RunningServer, Error> {
+    let listener = TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    let state = AppState::build(config, true)?;
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve_state(listener, state.clone(), async {
+        // Either an explicit shutdown or the RunningServer being dropped.
+        let _ = rx.await;
+    }));
+    Ok(RunningServer {
+        addr,
+        state,
+        shutdown: Some(tx),
+        task: Some(task),
+    })
+}
+
+/// A server started by [`spawn`]. Dropping it stops the server too (without waiting).
+#[derive(Debug)]
+pub struct RunningServer {
+    addr: SocketAddr,
+    state: AppState,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), Error>>>,
+}
+
+/// What one client's events look like at the server (see [`RunningServer::stats`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientStats {
+    /// The client id.
+    pub client_id: String,
+    /// Events stored (each id once: duplicates are never stored).
+    pub events: u64,
+    /// Events that arrived with a `seq` not greater than the one before them
+    /// (0 when the client's order was kept).
+    pub out_of_order: u64,
+    /// Smallest and largest `seq` received.
+    pub seq_range: (i64, i64),
+}
+
+impl RunningServer {
+    /// The bound address (the real port when the config asked for port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Base URL, e.g. `http://127.0.0.1:41234`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The push/pull endpoint, e.g. `http://127.0.0.1:41234/v1/events`.
+    pub fn events_url(&self) -> String {
+        format!("http://{}/v1/events", self.addr)
+    }
+
+    /// Fault injection and the request log.
+    pub fn faults(&self) -> &Faults {
+        self.state.faults()
+    }
+
+    /// The request log (same as `faults().requests()`).
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.faults().requests()
+    }
+
+    /// The event store, for direct queries.
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        self.state.store()
+    }
+
+    /// Every event received from `client_id`, in arrival order.
+    pub fn events(&self, client_id: &str) -> Result<Vec<ReceivedEvent>, Error> {
+        let mut out = Vec::new();
+        self.for_each_event(Some(client_id), |e| out.push(e))?;
+        Ok(out)
+    }
+
+    /// Every event received, in arrival order.
+    pub fn all_events(&self) -> Result<Vec<ReceivedEvent>, Error> {
+        let mut out = Vec::new();
+        self.for_each_event(None, |e| out.push(e))?;
+        Ok(out)
+    }
+
+    /// Number of events stored, of one client or of all.
+    pub fn count(&self, client_id: Option<&str>) -> Result<u64, Error> {
+        self.store().count(client_id)
+    }
+
+    /// Per-client counts and order check, over all stored events (paged, so
+    /// memory stays flat with millions of events). Sorted by client id.
+    pub fn stats(&self) -> Result<Vec<ClientStats>, Error> {
+        let mut by_client: HashMap<String, (ClientStats, i64)> = HashMap::new();
+        self.for_each_event(None, |e| {
+            let seq = e.event.seq;
+            let (stats, last) = by_client.entry(e.client_id.clone()).or_insert_with(|| {
+                (
+                    ClientStats {
+                        client_id: e.client_id.clone(),
+                        events: 0,
+                        out_of_order: 0,
+                        seq_range: (seq, seq),
+                    },
+                    i64::MIN,
+                )
+            });
+            stats.events += 1;
+            if seq <= *last {
+                stats.out_of_order += 1;
+            }
+            *last = seq;
+            stats.seq_range = (stats.seq_range.0.min(seq), stats.seq_range.1.max(seq));
+        })?;
+        let mut out: Vec<ClientStats> = by_client.into_values().map(|(s, _)| s).collect();
+        out.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        Ok(out)
+    }
+
+    fn for_each_event(
+        &self,
+        client_id: Option<&str>,
+        mut f: impl FnMut(ReceivedEvent),
+    ) -> Result<(), Error> {
+        let mut after = 0;
+        loop {
+            let page = self.store().pull(after, 1000, client_id)?;
+            let Some(last) = page.last() else {
+                return Ok(());
+            };
+            after = last.cursor;
+            page.into_iter().for_each(&mut f);
+        }
+    }
+
+    /// Stop accepting, give in-flight requests up to 5 s to finish, and stop.
+    pub async fn shutdown(mut self) -> Result<(), Error> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let Some(mut task) = self.task.take() else {
+            return Ok(());
+        };
+        match tokio::time::timeout(http::SHUTDOWN_GRACE, &mut task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(Error::Internal(format!("server task failed: {join}"))),
+            Err(_) => {
+                // A request held by a delay fault, say: stop waiting for it.
+                task.abort();
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}

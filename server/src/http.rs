@@ -1,0 +1,583 @@
+//! The HTTP layer: router, push and pull handlers, bearer auth, body reading.
+
+// Helpers here return `Result<_, Response>`: the error IS the answer, built
+// once on the failure path and returned as is, so boxing it buys nothing.
+#![allow(clippy::result_large_err)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use bytes::{Bytes, BytesMut};
+use edge_outbox::protocol::{
+    ErrorBody, EventResult, PROTOCOL_VERSION, PullResponse, PushRequest, PushResponse,
+    ResultStatus, WireEvent,
+};
+use edge_outbox::{MAX_EVENT_TYPE_LEN, Timestamp};
+use http_body_util::BodyExt;
+use serde::Deserialize;
+use tower_http::decompression::RequestDecompressionLayer;
+use tower_http::services::ServeDir;
+
+use crate::faults::{self, Faults, Plan};
+use crate::store::{EventStore, SqliteStore};
+use crate::{Database, Error, ServerConfig};
+
+/// Longest accepted `client_id`, in bytes.
+const MAX_CLIENT_ID_LEN: usize = 256;
+/// Default and largest page size of `GET /v1/events`.
+const DEFAULT_PULL_LIMIT: usize = 100;
+const MAX_PULL_LIMIT: usize = 1000;
+
+/// Shared state of one server: its store, auth table, limits and test controls.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn EventStore>,
+    /// token -> client id it may push for.
+    tokens: HashMap<String, String>,
+    allow_anonymous: bool,
+    body_limit: usize,
+    /// Faults are consulted (and pushes logged) only when this is set, so a
+    /// production server pays nothing and keeps no log.
+    faults_active: bool,
+    /// The `/__test/` HTTP endpoints are mounted only when this is set.
+    test_routes: bool,
+    faults: Arc<Faults>,
+    static_dir: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("tokens", &self.inner.tokens.len())
+            .field("allow_anonymous", &self.inner.allow_anonymous)
+            .field("body_limit", &self.inner.body_limit)
+            .field("test_controls", &self.inner.test_routes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    /// Open the configured database and build the state for [`router`].
+    pub fn new(config: ServerConfig) -> Result<Self, Error> {
+        Self::build(config, false)
+    }
+
+    /// `in_process`: the fault controls are reachable from Rust (a
+    /// [`crate::RunningServer`]), so they are active even without the HTTP endpoints.
+    pub(crate) fn build(config: ServerConfig, in_process: bool) -> Result<Self, Error> {
+        let store: Arc<dyn EventStore> = match config.database {
+            Database::File(path) => Arc::new(SqliteStore::open(&path, config.inbox)?),
+            Database::InMemory => Arc::new(SqliteStore::in_memory(config.inbox)?),
+            Database::Custom(store) => store,
+        };
+        Ok(AppState {
+            inner: Arc::new(Inner {
+                store,
+                tokens: config.tokens,
+                allow_anonymous: config.allow_anonymous,
+                body_limit: config.body_limit,
+                faults_active: in_process || config.test_controls,
+                test_routes: config.test_controls,
+                faults: Arc::new(Faults::new()),
+                static_dir: config.static_dir,
+            }),
+        })
+    }
+
+    /// The event store.
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.inner.store
+    }
+
+    /// The fault controls and request log (inert unless test controls are on
+    /// or the server runs in-process).
+    pub fn faults(&self) -> &Arc<Faults> {
+        &self.inner.faults
+    }
+}
+
+/// The server's routes: `POST`/`GET /v1/events`, `GET /healthz`, the
+/// `/__test/` controls when enabled, and the static directory as fallback.
+pub fn router(state: AppState) -> Router {
+    let mut api = Router::new()
+        .route("/v1/events", post(push).get(pull))
+        .route("/healthz", get(|| async { "ok" }));
+    if state.inner.test_routes {
+        api = api
+            .route("/__test/fail", post(faults::post_fail))
+            .route("/__test/delay", post(faults::post_delay))
+            .route(
+                "/__test/drop-after-commit",
+                post(faults::post_drop_after_commit),
+            )
+            .route("/__test/malformed", post(faults::post_malformed))
+            .route("/__test/requests", get(faults::get_requests))
+            .route("/__test/reset", post(faults::post_reset));
+    }
+    // Gzip (and only gzip) request bodies are inflated before the handlers
+    // see them; another Content-Encoding is answered 415.
+    let mut app = api.layer(RequestDecompressionLayer::new());
+    if let Some(dir) = &state.inner.static_dir {
+        app = app.fallback_service(ServeDir::new(dir));
+    }
+    app.with_state(state)
+}
+
+/// A JSON [`ErrorBody`] answer.
+pub(crate) fn error_response(
+    status: StatusCode,
+    code: &str,
+    message: impl Into<String>,
+) -> Response {
+    let mut response = (status, Json(ErrorBody::new(code, message))).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"edge-outbox\""),
+        );
+    }
+    response
+}
+
+// ---- auth ----
+
+/// The bearer token of a request: `None` when there is no Authorization
+/// header, `Some(Err)` when there is one but it is not a usable bearer token.
+fn bearer(headers: &HeaderMap) -> Option<Result<&str, ()>> {
+    let value = headers.get(header::AUTHORIZATION)?;
+    let parsed = value.to_str().ok().and_then(|v| {
+        let (scheme, token) = v.trim().split_once(' ')?;
+        let token = token.trim();
+        (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+    });
+    Some(parsed.ok_or(()))
+}
+
+fn unauthorized(message: &str) -> Response {
+    error_response(StatusCode::UNAUTHORIZED, "unauthorized", message)
+}
+
+/// May this request push into `client_id`'s stream?
+fn authorize_push(state: &AppState, headers: &HeaderMap, client_id: &str) -> Result<(), Response> {
+    match bearer(headers) {
+        None if state.inner.allow_anonymous => Ok(()),
+        None => Err(unauthorized("a bearer token is required")),
+        Some(Err(())) => Err(unauthorized(
+            "the Authorization header is not a bearer token",
+        )),
+        Some(Ok(token)) => match state.inner.tokens.get(token) {
+            None => Err(unauthorized("unknown token")),
+            Some(bound) if bound == client_id => Ok(()),
+            Some(_) => Err(error_response(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("this token may not push for client_id {client_id:?}"),
+            )),
+        },
+    }
+}
+
+/// May this request read events? Any valid token may (or anyone, when anonymous is allowed).
+fn authorize_read(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+    match bearer(headers) {
+        None if state.inner.allow_anonymous => Ok(()),
+        None => Err(unauthorized("a bearer token is required")),
+        Some(Err(())) => Err(unauthorized(
+            "the Authorization header is not a bearer token",
+        )),
+        Some(Ok(token)) if state.inner.tokens.contains_key(token) => Ok(()),
+        Some(Ok(_)) => Err(unauthorized("unknown token")),
+    }
+}
+
+// ---- body ----
+
+enum BodyError {
+    TooLarge,
+    Unreadable(String),
+}
+
+/// Read a request body of at most `limit` bytes (after gzip inflation).
+///
+/// Past the limit the rest of the body is still read and thrown away (up to a
+/// cap): a server that answers 413 and closes while the client is still
+/// writing makes most clients report a reset connection instead of the 413,
+/// and the relay would retry the same batch forever instead of splitting it.
+async fn read_body(headers: &HeaderMap, mut body: Body, limit: usize) -> Result<Bytes, BodyError> {
+    let drain_cap = limit.saturating_mul(4).max(16 << 20);
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    // Only a body sent as is has a Content-Length that says its real size.
+    let compressed = headers.contains_key(header::CONTENT_ENCODING);
+    if declared.is_some_and(|n| !compressed && n > drain_cap) {
+        return Err(BodyError::TooLarge);
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
+    let mut seen: usize = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(_) if seen > limit => break,
+            Err(e) => {
+                return Err(BodyError::Unreadable(format!(
+                    "cannot read the request body: {e}"
+                )));
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen = seen.saturating_add(data.len());
+        if seen > limit {
+            buf = BytesMut::new();
+            if seen > drain_cap {
+                break;
+            }
+            continue;
+        }
+        buf.extend_from_slice(&data);
+    }
+    if seen > limit {
+        Err(BodyError::TooLarge)
+    } else {
+        Ok(buf.freeze())
+    }
+}
+
+/// Parse a push body, telling a wrong protocol version, malformed JSON and
+/// a well-formed body of the wrong shape apart.
+fn parse_push(bytes: &[u8]) -> Result<PushRequest, Response> {
+    fn unsupported(version: &serde_json::Value) -> Response {
+        let mut body = ErrorBody::new(
+            "unsupported_protocol",
+            format!(
+                "protocol {version} is not supported; this server speaks protocol {PROTOCOL_VERSION}"
+            ),
+        );
+        body.supported_protocols = Some(vec![PROTOCOL_VERSION]);
+        (StatusCode::BAD_REQUEST, Json(body)).into_response()
+    }
+    match serde_json::from_slice::<PushRequest>(bytes) {
+        Ok(req) if req.protocol == PROTOCOL_VERSION => Ok(req),
+        Ok(req) => Err(unsupported(&req.protocol.into())),
+        Err(e) => {
+            // A body of another version may have another shape: look at its
+            // `protocol` field alone before blaming the shape.
+            #[derive(Deserialize)]
+            struct Probe {
+                protocol: Option<serde_json::Value>,
+            }
+            if let Ok(Probe {
+                protocol: Some(version),
+            }) = serde_json::from_slice::<Probe>(bytes)
+                && version != PROTOCOL_VERSION
+            {
+                return Err(unsupported(&version));
+            }
+            let code = if e.is_syntax() || e.is_eof() {
+                "malformed_json"
+            } else {
+                "invalid_request"
+            };
+            Err(error_response(
+                StatusCode::BAD_REQUEST,
+                code,
+                format!("the push body is not a valid protocol {PROTOCOL_VERSION} request: {e}"),
+            ))
+        }
+    }
+}
+
+/// Why one event is rejected, if it is. These are permanent: resending the
+/// same event can never succeed, so the client may dead-letter it.
+fn invalid_event(e: &WireEvent) -> Option<String> {
+    if e.event_type.is_empty() {
+        return Some("type must not be empty".into());
+    }
+    if e.event_type.len() > MAX_EVENT_TYPE_LEN {
+        return Some(format!("type is longer than {MAX_EVENT_TYPE_LEN} bytes"));
+    }
+    if e.seq < 0 {
+        return Some("seq must not be negative".into());
+    }
+    if Timestamp::parse_rfc3339(&e.created_at).is_none() {
+        return Some(format!(
+            "created_at {:?} is not an RFC 3339 time",
+            e.created_at
+        ));
+    }
+    if e.headers.keys().any(|k| k.is_empty()) {
+        return Some("header names must not be empty".into());
+    }
+    None
+}
+
+// ---- handlers ----
+
+/// `POST /v1/events`.
+async fn push(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let mut record = state
+        .inner
+        .faults_active
+        .then(|| state.inner.faults.start());
+    let (response, plan) = push_inner(&state, &headers, body, record.as_mut()).await;
+    if !plan.delay.is_zero() {
+        if let Some(r) = record.as_mut() {
+            r.fault("delay");
+        }
+        tokio::time::sleep(plan.delay).await;
+    }
+    if let Some(r) = record {
+        // A deliberately broken answer is logged as "no answer".
+        r.finish(if plan.drop_after_commit {
+            0
+        } else {
+            response.status().as_u16()
+        });
+    }
+    response
+}
+
+async fn push_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    mut record: Option<&mut faults::RecordGuard>,
+) -> (Response, Plan) {
+    let none = Plan::default();
+    let limit = state.inner.body_limit;
+    let bytes = match read_body(headers, body, limit).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => {
+            let msg =
+                format!("the request body is larger than {limit} bytes (after decompression)");
+            return (
+                error_response(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", msg),
+                none,
+            );
+        }
+        Err(BodyError::Unreadable(msg)) => {
+            return (
+                error_response(StatusCode::BAD_REQUEST, "unreadable_body", msg),
+                none,
+            );
+        }
+    };
+    let req = match parse_push(&bytes) {
+        Ok(req) => req,
+        Err(response) => return (response, none),
+    };
+    if let Some(r) = record.as_deref_mut() {
+        r.describe(&req.client_id, req.events.len());
+    }
+    let plan = if state.inner.faults_active {
+        state.inner.faults.plan()
+    } else {
+        none
+    };
+    if let Some(failure) = &plan.fail {
+        if let Some(r) = record.as_deref_mut() {
+            r.fault("fail");
+        }
+        return (injected_failure(failure.status, failure.retry_after), plan);
+    }
+    if plan.malformed {
+        if let Some(r) = record.as_deref_mut() {
+            r.fault("malformed");
+        }
+        let response = (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            // Cut mid-value: the kind of body a proxy or a crash leaves behind.
+            r#"{"results":[{"id":"#,
+        )
+            .into_response();
+        return (response, plan);
+    }
+    if req.client_id.is_empty() || req.client_id.len() > MAX_CLIENT_ID_LEN {
+        let msg = format!("client_id must be 1 to {MAX_CLIENT_ID_LEN} bytes long");
+        return (
+            error_response(StatusCode::BAD_REQUEST, "invalid_request", msg),
+            plan,
+        );
+    }
+    if let Err(response) = authorize_push(state, headers, &req.client_id) {
+        return (response, plan);
+    }
+
+    let verdicts: Vec<Option<String>> = req.events.iter().map(invalid_event).collect();
+    let store = Arc::clone(&state.inner.store);
+    // SQLite blocks; it runs on the blocking pool. Once started, the batch
+    // commits even if the client goes away meanwhile (that is the "lost
+    // response" case the protocol's dedupe exists for).
+    let stored = tokio::task::spawn_blocking(move || {
+        let valid: Vec<&WireEvent> = req
+            .events
+            .iter()
+            .zip(&verdicts)
+            .filter(|(_, v)| v.is_none())
+            .map(|(e, _)| e)
+            .collect();
+        let mut stored = store.push(&req.client_id, &valid)?.into_iter();
+        // Merge the store's answers with the validation rejections, in request order.
+        let mut results = Vec::with_capacity(req.events.len());
+        for (event, verdict) in req.events.iter().zip(verdicts) {
+            match verdict {
+                Some(reason) => results.push(EventResult {
+                    id: event.id,
+                    status: ResultStatus::Rejected,
+                    reason: Some(reason),
+                }),
+                None => results.extend(stored.next()),
+            }
+        }
+        Ok::<_, Error>(results)
+    })
+    .await;
+    let results = match stored {
+        Ok(Ok(results)) => results,
+        Ok(Err(e)) => {
+            let code = if matches!(e, Error::Inbox(_)) {
+                "inbox_error"
+            } else {
+                "storage_error"
+            };
+            eprintln!("edge-outbox-server: push failed, nothing stored: {e}");
+            let msg = format!("nothing of this batch was stored, retry later: {e}");
+            return (
+                error_response(StatusCode::INTERNAL_SERVER_ERROR, code, msg),
+                plan,
+            );
+        }
+        Err(join) => {
+            eprintln!("edge-outbox-server: push task failed: {join}");
+            let msg = "nothing of this batch was stored, retry later";
+            return (
+                error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", msg),
+                plan,
+            );
+        }
+    };
+    if plan.drop_after_commit {
+        if let Some(r) = record {
+            r.fault("drop_after_commit");
+        }
+        return (broken_response(), plan);
+    }
+    (Json(PushResponse { results }).into_response(), plan)
+}
+
+/// The answer of an injected failure.
+fn injected_failure(status: u16, retry_after: Option<u64>) -> Response {
+    let status = StatusCode::from_u16(status)
+        .ok()
+        .filter(|s| s.is_client_error() || s.is_server_error())
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = error_response(
+        status,
+        "injected_fault",
+        "failure injected by the server's test controls",
+    );
+    if let Some(secs) = retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
+}
+
+/// A `200` whose body fails at once: hyper cuts the connection, so the
+/// client sees a network error after the events were committed.
+fn broken_response() -> Response {
+    let stream = futures_util::stream::once(async {
+        Err::<Bytes, std::io::Error>(std::io::Error::other(
+            "response dropped on purpose by the server's test controls",
+        ))
+    });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+/// Query of `GET /v1/events`.
+#[derive(Deserialize)]
+struct PullParams {
+    #[serde(default)]
+    after: Option<i64>,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    client_id: Option<String>,
+}
+
+/// `GET /v1/events?after=CURSOR&limit=N&client_id=ID`.
+async fn pull(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<PullParams>, QueryRejection>,
+) -> Response {
+    if let Err(response) = authorize_read(&state, &headers) {
+        return response;
+    }
+    let Query(params) = match query {
+        Ok(q) => q,
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()),
+    };
+    let after = params.after.unwrap_or(0).max(0);
+    let limit = params
+        .limit
+        .unwrap_or(DEFAULT_PULL_LIMIT)
+        .clamp(1, MAX_PULL_LIMIT);
+    let store = Arc::clone(&state.inner.store);
+    let pulled =
+        tokio::task::spawn_blocking(move || store.pull(after, limit, params.client_id.as_deref()))
+            .await;
+    match pulled {
+        Ok(Ok(events)) => {
+            let next_cursor = events.last().map(|e| e.cursor);
+            Json(PullResponse {
+                events,
+                next_cursor,
+            })
+            .into_response()
+        }
+        Ok(Err(e)) => {
+            eprintln!("edge-outbox-server: pull failed: {e}");
+            error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "storage_error",
+                e.to_string(),
+            )
+        }
+        Err(join) => {
+            eprintln!("edge-outbox-server: pull task failed: {join}");
+            error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "pull failed",
+            )
+        }
+    }
+}
+
+/// How long [`crate::RunningServer::shutdown`] waits for in-flight requests.
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);

@@ -1,0 +1,129 @@
+//! `edge-outbox-server`: the reference sync endpoint as a command.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use edge_outbox_server::{DEFAULT_BODY_LIMIT, ServerConfig};
+
+/// Receives events pushed by edge-outbox relays (sync protocol v1) and stores
+/// them, exactly once in effect, in a SQLite file.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on; port 0 picks a free port (the real one is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+
+    /// SQLite database file (created if missing, WAL mode).
+    #[arg(long, default_value = "edge-outbox-server.db")]
+    database: PathBuf,
+
+    /// A bearer token and the client id it may push for, as TOKEN:CLIENT_ID. Repeatable.
+    #[arg(long = "token", value_name = "TOKEN:CLIENT_ID", value_parser = parse_token)]
+    tokens: Vec<(String, String)>,
+
+    /// Accept pushes for any client id without a token. LOCAL DEVELOPMENT ONLY.
+    #[arg(long)]
+    allow_anonymous: bool,
+
+    /// Largest push body in bytes, after gzip inflation; larger ones get 413.
+    #[arg(long, default_value_t = DEFAULT_BODY_LIMIT)]
+    body_limit: usize,
+
+    /// Serve this directory's files at / (a built web app).
+    #[arg(long, value_name = "DIR")]
+    static_dir: Option<PathBuf>,
+
+    /// Mount the fault-injection endpoints under /__test/. TESTS ONLY.
+    #[arg(long)]
+    enable_test_controls: bool,
+}
+
+/// `TOKEN:CLIENT_ID`, split at the last colon (client ids are UUIDs, tokens may hold colons).
+fn parse_token(s: &str) -> Result<(String, String), String> {
+    match s.rsplit_once(':') {
+        Some((token, client)) if !token.is_empty() && !client.is_empty() => {
+            Ok((token.to_owned(), client.to_owned()))
+        }
+        _ => Err("expected TOKEN:CLIENT_ID".to_owned()),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let mut config = ServerConfig::new(&args.database)
+        .allow_anonymous(args.allow_anonymous)
+        .body_limit(args.body_limit)
+        .test_controls(args.enable_test_controls);
+    for (token, client) in &args.tokens {
+        config = config.token(token, client);
+    }
+    if let Some(dir) = &args.static_dir {
+        config = config.static_dir(dir);
+    }
+    if args.allow_anonymous {
+        eprintln!(
+            "edge-outbox-server: WARNING: --allow-anonymous: ANY client may push without a token. \
+             Local development only."
+        );
+    }
+    if args.enable_test_controls {
+        eprintln!(
+            "edge-outbox-server: WARNING: --enable-test-controls: /__test/ endpoints can break this server. \
+             Tests only."
+        );
+    }
+    if args.tokens.is_empty() && !args.allow_anonymous {
+        eprintln!(
+            "edge-outbox-server: no --token given and no --allow-anonymous: every push will get 401"
+        );
+    }
+
+    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("edge-outbox-server: cannot listen on {}: {e}", args.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = listener.local_addr().unwrap_or(args.listen);
+    // Test scripts read this line to learn the port.
+    println!("listening on http://{addr}");
+    let _ = std::io::stdout().flush();
+    eprintln!("edge-outbox-server: database {}", args.database.display());
+
+    match edge_outbox_server::serve(listener, config, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edge-outbox-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!("edge-outbox-server: shutting down");
+}
