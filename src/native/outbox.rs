@@ -146,7 +146,7 @@ impl Outbox {
     /// Enqueue events on their own (no app state) in one transaction.
     pub fn enqueue(&self, events: impl IntoIterator<Item = NewEvent>) -> Result<Vec<Event>> {
         let events: Vec<NewEvent> = events.into_iter().collect();
-        self.store.inner.enqueue(&events)
+        self.store.inner.enqueue(events)
     }
 
     /// Enqueue `event` inside a transaction the app opened on its own
@@ -165,7 +165,7 @@ impl Outbox {
                     .into(),
             });
         }
-        Ok(self.store.inner.insert(conn, &event)?.id)
+        Ok(self.store.inner.insert(conn, &event)?.1)
     }
 
     /// Wake the relay: events were committed outside [`Outbox::transaction`].
@@ -249,9 +249,9 @@ impl OutboxTx<'_> {
     /// event returns an error, and propagating it with `?` rolls back the
     /// whole transaction.
     pub fn enqueue(&mut self, event: NewEvent) -> Result<EventId> {
-        let stored = self.inner.insert(&self.tx, &event)?;
+        let (_, id, _) = self.inner.insert(&self.tx, &event)?;
         self.enqueued += 1;
-        Ok(stored.id)
+        Ok(id)
     }
 }
 

@@ -176,8 +176,14 @@ impl Inner {
         Ok(value)
     }
 
-    /// Validate and insert one event into an open transaction on this database.
-    pub(crate) fn insert(&self, conn: &Connection, event: &NewEvent) -> Result<Event> {
+    /// Validate and insert one event into an open transaction on this
+    /// database. Returns its `seq`, `id` and commit time; it builds no `Event`
+    /// so the hot path of `Outbox::transaction` copies nothing.
+    pub(crate) fn insert(
+        &self,
+        conn: &Connection,
+        event: &NewEvent,
+    ) -> Result<(i64, EventId, Timestamp)> {
         event.validate(self.max_event_bytes)?;
         let id = EventId::new();
         let now = Timestamp::now();
@@ -192,25 +198,32 @@ impl Inner {
             now.as_millis()
         ])
         .map_err(|e| self.map(e))?;
-        Ok(Event {
-            seq: conn.last_insert_rowid(),
-            id,
-            event_type: event.event_type.clone(),
-            key: event.key.clone(),
-            payload: event.payload.clone(),
-            headers: event.headers.clone(),
-            created_at: now,
-            status: EventStatus::Pending,
-            attempts: 0,
-            next_attempt_at: now,
-            last_error: None,
-            sent_at: None,
-        })
+        Ok((conn.last_insert_rowid(), id, now))
     }
 
-    pub(crate) fn enqueue(&self, events: &[NewEvent]) -> Result<Vec<Event>> {
-        let stored: Vec<Event> =
-            self.write(|tx| events.iter().map(|e| self.insert(tx, e)).collect())?;
+    pub(crate) fn enqueue(&self, events: Vec<NewEvent>) -> Result<Vec<Event>> {
+        let stored: Vec<Event> = self.write(|tx| {
+            events
+                .into_iter()
+                .map(|e| {
+                    let (seq, id, now) = self.insert(tx, &e)?;
+                    Ok(Event {
+                        seq,
+                        id,
+                        event_type: e.event_type,
+                        key: e.key,
+                        payload: e.payload,
+                        headers: e.headers,
+                        created_at: now,
+                        status: EventStatus::Pending,
+                        attempts: 0,
+                        next_attempt_at: now,
+                        last_error: None,
+                        sent_at: None,
+                    })
+                })
+                .collect()
+        })?;
         if !stored.is_empty() {
             self.commits.notify_one();
         }
@@ -551,7 +564,7 @@ impl Store for SqliteStore {
     }
 
     async fn enqueue(&self, events: Vec<NewEvent>) -> Result<Vec<Event>> {
-        self.inner.enqueue(&events)
+        self.inner.enqueue(events)
     }
 
     async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim> {

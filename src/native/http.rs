@@ -1,0 +1,225 @@
+//! The native HTTP transport, on reqwest.
+//!
+//! reqwest is built without default features: plain HTTP/1.1 out of the box
+//! (enough for loopback, a sidecar or a TLS-terminating proxy), and HTTPS with
+//! the crate feature `rustls`. JSON is serialized by the relay core, so
+//! reqwest's `json` feature is not needed; gzip request bodies use flate2.
+
+use std::io::Write;
+use std::time::Duration;
+
+use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
+
+use crate::error::{Error, Result};
+use crate::time::Timestamp;
+use crate::transport::{Credentials, NoCredentials, Push, Response, Transport, parse_retry_after};
+
+/// Default time allowed to open a connection.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time allowed for a whole push (connect, send, answer). Shorter than
+/// the relay's default lease (30 s), so a stuck request never outlives the lease.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// POSTs pushes to the sync endpoint with reqwest.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use edge_outbox::{HttpTransport, transport::StaticHeaders};
+/// let transport = HttpTransport::builder("http://127.0.0.1:8080/v1/events")
+///     .timeout(Duration::from_secs(15))
+///     .gzip(true)
+///     .credentials(StaticHeaders::bearer("secret-token"))
+///     .build()?;
+/// # Ok::<(), edge_outbox::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct HttpTransport<C = NoCredentials> {
+    client: reqwest::Client,
+    endpoint: reqwest::Url,
+    gzip: bool,
+    credentials: C,
+}
+
+/// Builds an [`HttpTransport`].
+#[derive(Debug)]
+pub struct HttpTransportBuilder<C = NoCredentials> {
+    endpoint: String,
+    connect_timeout: Duration,
+    timeout: Duration,
+    gzip: bool,
+    client: Option<reqwest::Client>,
+    credentials: C,
+}
+
+impl HttpTransport {
+    /// A transport to `endpoint` with default timeouts, no gzip, no credentials.
+    pub fn new(endpoint: impl Into<String>) -> Result<Self> {
+        Self::builder(endpoint).build()
+    }
+
+    /// Start configuring a transport to `endpoint`.
+    pub fn builder(endpoint: impl Into<String>) -> HttpTransportBuilder {
+        HttpTransportBuilder {
+            endpoint: endpoint.into(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            timeout: DEFAULT_TIMEOUT,
+            gzip: false,
+            client: None,
+            credentials: NoCredentials,
+        }
+    }
+}
+
+impl<C> HttpTransport<C> {
+    /// The endpoint pushes go to.
+    pub fn endpoint(&self) -> &str {
+        self.endpoint.as_str()
+    }
+
+    /// The underlying reqwest client (to reuse its connection pool elsewhere).
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+}
+
+impl<C: Credentials> HttpTransportBuilder<C> {
+    /// Time allowed to open a connection (default 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Time allowed for a whole push (default 10 s). Keep it below the relay lease.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Gzip request bodies (`Content-Encoding: gzip`); the server must accept it.
+    pub fn gzip(mut self, yes: bool) -> Self {
+        self.gzip = yes;
+        self
+    }
+
+    /// Use this reqwest client (its own timeouts, proxy, TLS settings) instead
+    /// of building one; `connect_timeout` is then ignored, `timeout` still applies per push.
+    pub fn client(mut self, client: reqwest::Client) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// Ask `credentials` for headers at every send.
+    pub fn credentials<C2: Credentials>(self, credentials: C2) -> HttpTransportBuilder<C2> {
+        HttpTransportBuilder {
+            endpoint: self.endpoint,
+            connect_timeout: self.connect_timeout,
+            timeout: self.timeout,
+            gzip: self.gzip,
+            client: self.client,
+            credentials,
+        }
+    }
+
+    /// Build the transport. Fails on an endpoint that is not an http(s) URL.
+    pub fn build(self) -> Result<HttpTransport<C>> {
+        let endpoint = reqwest::Url::parse(&self.endpoint).map_err(|e| Error::InvalidConfig {
+            reason: format!("endpoint {:?} is not a URL: {e}", self.endpoint),
+        })?;
+        if !matches!(endpoint.scheme(), "http" | "https") {
+            return Err(Error::InvalidConfig {
+                reason: format!("endpoint {:?} is not an http(s) URL", self.endpoint),
+            });
+        }
+        if endpoint.scheme() == "https" && !cfg!(feature = "rustls") {
+            return Err(Error::InvalidConfig {
+                reason: "https endpoints need the crate feature `rustls`".into(),
+            });
+        }
+        let client = match self.client {
+            Some(client) => client,
+            None => reqwest::Client::builder()
+                .connect_timeout(self.connect_timeout)
+                .timeout(self.timeout)
+                .build()
+                .map_err(|e| network("cannot build the HTTP client", e))?,
+        };
+        Ok(HttpTransport {
+            client,
+            endpoint,
+            gzip: self.gzip,
+            credentials: self.credentials,
+        })
+    }
+}
+
+fn network(message: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::Network {
+        message: format!("{message}: {e}"),
+        source: Some(Box::new(e)),
+    }
+}
+
+fn gzip(body: &[u8]) -> Result<Vec<u8>> {
+    let mut encoder = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 4),
+        flate2::Compression::fast(),
+    );
+    encoder
+        .write_all(body)
+        .and_then(|_| encoder.finish())
+        .map_err(|e| network("gzip failed", e))
+}
+
+impl<C: Credentials> Transport for HttpTransport<C> {
+    async fn send(&self, push: Push) -> Result<Response> {
+        let mut request = self
+            .client
+            .post(self.endpoint.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        for (name, value) in self.credentials.headers(push.refresh_credentials).await? {
+            let name = HeaderName::try_from(name.as_str()).map_err(|e| Error::InvalidConfig {
+                reason: format!("credentials header name {name:?}: {e}"),
+            })?;
+            let value = HeaderValue::try_from(value).map_err(|e| Error::InvalidConfig {
+                reason: format!("credentials header {name} has an invalid value: {e}"),
+            })?;
+            request = request.header(name, value);
+        }
+        let body = if self.gzip {
+            request = request.header(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            gzip(&push.body)?
+        } else {
+            push.body
+        };
+        let response = request
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| network(describe(&e), e))?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, Timestamp::now()));
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| network("reading the answer failed", e))?;
+        Ok(Response {
+            status,
+            retry_after,
+            body: body.to_vec(),
+        })
+    }
+}
+
+fn describe(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
+        "the push timed out"
+    } else if e.is_connect() {
+        "cannot connect to the sync endpoint"
+    } else {
+        "the push failed"
+    }
+}
