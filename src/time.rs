@@ -36,6 +36,8 @@ impl Timestamp {
     }
 
     /// This time plus a duration (saturating).
+    // A method, not `impl Add`: the saturation should be visible at the call.
+    #[allow(clippy::should_implement_trait)]
     pub fn add(self, d: Duration) -> Self {
         Timestamp(
             self.0
@@ -44,6 +46,7 @@ impl Timestamp {
     }
 
     /// This time minus a duration (saturating).
+    #[allow(clippy::should_implement_trait)]
     pub fn sub(self, d: Duration) -> Self {
         Timestamp(
             self.0

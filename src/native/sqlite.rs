@@ -111,13 +111,13 @@ impl Inner {
         // Everything up to the migration only reads, so a database we must not
         // touch (not SQLite, newer schema, read-only) is left exactly as it was.
         let found = read_schema_version(&conn).map_err(err)?;
-        if let Some(found) = found {
-            if found > SCHEMA_VERSION {
-                return Err(Error::SchemaTooNew {
-                    found,
-                    supported: SCHEMA_VERSION,
-                });
-            }
+        if let Some(found) = found
+            && found > SCHEMA_VERSION
+        {
+            return Err(Error::SchemaTooNew {
+                found,
+                supported: SCHEMA_VERSION,
+            });
         }
         if conn.is_readonly(rusqlite::MAIN_DB).map_err(err)? {
             return Err(Error::ReadOnly { path: path.into() });
@@ -242,12 +242,13 @@ impl Inner {
                 )
                 .optional()
                 .map_err(|e| self.map(e))?;
-            if let Some((owner, until)) = lease {
-                if owner != req.owner && until > now {
-                    return Ok(Claim::LeaseHeld {
-                        until: Timestamp::from_millis(until),
-                    });
-                }
+            if let Some((owner, until)) = lease
+                && owner != req.owner
+                && until > now
+            {
+                return Ok(Claim::LeaseHeld {
+                    until: Timestamp::from_millis(until),
+                });
             }
             let until = req.now.add(req.lease).as_millis();
             tx.execute(
@@ -481,13 +482,13 @@ fn migrate(conn: &Connection) -> std::result::Result<String, MigrateError> {
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let result = (|| {
         // Re-read under the write lock: another process may have migrated.
-        if let Some(found) = read_schema_version(conn)? {
-            if found > SCHEMA_VERSION {
-                return Err(MigrateError::Other(Error::SchemaTooNew {
-                    found,
-                    supported: SCHEMA_VERSION,
-                }));
-            }
+        if let Some(found) = read_schema_version(conn)?
+            && found > SCHEMA_VERSION
+        {
+            return Err(MigrateError::Other(Error::SchemaTooNew {
+                found,
+                supported: SCHEMA_VERSION,
+            }));
         }
         conn.execute_batch(SCHEMA_V1)?;
         conn.execute(
