@@ -1,10 +1,17 @@
 //! Browser backend (`wasm32-unknown-unknown`): the outbox in IndexedDB, the
 //! relay over `fetch`, and the JavaScript API of the npm package.
 //!
-//! Rust code uses [`IdbStore`] (the [`crate::Store`] contract over IndexedDB)
-//! directly; JavaScript code uses the `Outbox` class exported by wasm-bindgen.
+//! Rust code uses [`IdbStore`] (the [`crate::Store`] contract over IndexedDB),
+//! [`FetchTransport`] and [`Driver`] directly; JavaScript code uses the
+//! `Outbox` class exported by wasm-bindgen (see `js/index.d.ts`).
 
+mod api;
 mod idb;
+mod relay;
 mod store;
+mod transport;
 
+pub use api::{Outbox, OutboxTransaction, create_outbox_stores, to_js_error};
+pub use relay::{Driver, DriverConfig, Status};
 pub use store::{Durability, IdbStore};
+pub use transport::FetchTransport;
