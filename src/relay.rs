@@ -506,7 +506,7 @@ impl<S: Store, T: Transport> Relay<S, T> {
                 Verdict::Retry { retry_after, error } => {
                     failed = true;
                     let at = self.config.retry.next_attempt(
-                        now,
+                        Timestamp::now(), // Retry-After counts from the answer
                         attempts,
                         retry_after,
                         &mut self.jitter,

@@ -2,8 +2,12 @@
 //! bundled SQLite), next to the app's tables, so one SQLite transaction
 //! commits both.
 
+mod http;
 mod outbox;
+mod relay;
 mod sqlite;
 
 pub use outbox::{Config, Durability, Outbox, OutboxTx};
 pub use sqlite::{SCHEMA_VERSION, SqliteStore};
+pub use http::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, HttpTransport, HttpTransportBuilder};
+pub use relay::{DEFAULT_POLL_INTERVAL, RelayBuilder, RelayHandle};

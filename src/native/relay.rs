@@ -1,0 +1,346 @@
+//! The native relay driver: runs the target-independent [`Relay`] core on tokio.
+//!
+//! One task per relay. It drains what is due (claim -> send -> settle, batch
+//! after batch), then sleeps until the first of:
+//! - a local commit (the outbox's commit signal),
+//! - the retry time of the oldest pending event, or the expiry of another
+//!   relay's lease,
+//! - the poll interval (default 1 s), so events committed by *another process*
+//!   on the same file are noticed too,
+//! - an explicit [`RelayHandle::flush`], or [`RelayHandle::shutdown`].
+//!
+//! Shutdown is checked between batches only, so a batch on the wire is always
+//! settled (or, if the process dies first, stays pending and is resent: the
+//! server dedupes). The lease is released at shutdown so another relay can
+//! start at once; a relay that dies holds it until it expires.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::outbox::Outbox;
+use super::sqlite::SqliteStore;
+use crate::error::{Error, Result};
+use crate::policy::{Jitter, RetryPolicy};
+use crate::relay::{FlushReport, Relay, RelayConfig, RelayStatus, Step};
+use crate::store::Store;
+use crate::time::Timestamp;
+use crate::transport::Transport;
+
+/// Default interval between polls for events committed by other processes.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Outbox {
+    /// Configure a relay that delivers this outbox's events through `transport`
+    /// and wakes at every commit made through this handle.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> edge_outbox::Result<()> {
+    /// use edge_outbox::{Config, HttpTransport, Outbox};
+    /// let outbox = Outbox::open("app.db", Config::new("http://127.0.0.1:8080/v1/events"))?;
+    /// let relay = outbox.relay(HttpTransport::new("http://127.0.0.1:8080/v1/events")?).spawn();
+    /// let report = relay.flush().await?;      // deliver what is due now
+    /// println!("sent {}, still pending {}", report.sent, report.pending);
+    /// relay.shutdown().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn relay<T: Transport + 'static>(&self, transport: T) -> RelayBuilder<SqliteStore, T> {
+        RelayBuilder::new(self.store().clone(), transport).wake_on(self.commit_notify())
+    }
+}
+
+/// Configures and starts a relay task (see [`Outbox::relay`]).
+pub struct RelayBuilder<S, T> {
+    store: S,
+    transport: T,
+    config: RelayConfig,
+    wake: Option<Arc<Notify>>,
+    poll_interval: Duration,
+    jitter: Option<Jitter>,
+}
+
+impl<S, T> std::fmt::Debug for RelayBuilder<S, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayBuilder")
+            .field("config", &self.config)
+            .field("poll_interval", &self.poll_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Store + 'static, T: Transport + 'static> RelayBuilder<S, T> {
+    /// A relay over any [`Store`] (the outbox's, or a test double).
+    pub fn new(store: S, transport: T) -> Self {
+        RelayBuilder {
+            store,
+            transport,
+            config: RelayConfig::default(),
+            wake: None,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            jitter: None,
+        }
+    }
+
+    /// Replace the whole configuration.
+    pub fn config(mut self, config: RelayConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Most events in one push (default 100).
+    pub fn max_events(mut self, n: usize) -> Self {
+        self.config = self.config.with_max_events(n);
+        self
+    }
+
+    /// Most event bytes in one push (default 512 KiB).
+    pub fn max_bytes(mut self, n: usize) -> Self {
+        self.config = self.config.with_max_bytes(n);
+        self
+    }
+
+    /// Lease duration (default 30 s): how long another relay waits after this one dies.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.config = self.config.with_lease(lease);
+        self
+    }
+
+    /// Backoff, `Retry-After` handling and max age.
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.config = self.config.with_retry(policy);
+        self
+    }
+
+    /// The lease owner's name (random by default).
+    pub fn owner(mut self, owner: impl Into<String>) -> Self {
+        self.config = self.config.with_owner(owner);
+        self
+    }
+
+    /// How often to look for events committed by other processes (default 1 s).
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// Wake at once when `notify` is notified (a commit).
+    pub fn wake_on(mut self, notify: Arc<Notify>) -> Self {
+        self.wake = Some(notify);
+        self
+    }
+
+    /// A fixed jitter source, for reproducible tests.
+    pub fn jitter(mut self, jitter: Jitter) -> Self {
+        self.jitter = Some(jitter);
+        self
+    }
+
+    /// Start the relay task on the current tokio runtime.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn spawn(self) -> RelayHandle {
+        let mut relay = Relay::new(self.store, self.transport, self.config);
+        if let Some(jitter) = self.jitter {
+            relay = relay.with_jitter(jitter);
+        }
+        let (status_tx, status_rx) = watch::channel(RelayStatus::default());
+        relay.set_observer(move |s: &RelayStatus| {
+            status_tx.send_replace(s.clone());
+        });
+        let (commands, rx) = mpsc::unbounded_channel();
+        let driver = Driver {
+            relay,
+            commands: rx,
+            wake: self.wake.unwrap_or_default(),
+            poll_interval: self.poll_interval,
+            waiters: Vec::new(),
+            stopping: false,
+        };
+        RelayHandle {
+            commands,
+            status: status_rx,
+            task: tokio::spawn(driver.run()),
+        }
+    }
+}
+
+enum Command {
+    Flush(oneshot::Sender<Result<FlushReport>>),
+    Shutdown,
+}
+
+/// A running relay. Dropping it stops the relay gracefully in the background;
+/// call [`RelayHandle::shutdown`] to wait for that.
+#[derive(Debug)]
+pub struct RelayHandle {
+    commands: mpsc::UnboundedSender<Command>,
+    status: watch::Receiver<RelayStatus>,
+    task: JoinHandle<Result<()>>,
+}
+
+impl RelayHandle {
+    /// Deliver everything due now and report. Returns once nothing is pending,
+    /// the oldest event waits for a retry time (see `next_attempt`), a batch
+    /// failed, or another relay holds the lease.
+    pub async fn flush(&self) -> Result<FlushReport> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Flush(tx))
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// The current status.
+    pub fn status(&self) -> RelayStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver that sees every status change (`changed().await`).
+    pub fn subscribe(&self) -> watch::Receiver<RelayStatus> {
+        self.status.clone()
+    }
+
+    /// Stop after the batch in flight (if any) is settled, release the lease
+    /// and wait for the task to end. Nothing pending is lost.
+    pub async fn shutdown(self) -> Result<()> {
+        let _ = self.commands.send(Command::Shutdown);
+        match self.task.await {
+            Ok(result) => result,
+            Err(e) => Err(Error::storage(format!("relay task failed: {e}"), None)),
+        }
+    }
+
+    /// Stop the task at once, as a crash would: the batch in flight is not
+    /// settled (its events stay pending and are resent later, which the server
+    /// dedupes) and the lease is not released (another relay waits for it to
+    /// expire). For tests of crash recovery; prefer [`RelayHandle::shutdown`].
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+struct Driver<S, T> {
+    relay: Relay<S, T>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    wake: Arc<Notify>,
+    poll_interval: Duration,
+    waiters: Vec<oneshot::Sender<Result<FlushReport>>>,
+    stopping: bool,
+}
+
+impl<S: Store, T: Transport> Driver<S, T> {
+    async fn run(mut self) -> Result<()> {
+        loop {
+            let drained = self.drain().await;
+            let failed = drained.is_err();
+            self.answer(drained);
+            if self.stopping {
+                break;
+            }
+            let deadline = self.deadline(failed);
+            let command = tokio::select! {
+                _ = self.wake.notified() => None,
+                command = self.commands.recv() => Some(command),
+                _ = tokio::time::sleep_until(deadline) => None,
+            };
+            if let Some(command) = command {
+                self.accept(command);
+            }
+            if self.stopping {
+                break;
+            }
+        }
+        self.relay.release_lease().await
+    }
+
+    fn accept(&mut self, command: Option<Command>) {
+        match command {
+            Some(Command::Flush(reply)) => self.waiters.push(reply),
+            // Shutdown, or every handle dropped.
+            Some(Command::Shutdown) | None => self.stopping = true,
+        }
+    }
+
+    /// Step until nothing more can be sent now; commands are taken between
+    /// batches so a shutdown never cuts a batch in half.
+    async fn drain(&mut self) -> Result<FlushReport> {
+        self.relay.refresh_status().await?;
+        let mut report = FlushReport::default();
+        loop {
+            loop {
+                match self.commands.try_recv() {
+                    Ok(command) => self.accept(Some(command)),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        self.accept(None);
+                        break;
+                    }
+                }
+            }
+            if self.stopping {
+                break;
+            }
+            let step = self.relay.step().await?;
+            if let Step::Batch { sent, dead, .. } = step {
+                report.sent += sent as u64;
+                report.dead += dead as u64;
+            }
+            match step {
+                Step::Batch { failed: false, .. } => {}
+                Step::LeaseHeld { until } => {
+                    report.lease_held_until = Some(until);
+                    break;
+                }
+                Step::Batch { failed: true, .. } | Step::Idle | Step::NotBefore(_) => break,
+            }
+        }
+        self.relay.refresh_status().await?;
+        let status = self.relay.status();
+        report.pending = status.pending;
+        report.next_attempt = status.next_attempt;
+        report.last_error = status.last_error.clone();
+        Ok(report)
+    }
+
+    fn answer(&mut self, drained: Result<FlushReport>) {
+        let mut waiters = std::mem::take(&mut self.waiters).into_iter();
+        match drained {
+            Ok(report) => waiters.for_each(|w| {
+                let _ = w.send(Ok(report.clone()));
+            }),
+            Err(e) => {
+                let message = e.to_string();
+                if let Some(first) = waiters.next() {
+                    let _ = first.send(Err(e));
+                }
+                waiters.for_each(|w| {
+                    let _ = w.send(Err(Error::storage(message.clone(), None)));
+                });
+            }
+        }
+    }
+
+    /// When to look again if nothing wakes the relay earlier.
+    fn deadline(&self, failed: bool) -> Instant {
+        let now = Instant::now();
+        let mut deadline = now + self.poll_interval;
+        if failed {
+            // The store itself failed (locked, disk full): try again after a
+            // poll interval, however long the backoff of the events says.
+            return deadline;
+        }
+        let status = self.relay.status();
+        let wall = Timestamp::now();
+        for at in [status.next_attempt, status.lease_held_until]
+            .into_iter()
+            .flatten()
+        {
+            deadline = deadline.min(now + at.since(wall));
+        }
+        deadline
+    }
+}

@@ -1,0 +1,554 @@
+//! Relay end to end: a real SQLite outbox (tempfile), the real HTTP transport
+//! and the reference server on 127.0.0.1, with the server's fault injection.
+//!
+//! Backoff is shortened (20 ms base, 200 ms cap) so the file runs in seconds;
+//! nothing here asserts on speed. Waits are conditions polled with a bounded
+//! timeout, never sleeps used as synchronization.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use edge_outbox::transport::{Push, Response, credentials_fn};
+use edge_outbox::{
+    Config, HttpTransport, NewEvent, Outbox, RelayBuilder, RelayHandle, Result, RetryPolicy,
+    SqliteStore, Transport,
+};
+use edge_outbox_server::{Applied, Failure, Inbox, RunningServer, ServerConfig};
+use tempfile::TempDir;
+use tokio::time::Instant;
+
+/// Generous bound for any wait: only reached when something is broken.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn fast_retry() -> RetryPolicy {
+    RetryPolicy::new()
+        .with_base(Duration::from_millis(20))
+        .with_cap(Duration::from_millis(200))
+}
+
+fn open(dir: &TempDir) -> Outbox {
+    Outbox::open(dir.path().join("app.db"), Config::new("unused")).unwrap()
+}
+
+async fn server(config: ServerConfig) -> RunningServer {
+    edge_outbox_server::spawn(config).await.unwrap()
+}
+
+fn anonymous() -> ServerConfig {
+    ServerConfig::in_memory().allow_anonymous(true)
+}
+
+fn http(url: &str) -> HttpTransport {
+    HttpTransport::builder(url)
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap()
+}
+
+/// A relay with test settings: short backoff, fast poll, 5 s lease.
+fn relay<T: Transport + 'static>(outbox: &Outbox, transport: T) -> RelayBuilder<SqliteStore, T> {
+    outbox
+        .relay(transport)
+        .retry_policy(fast_retry())
+        .poll_interval(Duration::from_millis(50))
+        .lease(Duration::from_secs(5))
+}
+
+/// Commit `n` events of type `kind` in transactions of up to 100.
+fn enqueue(outbox: &Outbox, kind: &str, n: usize) {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+        outbox
+            .enqueue(chunk.iter().map(|i| {
+                NewEvent::json(kind, &serde_json::json!({ "n": i }))
+                    .unwrap()
+                    .key(format!("k-{i}"))
+            }))
+            .unwrap();
+    }
+}
+
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn eventually_async<F: Future<Output = bool>>(what: &str, mut done: impl FnMut() -> F) {
+    let deadline = Instant::now() + PATIENCE;
+    while !done().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Wait until the outbox has nothing pending.
+async fn drained(outbox: &Outbox) {
+    eventually("the outbox to drain", || {
+        outbox.stats().unwrap().pending == 0
+    })
+    .await;
+}
+
+/// The server holds each of the client's `n` events once, in seq order.
+fn assert_delivered_once_in_order(server: &RunningServer, outbox: &Outbox, n: usize) {
+    let events = server.events(outbox.client_id()).unwrap();
+    assert_eq!(events.len(), n, "each event stored exactly once");
+    let seqs: Vec<i64> = events.iter().map(|e| e.event.seq).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "arrival order = seq order"
+    );
+    let local: Vec<i64> = outbox
+        .pending(usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert!(local.is_empty(), "still pending locally: {local:?}");
+    let stats = outbox.stats().unwrap();
+    assert_eq!(stats.sent as usize, n);
+}
+
+async fn stop(relay: RelayHandle) {
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivers_10_000_events_in_order() {
+    let dir = TempDir::new().unwrap();
+    let outbox = open(&dir);
+    let server = server(anonymous()).await;
+    enqueue(&outbox, "OrderCreated", 10_000);
+    let relay = relay(&outbox, http(&server.events_url())).spawn();
+    let report = relay.flush().await.unwrap();
+    assert_eq!((report.sent, report.dead, report.pending), (10_000, 0, 0));
+    assert_delivered_once_in_order(&server, &outbox, 10_000);
+    assert_eq!(server.requests().len(), 100, "batches of 100");
+    let status = relay.status();
+    assert_eq!(
+        (status.pending, status.sent, status.in_flight),
+        (0, 10_000, 0)
+    );
+    stop(relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wakes_on_commit_without_explicit_flush() {
+    let dir = TempDir::new().unwrap();
+    let outbox = open(&dir);
+    let server = server(anonymous()).await;
+    // A long poll interval: only the commit signal can wake the relay in time.
+    let relay = relay(&outbox, http(&server.events_url()))
+        .poll_interval(Duration::from_secs(3600))
+        .spawn();
+    let mut status = relay.subscribe();
+    enqueue(&outbox, "T", 5);
+    tokio::time::timeout(PATIENCE, status.wait_for(|s| s.sent == 5))
+        .await
+        .expect("woken by the commit")
+        .unwrap();
+    assert_delivered_once_in_order(&server, &outbox, 5);
+    stop(relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_refused_then_server_appears() {
+    let dir = TempDir::new().unwrap();
+    let outbox = open(&dir);
+    // Reserve a port, then close it: connections are refused until the server binds it.
+    let addr: SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    enqueue(&outbox, "T", 250);
+    let relay = relay(&outbox, http(&format!("http://{addr}/v1/events"))).spawn();
+    let report = relay.flush().await.unwrap();
+    assert_eq!((report.sent, report.pending), (0, 250));
+    assert!(
+        report.last_error.unwrap().contains("connect"),
+        "a connection error"
+    );
+    assert!(report.next_attempt.is_some());
+    eventually("a few retries", || {
+        outbox.pending(1).unwrap()[0].attempts >= 3
+    })
+    .await;
+    let server = server(anonymous().listen(addr)).await;
+    drained(&outbox).await;
+    assert_delivered_once_in_order(&server, &outbox, 250);
+    assert_eq!(relay.status().last_error, None);
+    stop(relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_for_a_while() {
+    let dir = TempDir::new().unwrap();
+    let outbox = open(&dir);
+    let server = server(anonymous()).await;
+    server
+        .faults()
+        .fail_for(Duration::from_millis(400), Failure::status(500));
+    enqueue(&outbox, "T", 300);
+    let relay = relay(&outbox, http(&server.events_url())).spawn();
+    drained(&outbox).await;
+    assert_delivered_once_in_order(&server, &outbox, 300);
+    let statuses: Vec<u16> = server.requests().iter().map(|r| r.status).collect();
+    assert!(statuses.len() > 3 && statuses[0] == 500, "{statuses:?}");
+    assert!(
+        outbox.dead_letters().unwrap().is_empty(),
+        "5xx never dead-letters"
+    );
+    stop(relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_of_a_503_is_honoured() {
+    let dir = TempDir::new().unwrap();
+    let outbox = open(&dir);
+    let server = server(anonymous()).await;
+    server
+        .faults()
+        .fail_next(1, Failure::status(503).retry_after(1));
+    enqueue(&outbox, "T", 10);
+    let relay = relay(&outbox, http(&server.events_url())).spawn();
+    drained(&outbox).await;
+    assert_delivered_once_in_order(&server, &outbox, 10);
+    let log = server.requests();
+    assert_eq!(log[0].status, 503);
+    assert_eq!(log[1].status, 200);
+    // The backoff alone would have come back within 20 ms; Retry-After says 1 s.
+    let waited = log[1].started_at - log[0].finished_at;
+    assert!(waited >= 990, "came back after {waited} ms");
+    stop(relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_never_comes_times_out_and_the_resend_is_a_duplicate() {
+    let dir = TempDir::new().unwrap();
+    let outbox = open(&dir);
+    let server = server(anonymous()).await;
+    // The server commits, then holds the answer past the client's 2 s timeout.
+    server.faults().delay_next(1, Duration::from_secs(4));
+    enqueue(&outbox, "T", 20);
+    let relay = relay(&outbox, http(&server.events_url())).spawn();
+    let report = relay.flush().await.unwrap();
+    assert_eq!(report.sent, 0);
+    assert!(report.last_error.unwrap().contains("timed out"));
+    drained(&outbox).await;
+    assert_delivered_once_in_order(&server, &outbox, 20);
+    stop(relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_response_after_commit_changes_nothing_on_resend() {
+    let dir = TempDir::new().unwrap();
+    let outbox = open(&dir);
+    let server = server(anonymous()).await;
+    server.faults().drop_response_after_commit(1);
+    enqueue(&outbox, "T", 50);
+    let relay = relay(&outbox, http(&server.events_url())).spawn();
+    drained(&outbox).await;
+    assert_delivered_once_in_order(&server, &outbox, 50);
+    let log = server.requests();
+    assert_eq!((log[0].status, log[0].events), (0, 50), "first answer lost");
+    assert_eq!((log[1].status, log[1].events), (200, 50), "resent whole");
+    stop(relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_200_is_retried() {
+    let dir = TempDir::new().unwrap();
+    let outbox = open(&dir);
+    let server = server(anonymous()).await;
+    server.faults().malformed_response(1);
+    enqueue(&outbox, "T", 30);
+    let relay = relay(&outbox, http(&server.events_url())).spawn();
+    let report = relay.flush().await.unwrap();
+    assert!(report.last_error.unwrap().contains("unreadable"));
+    drained(&outbox).await;
+    assert_delivered_once_in_order(&server, &outbox, 30);
+    stop(relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_asks_for_a_fresh_token() {
+    let dir = TempDir::new().unwrap();
+    let outbox = open(&dir);
+    let server = server(ServerConfig::in_memory().token("fresh", outbox.client_id())).await;
+    // The app's token cache: starts stale; a refresh fetches a fresh one.
+    let token = Arc::new(Mutex::new("stale".to_owned()));
+    let refreshes = Arc::new(Mutex::new(0));
+    let credentials = {
+        let (token, refreshes) = (token.clone(), refreshes.clone());
+        credentials_fn(move |refresh: bool| {
+            if refresh {
+                *token.lock().unwrap() = "fresh".to_owned();
+                *refreshes.lock().unwrap() += 1;
+            }
+            let value = format!("Bearer {}", token.lock().unwrap());
+            async move { Ok(vec![("authorization".to_owned(), value)]) }
+        })
+    };
+    let transport = HttpTransport::builder(server.events_url())
+        .credentials(credentials)
+        .build()
+        .unwrap();
+    enqueue(&outbox, "T", 150);
+    let relay = relay(&outbox, transport).spawn();
+    let report = relay.flush().await.unwrap();
+    assert_eq!((report.sent, report.dead), (150, 0));
+    assert_delivered_once_in_order(&server, &outbox, 150);
+    let statuses: Vec<u16> = server.requests().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [401, 200, 200]);
+    assert_eq!(*refreshes.lock().unwrap(), 1);
+    stop(relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_413_splits_the_batch_and_only_an_oversized_event_dies() {
+    let dir = TempDir::new().unwrap();
+    let outbox = open(&dir);
+    let server = server(anonymous().body_limit(16 * 1024)).await;
+    let events = (0..60).map(|i| {
+        let size = if i == 30 { 20 * 1024 } else { 1024 };
+        NewEvent::json(
+            "Blob",
+            &serde_json::json!({ "i": i, "data": "x".repeat(size) }),
+        )
+        .unwrap()
+    });
+    let big_seq = outbox.enqueue(events).unwrap()[30].seq;
+    let relay = relay(&outbox, http(&server.events_url())).spawn();
+    let report = relay.flush().await.unwrap();
+    assert_eq!((report.sent, report.dead, report.pending), (59, 1, 0));
+    let dead = outbox.dead_letters().unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].seq, big_seq);
+    assert!(dead[0].last_error.as_deref().unwrap().contains("413"));
+    let received = server.events(outbox.client_id()).unwrap();
+    assert_eq!(received.len(), 59);
+    assert!(received.windows(2).all(|w| w[0].event.seq < w[1].event.seq));
+    assert!(server.requests().iter().any(|r| r.status == 413));
+    stop(relay).await;
+}
+
+/// An inbox that refuses events of type "Poison" for good.
+struct RefusePoison;
+
+impl Inbox for RefusePoison {
+    fn apply(
+        &self,
+        _tx: &rusqlite::Transaction<'_>,
+        _client_id: &str,
+        event: &edge_outbox::protocol::WireEvent,
+    ) -> std::result::Result<Applied, edge_outbox_server::BoxError> {
+        Ok(if event.event_type == "Poison" {
+            Applied::Reject("poison is not accepted here".into())
+        } else {
+            Applied::Accept
+        })
+    }
+}
+
+fn enqueue_with_poison(outbox: &Outbox, poison_type: &str) {
+    let events = (0..40).map(|i| {
+        let kind = if i == 17 { poison_type } else { "Good" };
+        NewEvent::json(kind, &i).unwrap()
+    });
+    outbox.enqueue(events).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_poison_event_alone_goes_dead() {
+    let dir = TempDir::new().unwrap();
+    let outbox = open(&dir);
+    let server = server(anonymous().inbox(RefusePoison)).await;
+    enqueue_with_poison(&outbox, "Poison");
+    let relay = relay(&outbox, http(&server.events_url())).spawn();
+    let report = relay.flush().await.unwrap();
+    assert_eq!((report.sent, report.dead, report.pending), (39, 1, 0));
+    let dead = outbox.dead_letters().unwrap();
+    assert_eq!(dead[0].event_type, "Poison");
+    assert_eq!(
+        dead[0].last_error.as_deref(),
+        Some("poison is not accepted here")
+    );
+    let received = server.events(outbox.client_id()).unwrap();
+    assert_eq!(received.len(), 39);
+    assert!(received.iter().all(|e| e.event.event_type == "Good"));
+    stop(relay).await;
+}
+
+/// A fault-injecting proxy transport: a push holding an event of type
+/// "Poison422" is answered 422 without reaching the server, as a backend that
+/// refuses whole requests (instead of single events) would.
+struct RejectWholeRequests(HttpTransport);
+
+impl Transport for RejectWholeRequests {
+    async fn send(&self, push: Push) -> Result<Response> {
+        if std::str::from_utf8(&push.body)
+            .unwrap()
+            .contains(r#""type":"Poison422""#)
+        {
+            return Ok(Response {
+                status: 422,
+                retry_after: None,
+                body: br#"{"error":"invalid_event","message":"cannot process Poison422"}"#.to_vec(),
+            });
+        }
+        self.0.send(push).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_422_is_bisected_until_the_poison_event_is_alone() {
+    let dir = TempDir::new().unwrap();
+    let outbox = open(&dir);
+    let server = server(anonymous()).await;
+    enqueue_with_poison(&outbox, "Poison422");
+    let relay = relay(&outbox, RejectWholeRequests(http(&server.events_url()))).spawn();
+    let report = relay.flush().await.unwrap();
+    assert_eq!((report.sent, report.dead, report.pending), (39, 1, 0));
+    let dead = outbox.dead_letters().unwrap();
+    assert_eq!(dead[0].event_type, "Poison422");
+    assert!(
+        dead[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("cannot process Poison422")
+    );
+    let received = server.events(outbox.client_id()).unwrap();
+    assert_eq!(received.len(), 39);
+    assert!(received.windows(2).all(|w| w[0].event.seq < w[1].event.seq));
+    stop(relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_mid_flight_loses_nothing() {
+    let dir = TempDir::new().unwrap();
+    let outbox = open(&dir);
+    let server = server(anonymous()).await;
+    server.faults().delay_next(1, Duration::from_secs(3));
+    enqueue(&outbox, "T", 500);
+    let first = relay(&outbox, http(&server.events_url()))
+        .lease(Duration::from_millis(500))
+        .spawn();
+    let mut status = first.subscribe();
+    tokio::time::timeout(PATIENCE, status.wait_for(|s| s.in_flight > 0))
+        .await
+        .unwrap()
+        .unwrap();
+    // A crash: no settle, no lease release.
+    first.abort();
+    // A new process opens the file and relays; it waits out the dead lease.
+    let reopened = open(&dir);
+    let second = relay(&reopened, http(&server.events_url()))
+        .lease(Duration::from_millis(500))
+        .spawn();
+    drained(&reopened).await;
+    assert_delivered_once_in_order(&server, &reopened, 500);
+    stop(second).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_settles_the_batch_in_flight() {
+    let dir = TempDir::new().unwrap();
+    let outbox = open(&dir);
+    let server = server(anonymous()).await;
+    server.faults().delay_next(1, Duration::from_millis(500));
+    enqueue(&outbox, "T", 100);
+    let relay = relay(&outbox, http(&server.events_url())).spawn();
+    let mut status = relay.subscribe();
+    tokio::time::timeout(PATIENCE, status.wait_for(|s| s.in_flight > 0))
+        .await
+        .unwrap()
+        .unwrap();
+    relay.shutdown().await.unwrap();
+    // The batch on the wire was answered and settled before the relay stopped.
+    assert_delivered_once_in_order(&server, &outbox, 100);
+    // And the lease was released: a new relay starts at once.
+    enqueue(&outbox, "T", 1);
+    let next = self::relay(&outbox, http(&server.events_url()))
+        .lease(Duration::from_secs(3600))
+        .spawn();
+    let report = next.flush().await.unwrap();
+    assert_eq!((report.sent, report.lease_held_until), (1, None));
+    stop(next).await;
+}
+
+const CHILD_DB: &str = "EDGE_OUTBOX_TEST_CHILD_DB";
+const CHILD_URL: &str = "EDGE_OUTBOX_TEST_CHILD_URL";
+const PER_PROCESS: usize = 1_500;
+
+/// The second process of `two_processes_relay_one_file`: does nothing unless
+/// started by it (with the database path and server URL in the environment).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_process_relay() {
+    let (Ok(db), Ok(url)) = (std::env::var(CHILD_DB), std::env::var(CHILD_URL)) else {
+        return;
+    };
+    let outbox = Outbox::open(&db, Config::new(&url)).unwrap();
+    let relay = relay(&outbox, http(&url))
+        .lease(Duration::from_secs(2))
+        .spawn();
+    for round in 0..15 {
+        enqueue(&outbox, &format!("Child{round}"), PER_PROCESS / 15);
+        tokio::task::yield_now().await;
+    }
+    eventually_async("the shared file to drain", || async {
+        outbox.stats().unwrap().pending == 0
+    })
+    .await;
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_relay_one_file() {
+    let dir = TempDir::new().unwrap();
+    let db = dir.path().join("app.db");
+    let outbox = open(&dir);
+    let server = server(anonymous()).await;
+    let url = server.events_url();
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_process_relay",
+            "--quiet",
+            "--test-threads=1",
+        ])
+        .env(CHILD_DB, &db)
+        .env(CHILD_URL, &url)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let relay = relay(&outbox, http(&url))
+        .lease(Duration::from_secs(2))
+        .spawn();
+    for round in 0..15 {
+        enqueue(&outbox, &format!("Parent{round}"), PER_PROCESS / 15);
+        tokio::task::yield_now().await;
+    }
+    let child = tokio::task::spawn_blocking(move || {
+        let mut child = child;
+        child.wait().unwrap()
+    });
+    let total = 2 * PER_PROCESS as u64;
+    eventually("every event of both processes at the server", || {
+        server.count(Some(outbox.client_id())).unwrap() >= total
+    })
+    .await;
+    assert!(child.await.unwrap().success(), "child relay failed");
+    drained(&outbox).await;
+    let stats = server.stats().unwrap();
+    assert_eq!(stats.len(), 1, "one client (one file)");
+    assert_eq!(stats[0].events, total, "no duplicate effects");
+    assert_eq!(stats[0].out_of_order, 0, "seq order kept at the server");
+    assert_eq!(outbox.stats().unwrap().sent, total);
+    stop(relay).await;
+}
