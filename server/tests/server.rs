@@ -1,0 +1,1233 @@
+//! Integration tests of the reference server: a real server on 127.0.0.1,
+//! real SQLite files in temp dirs, reqwest as the client. Also checks the
+//! JSON Schemas under docs/schema against real serialized values and against
+//! the examples of docs/protocol.md.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use edge_outbox::protocol::{
+    ErrorBody, EventResult, PROTOCOL_VERSION, PullResponse, PushRequest, PushResponse,
+    ResultStatus, WireEvent,
+};
+use edge_outbox::{EventId, Timestamp};
+use edge_outbox_server::{
+    Applied, BoxError, Failure, Inbox, RequestRecord, RunningServer, ServerConfig,
+};
+use reqwest::StatusCode;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+const CLIENT_A: &str = "0192f0c1-7c1e-7000-8000-00000000000a";
+const CLIENT_B: &str = "0192f0c1-7c1e-7000-8000-00000000000b";
+const TOKEN_A: &str = "token-a";
+const TOKEN_B: &str = "token-b";
+
+// ---------- helpers ----------
+
+/// A server on a fresh SQLite file with tokens for clients A and B.
+async fn start(configure: impl FnOnce(ServerConfig) -> ServerConfig) -> (RunningServer, TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = ServerConfig::new(dir.path().join("server.db"))
+        .token(TOKEN_A, CLIENT_A)
+        .token(TOKEN_B, CLIENT_B);
+    let server = edge_outbox_server::spawn(configure(config))
+        .await
+        .expect("server starts");
+    (server, dir)
+}
+
+fn event(seq: i64, event_type: &str) -> WireEvent {
+    WireEvent {
+        id: EventId::new(),
+        seq,
+        event_type: event_type.to_owned(),
+        key: Some(format!("order-{seq}")),
+        payload: RawValue::from_string(format!(r#"{{"order_id":{seq},"amount":250}}"#)).unwrap(),
+        headers: BTreeMap::from([("schema".to_owned(), "1".to_owned())]),
+        created_at: Timestamp::now().to_rfc3339(),
+    }
+}
+
+fn events(seqs: std::ops::Range<i64>) -> Vec<WireEvent> {
+    seqs.map(|s| event(s, "OrderCreated")).collect()
+}
+
+fn body(client_id: &str, events: &[WireEvent]) -> Vec<u8> {
+    serde_json::to_vec(&PushRequest {
+        protocol: PROTOCOL_VERSION,
+        client_id: client_id.to_owned(),
+        events: events.to_vec(),
+    })
+    .unwrap()
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: reqwest::header::HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn results(&self) -> Vec<EventResult> {
+        let r: PushResponse = serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "not a push response ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        });
+        r.results
+    }
+    fn statuses(&self) -> Vec<ResultStatus> {
+        self.results().iter().map(|r| r.status).collect()
+    }
+    fn error(&self) -> ErrorBody {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "not an error body ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+async fn post_raw(
+    server: &RunningServer,
+    token: Option<&str>,
+    body: Vec<u8>,
+    gzip: bool,
+) -> Result<Answer, reqwest::Error> {
+    let mut req = client()
+        .post(server.events_url())
+        .header("content-type", "application/json");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    if gzip {
+        req = req.header("content-encoding", "gzip");
+    }
+    let resp = req.body(body).send().await?;
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.bytes().await?.to_vec();
+    Ok(Answer {
+        status,
+        headers,
+        body,
+    })
+}
+
+async fn push(server: &RunningServer, token: &str, client_id: &str, evs: &[WireEvent]) -> Answer {
+    post_raw(server, Some(token), body(client_id, evs), false)
+        .await
+        .expect("push answered")
+}
+
+async fn get(url: String, token: Option<&str>) -> Answer {
+    let mut req = client().get(url);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = req.send().await.expect("get answered");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.bytes().await.unwrap().to_vec();
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(bytes).unwrap();
+    enc.finish().unwrap()
+}
+
+fn ids(evs: &[WireEvent]) -> Vec<EventId> {
+    evs.iter().map(|e| e.id).collect()
+}
+
+// ---------- push, dedupe, order ----------
+
+#[tokio::test]
+async fn push_then_resend_is_duplicate_and_stored_once() {
+    let (server, _dir) = start(|c| c).await;
+    let batch = events(1..4);
+    let first = push(&server, TOKEN_A, CLIENT_A, &batch).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.statuses(), vec![ResultStatus::Accepted; 3]);
+    assert_eq!(
+        first.results().iter().map(|r| r.id).collect::<Vec<_>>(),
+        ids(&batch)
+    );
+
+    let again = push(&server, TOKEN_A, CLIENT_A, &batch).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.statuses(), vec![ResultStatus::Duplicate; 3]);
+
+    // The same id twice within one batch: the second is a duplicate.
+    let e = event(4, "OrderCreated");
+    let twice = push(&server, TOKEN_A, CLIENT_A, &[e.clone(), e]).await;
+    assert_eq!(
+        twice.statuses(),
+        vec![ResultStatus::Accepted, ResultStatus::Duplicate]
+    );
+
+    let stored = server.events(CLIENT_A).unwrap();
+    assert_eq!(stored.len(), 4);
+    assert_eq!(server.count(None).unwrap(), 4);
+    // Stored exactly as sent.
+    assert_eq!(stored[0].event.payload.get(), batch[0].payload.get());
+    assert_eq!(stored[0].event.headers, batch[0].headers);
+    assert_eq!(stored[0].event.key, batch[0].key);
+    assert_eq!(stored[0].event.created_at, batch[0].created_at);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn dedupe_is_per_client() {
+    let (server, _dir) = start(|c| c).await;
+    let batch = events(1..3);
+    assert_eq!(
+        push(&server, TOKEN_A, CLIENT_A, &batch).await.statuses(),
+        vec![ResultStatus::Accepted; 2]
+    );
+    // The same ids from another client are other events.
+    assert_eq!(
+        push(&server, TOKEN_B, CLIENT_B, &batch).await.statuses(),
+        vec![ResultStatus::Accepted; 2]
+    );
+    assert_eq!(server.count(Some(CLIENT_A)).unwrap(), 2);
+    assert_eq!(server.count(Some(CLIENT_B)).unwrap(), 2);
+}
+
+#[tokio::test]
+async fn events_are_kept_in_arrival_order() {
+    let (server, _dir) = start(|c| c).await;
+    push(&server, TOKEN_A, CLIENT_A, &events(1..3)).await;
+    push(&server, TOKEN_B, CLIENT_B, &events(1..3)).await;
+    push(&server, TOKEN_A, CLIENT_A, &events(3..5)).await;
+    let all = server.all_events().unwrap();
+    let order: Vec<(&str, i64)> = all
+        .iter()
+        .map(|e| (e.client_id.as_str(), e.event.seq))
+        .collect();
+    assert_eq!(
+        order,
+        vec![
+            (CLIENT_A, 1),
+            (CLIENT_A, 2),
+            (CLIENT_B, 1),
+            (CLIENT_B, 2),
+            (CLIENT_A, 3),
+            (CLIENT_A, 4)
+        ]
+    );
+    assert!(all.windows(2).all(|w| w[0].cursor < w[1].cursor));
+    let stats = server.stats().unwrap();
+    assert_eq!(stats.len(), 2);
+    assert!(stats.iter().all(|s| s.out_of_order == 0));
+    assert_eq!(stats[0].events, 4);
+    assert_eq!(stats[0].seq_range, (1, 4));
+
+    // A retried dead letter arriving late is stored, and counted as out of order.
+    push(&server, TOKEN_B, CLIENT_B, &events(0..1)).await;
+    let b = server
+        .stats()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.client_id == CLIENT_B)
+        .unwrap();
+    assert_eq!(b.out_of_order, 1);
+}
+
+#[tokio::test]
+async fn events_survive_a_restart_and_dedupe_still_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig::new(dir.path().join("server.db")).token(TOKEN_A, CLIENT_A);
+    let server = edge_outbox_server::spawn(config.clone()).await.unwrap();
+    let batch = events(1..3);
+    push(&server, TOKEN_A, CLIENT_A, &batch).await;
+    server.shutdown().await.unwrap();
+    let server = edge_outbox_server::spawn(config).await.unwrap();
+    assert_eq!(
+        push(&server, TOKEN_A, CLIENT_A, &batch).await.statuses(),
+        vec![ResultStatus::Duplicate; 2]
+    );
+    assert_eq!(server.count(None).unwrap(), 2);
+}
+
+// ---------- auth ----------
+
+#[tokio::test]
+async fn auth_401_403_and_anonymous() {
+    let (server, _dir) = start(|c| c).await;
+    let batch = events(1..2);
+
+    let missing = post_raw(&server, None, body(CLIENT_A, &batch), false)
+        .await
+        .unwrap();
+    assert_eq!(missing.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        missing.headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer")
+    );
+    assert_eq!(missing.error().error, "unauthorized");
+
+    let unknown = push(&server, "nope", CLIENT_A, &batch).await;
+    assert_eq!(unknown.status, StatusCode::UNAUTHORIZED);
+    assert!(unknown.headers.contains_key("www-authenticate"));
+
+    let wrong_scheme = client()
+        .post(server.events_url())
+        .header("authorization", format!("Basic {TOKEN_A}"))
+        .body(body(CLIENT_A, &batch))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_scheme.status(), StatusCode::UNAUTHORIZED);
+
+    let other_client = push(&server, TOKEN_B, CLIENT_A, &batch).await;
+    assert_eq!(other_client.status, StatusCode::FORBIDDEN);
+    assert_eq!(other_client.error().error, "forbidden");
+    assert_eq!(
+        server.count(None).unwrap(),
+        0,
+        "refused pushes store nothing"
+    );
+
+    assert_eq!(
+        push(&server, TOKEN_A, CLIENT_A, &batch).await.status,
+        StatusCode::OK
+    );
+
+    // Reads: any valid token.
+    assert_eq!(
+        get(server.events_url(), None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        get(server.events_url(), Some("nope")).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        get(server.events_url(), Some(TOKEN_B)).await.status,
+        StatusCode::OK
+    );
+    server.shutdown().await.unwrap();
+
+    let (anon, _dir2) = start(|c| c.allow_anonymous(true)).await;
+    let ok = post_raw(&anon, None, body("any-client", &batch), false)
+        .await
+        .unwrap();
+    assert_eq!(ok.status, StatusCode::OK);
+    assert_eq!(ok.statuses(), vec![ResultStatus::Accepted]);
+    assert_eq!(get(anon.events_url(), None).await.status, StatusCode::OK);
+    // A presented token must still be valid and bound.
+    assert_eq!(
+        push(&anon, "nope", CLIENT_A, &batch).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        push(&anon, TOKEN_B, CLIENT_A, &batch).await.status,
+        StatusCode::FORBIDDEN
+    );
+}
+
+// ---------- body: limit, gzip, malformed, version ----------
+
+#[tokio::test]
+async fn body_over_the_limit_is_413() {
+    let (server, _dir) = start(|c| c.body_limit(64 * 1024)).await;
+    let mut big = event(1, "Big");
+    big.payload = RawValue::from_string(format!("\"{}\"", "x".repeat(200 * 1024))).unwrap();
+    let raw = body(CLIENT_A, std::slice::from_ref(&big));
+
+    let plain = post_raw(&server, Some(TOKEN_A), raw.clone(), false)
+        .await
+        .unwrap();
+    assert_eq!(plain.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(plain.error().error, "payload_too_large");
+
+    // The limit applies after inflation: a small gzip body that inflates past it is refused.
+    let zipped = gzip(&raw);
+    assert!(zipped.len() < 64 * 1024);
+    let inflated = post_raw(&server, Some(TOKEN_A), zipped, true)
+        .await
+        .unwrap();
+    assert_eq!(inflated.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(server.count(None).unwrap(), 0);
+
+    // A body far larger than the limit (but under the drain cap) still gets a clean 413.
+    big.payload = RawValue::from_string(format!("\"{}\"", "y".repeat(5 * 1024 * 1024))).unwrap();
+    let huge = post_raw(&server, Some(TOKEN_A), body(CLIENT_A, &[big]), false)
+        .await
+        .unwrap();
+    assert_eq!(huge.status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    // The connection is still usable afterwards and a small batch goes through.
+    assert_eq!(
+        push(&server, TOKEN_A, CLIENT_A, &events(1..2)).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn default_limit_is_4_mib() {
+    let (server, _dir) = start(|c| c).await;
+    let mut big = event(1, "Big");
+    big.payload = RawValue::from_string(format!("\"{}\"", "x".repeat(4 * 1024 * 1024))).unwrap();
+    let a = push(&server, TOKEN_A, CLIENT_A, &[big]).await;
+    assert_eq!(a.status, StatusCode::PAYLOAD_TOO_LARGE);
+    let mut fits = event(2, "Big");
+    fits.payload = RawValue::from_string(format!("\"{}\"", "x".repeat(3 * 1024 * 1024))).unwrap();
+    assert_eq!(
+        push(&server, TOKEN_A, CLIENT_A, &[fits]).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn gzip_bodies_are_accepted() {
+    let (server, _dir) = start(|c| c).await;
+    let batch = events(1..51);
+    let raw = body(CLIENT_A, &batch);
+    let zipped = gzip(&raw);
+    assert!(zipped.len() < raw.len());
+    let a = post_raw(&server, Some(TOKEN_A), zipped, true)
+        .await
+        .unwrap();
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.statuses(), vec![ResultStatus::Accepted; 50]);
+    assert_eq!(server.count(Some(CLIENT_A)).unwrap(), 50);
+
+    // Bytes that claim to be gzip but are not: 400, not a panic.
+    let broken = post_raw(&server, Some(TOKEN_A), raw, true).await.unwrap();
+    assert_eq!(broken.status, StatusCode::BAD_REQUEST);
+
+    // An encoding the server does not speak: 415.
+    let br = client()
+        .post(server.events_url())
+        .header("authorization", format!("Bearer {TOKEN_A}"))
+        .header("content-encoding", "br")
+        .body(body(CLIENT_A, &batch))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(br.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+}
+
+#[tokio::test]
+async fn malformed_and_misshapen_bodies_are_400_with_a_message() {
+    let (server, _dir) = start(|c| c).await;
+    for (raw, code) in [
+        (&b"{\"protocol\":1,\"client_id\":"[..], "malformed_json"),
+        (&b"not json at all"[..], "malformed_json"),
+        (&b""[..], "malformed_json"),
+        (&b"\xff\xfe\x00"[..], "malformed_json"),
+        (
+            &b"{\"protocol\":1,\"client_id\":\"a\"}"[..],
+            "invalid_request",
+        ),
+        (
+            &b"{\"protocol\":1,\"client_id\":\"a\",\"events\":[{\"id\":\"not-a-uuid\"}]}"[..],
+            "invalid_request",
+        ),
+        (&b"[1,2,3]"[..], "invalid_request"),
+    ] {
+        let a = post_raw(&server, Some(TOKEN_A), raw.to_vec(), false)
+            .await
+            .unwrap();
+        assert_eq!(
+            a.status,
+            StatusCode::BAD_REQUEST,
+            "{}",
+            String::from_utf8_lossy(raw)
+        );
+        let e = a.error();
+        assert_eq!(
+            e.error,
+            code,
+            "{}: {}",
+            String::from_utf8_lossy(raw),
+            e.message
+        );
+        assert!(!e.message.is_empty());
+    }
+    // Empty client_id.
+    let a = push(&server, TOKEN_A, "", &events(1..2)).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    // The server is still fine.
+    assert_eq!(
+        get(format!("{}/healthz", server.url()), None).await.body,
+        b"ok"
+    );
+}
+
+#[tokio::test]
+async fn other_protocol_versions_are_400_naming_the_supported_one() {
+    let (server, _dir) = start(|c| c).await;
+    let mut v2 = serde_json::to_value(PushRequest {
+        protocol: 1,
+        client_id: CLIENT_A.into(),
+        events: events(1..2),
+    })
+    .unwrap();
+    v2["protocol"] = json!(2);
+    let a = post_raw(
+        &server,
+        Some(TOKEN_A),
+        serde_json::to_vec(&v2).unwrap(),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    let e = a.error();
+    assert_eq!(e.error, "unsupported_protocol");
+    assert_eq!(e.supported_protocols, Some(vec![1]));
+    assert!(e.message.contains('1'), "{}", e.message);
+
+    // A version 2 body of a different shape is still recognized as version 2.
+    let other = json!({"protocol": 2, "stream": "x", "batch": {}});
+    let a = post_raw(
+        &server,
+        Some(TOKEN_A),
+        serde_json::to_vec(&other).unwrap(),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.error().error, "unsupported_protocol");
+    assert_eq!(server.count(None).unwrap(), 0);
+
+    // Unknown fields are ignored (forward compatibility within version 1).
+    let mut extra = serde_json::to_value(PushRequest {
+        protocol: 1,
+        client_id: CLIENT_A.into(),
+        events: events(1..2),
+    })
+    .unwrap();
+    extra["future_field"] = json!(true);
+    extra["events"][0]["future_event_field"] = json!({"x": 1});
+    let a = post_raw(
+        &server,
+        Some(TOKEN_A),
+        serde_json::to_vec(&extra).unwrap(),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.statuses(), vec![ResultStatus::Accepted]);
+}
+
+#[tokio::test]
+async fn invalid_events_are_rejected_and_the_rest_of_the_batch_goes_through() {
+    let (server, _dir) = start(|c| c).await;
+    let mut bad_time = event(4, "OrderCreated");
+    bad_time.created_at = "yesterday".into();
+    let batch = vec![
+        event(1, "OrderCreated"),
+        event(2, ""),
+        event(3, "OrderCreated"),
+        bad_time,
+    ];
+    let a = push(&server, TOKEN_A, CLIENT_A, &batch).await;
+    assert_eq!(a.status, StatusCode::OK);
+    let results = a.results();
+    assert_eq!(
+        results.iter().map(|r| r.status).collect::<Vec<_>>(),
+        vec![
+            ResultStatus::Accepted,
+            ResultStatus::Rejected,
+            ResultStatus::Accepted,
+            ResultStatus::Rejected
+        ]
+    );
+    assert_eq!(
+        results.iter().map(|r| r.id).collect::<Vec<_>>(),
+        ids(&batch)
+    );
+    assert!(results[1].reason.as_deref().unwrap().contains("type"));
+    assert!(results[3].reason.as_deref().unwrap().contains("created_at"));
+    assert_eq!(results[0].reason, None);
+    let stored: Vec<i64> = server
+        .events(CLIENT_A)
+        .unwrap()
+        .iter()
+        .map(|e| e.event.seq)
+        .collect();
+    assert_eq!(stored, vec![1, 3]);
+}
+
+#[tokio::test]
+async fn empty_batch_is_fine() {
+    let (server, _dir) = start(|c| c).await;
+    let a = push(&server, TOKEN_A, CLIENT_A, &[]).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(a.results().is_empty());
+}
+
+// ---------- pull ----------
+
+#[tokio::test]
+async fn pull_pages_in_arrival_order_and_filters_by_client() {
+    let (server, _dir) = start(|c| c).await;
+    push(&server, TOKEN_A, CLIENT_A, &events(1..16)).await;
+    push(&server, TOKEN_B, CLIENT_B, &events(1..6)).await;
+    push(&server, TOKEN_A, CLIENT_A, &events(16..26)).await;
+
+    let mut after = 0;
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        let a = get(
+            format!("{}?after={after}&limit=10", server.events_url()),
+            Some(TOKEN_A),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::OK);
+        let page: PullResponse = serde_json::from_slice(&a.body).unwrap();
+        let Some(next) = page.next_cursor else {
+            assert!(page.events.is_empty());
+            break;
+        };
+        assert!(page.events.len() <= 10);
+        assert_eq!(next, page.events.last().unwrap().cursor);
+        after = next;
+        pages += 1;
+        seen.extend(page.events);
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen.len(), 30);
+    assert!(seen.windows(2).all(|w| w[0].cursor < w[1].cursor));
+    assert_eq!(seen[15].client_id, CLIENT_B);
+
+    let a = get(
+        format!("{}?client_id={CLIENT_A}&limit=1000", server.events_url()),
+        Some(TOKEN_B),
+    )
+    .await;
+    let page: PullResponse = serde_json::from_slice(&a.body).unwrap();
+    assert_eq!(page.events.len(), 25);
+    assert_eq!(
+        page.events.iter().map(|e| e.event.seq).collect::<Vec<_>>(),
+        (1..26).collect::<Vec<_>>()
+    );
+
+    // Default page size is 100; a bad query is a 400.
+    let a = get(server.events_url(), Some(TOKEN_A)).await;
+    let page: PullResponse = serde_json::from_slice(&a.body).unwrap();
+    assert_eq!(page.events.len(), 30);
+    let bad = get(format!("{}?after=abc", server.events_url()), Some(TOKEN_A)).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert_eq!(bad.error().error, "invalid_request");
+}
+
+// ---------- fault injection (Rust API) ----------
+
+#[tokio::test]
+async fn fault_fail_next_with_retry_after() {
+    let (server, _dir) = start(|c| c).await;
+    server
+        .faults()
+        .fail_next(2, Failure::status(503).retry_after(7));
+    for _ in 0..2 {
+        let a = push(&server, TOKEN_A, CLIENT_A, &events(1..2)).await;
+        assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(a.headers["retry-after"], "7");
+        assert_eq!(a.error().error, "injected_fault");
+    }
+    assert_eq!(
+        server.count(None).unwrap(),
+        0,
+        "failed pushes store nothing"
+    );
+    assert_eq!(
+        push(&server, TOKEN_A, CLIENT_A, &events(1..2)).await.status,
+        StatusCode::OK
+    );
+
+    for status in [500, 413, 401, 400] {
+        server.faults().fail_next(1, Failure::status(status));
+        let a = push(&server, TOKEN_A, CLIENT_A, &events(1..2)).await;
+        assert_eq!(a.status.as_u16(), status);
+        assert_eq!(a.headers.contains_key("www-authenticate"), status == 401);
+    }
+    assert_eq!(server.count(None).unwrap(), 1);
+}
+
+#[tokio::test]
+async fn fault_fail_for_a_duration() {
+    let (server, _dir) = start(|c| c).await;
+    server
+        .faults()
+        .fail_for(Duration::from_millis(300), Failure::status(500));
+    let a = push(&server, TOKEN_A, CLIENT_A, &events(1..2)).await;
+    assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let b = push(&server, TOKEN_A, CLIENT_A, &events(1..2)).await;
+    assert_eq!(b.status, StatusCode::INTERNAL_SERVER_ERROR);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(
+        push(&server, TOKEN_A, CLIENT_A, &events(1..2)).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn fault_delay_makes_clients_time_out_after_the_commit() {
+    let (server, _dir) = start(|c| c).await;
+    server.faults().delay_next(1, Duration::from_millis(800));
+    let batch = events(1..3);
+    let started = Instant::now();
+    let err = reqwest::Client::new()
+        .post(server.events_url())
+        .header("authorization", format!("Bearer {TOKEN_A}"))
+        .timeout(Duration::from_millis(200))
+        .body(body(CLIENT_A, &batch))
+        .send()
+        .await
+        .expect_err("the client times out");
+    assert!(err.is_timeout(), "{err}");
+    assert!(started.elapsed() < Duration::from_millis(700));
+    // Committed before the delay: the resend is a duplicate.
+    assert_eq!(server.count(None).unwrap(), 2);
+    let again = push(&server, TOKEN_A, CLIENT_A, &batch).await;
+    assert_eq!(again.statuses(), vec![ResultStatus::Duplicate; 2]);
+
+    // delay() applies to every push until cleared.
+    server.faults().delay(Duration::from_millis(150));
+    for _ in 0..2 {
+        let t = Instant::now();
+        push(&server, TOKEN_A, CLIENT_A, &events(3..4)).await;
+        assert!(t.elapsed() >= Duration::from_millis(150));
+    }
+    server.faults().delay(Duration::ZERO);
+    let t = Instant::now();
+    push(&server, TOKEN_A, CLIENT_A, &events(4..5)).await;
+    assert!(t.elapsed() < Duration::from_millis(150));
+}
+
+#[tokio::test]
+async fn fault_drop_response_after_commit() {
+    let (server, _dir) = start(|c| c).await;
+    server.faults().drop_response_after_commit(1);
+    let batch = events(1..4);
+    let lost = post_raw(&server, Some(TOKEN_A), body(CLIENT_A, &batch), false).await;
+    assert!(lost.is_err(), "the answer must not be readable");
+    assert_eq!(
+        server.count(None).unwrap(),
+        3,
+        "but the events were committed"
+    );
+    let resend = push(&server, TOKEN_A, CLIENT_A, &batch).await;
+    assert_eq!(resend.statuses(), vec![ResultStatus::Duplicate; 3]);
+    assert_eq!(server.count(None).unwrap(), 3);
+}
+
+#[tokio::test]
+async fn fault_malformed_200_body() {
+    let (server, _dir) = start(|c| c).await;
+    server.faults().malformed_response(1);
+    let batch = events(1..3);
+    let a = push(&server, TOKEN_A, CLIENT_A, &batch).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(serde_json::from_slice::<PushResponse>(&a.body).is_err());
+    assert_eq!(
+        server.count(None).unwrap(),
+        0,
+        "a malformed answer stores nothing"
+    );
+    assert_eq!(
+        push(&server, TOKEN_A, CLIENT_A, &batch).await.statuses(),
+        vec![ResultStatus::Accepted; 2]
+    );
+}
+
+#[tokio::test]
+async fn request_log_and_reset() {
+    let (server, _dir) = start(|c| c).await;
+    push(&server, TOKEN_A, CLIENT_A, &events(1..4)).await;
+    server.faults().fail_next(1, Failure::status(503));
+    push(&server, TOKEN_B, CLIENT_B, &events(1..2)).await;
+    post_raw(&server, Some(TOKEN_A), b"garbage".to_vec(), false)
+        .await
+        .unwrap();
+    server.faults().drop_response_after_commit(1);
+    let _ = post_raw(&server, Some(TOKEN_A), body(CLIENT_A, &events(4..5)), false).await;
+    // Give the server a moment to log the dropped push.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let log = server.requests();
+    assert_eq!(log.len(), 4, "{log:?}");
+    let brief: Vec<(Option<&str>, usize, u16, Option<&str>)> = log
+        .iter()
+        .map(|r| {
+            (
+                r.client_id.as_deref(),
+                r.events,
+                r.status,
+                r.fault.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        brief,
+        vec![
+            (Some(CLIENT_A), 3, 200, None),
+            (Some(CLIENT_B), 1, 503, Some("fail")),
+            (None, 0, 400, None),
+            (Some(CLIENT_A), 1, 0, Some("drop_after_commit")),
+        ]
+    );
+    assert!(log.iter().all(|r| r.started_at <= r.finished_at));
+    assert!(log.windows(2).all(|w| w[0].started_at <= w[1].started_at));
+    let now = Timestamp::now().as_millis();
+    assert!(
+        (now - log[0].started_at).abs() < 60_000,
+        "unix milliseconds"
+    );
+
+    server.faults().fail_next(5, Failure::status(500));
+    server.faults().reset();
+    assert!(server.requests().is_empty());
+    assert_eq!(
+        push(&server, TOKEN_A, CLIENT_A, &events(5..6)).await.status,
+        StatusCode::OK
+    );
+}
+
+// ---------- fault injection (HTTP endpoints) ----------
+
+async fn control(server: &RunningServer, path: &str, body: Value) -> StatusCode {
+    client()
+        .post(format!("{}/__test/{path}", server.url()))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test]
+async fn test_control_endpoints() {
+    let (server, _dir) = start(|c| c.test_controls(true)).await;
+
+    assert_eq!(
+        control(
+            &server,
+            "fail",
+            json!({"status": 503, "count": 1, "retry_after": 2})
+        )
+        .await,
+        StatusCode::NO_CONTENT
+    );
+    let a = push(&server, TOKEN_A, CLIENT_A, &events(1..2)).await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(a.headers["retry-after"], "2");
+
+    assert_eq!(
+        control(&server, "fail", json!({"status": 500, "for_ms": 200})).await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        push(&server, TOKEN_A, CLIENT_A, &events(1..2)).await.status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(
+        push(&server, TOKEN_A, CLIENT_A, &events(1..2)).await.status,
+        StatusCode::OK
+    );
+
+    assert_eq!(
+        control(&server, "delay", json!({"ms": 200, "count": 1})).await,
+        StatusCode::NO_CONTENT
+    );
+    let t = Instant::now();
+    push(&server, TOKEN_A, CLIENT_A, &events(2..3)).await;
+    assert!(t.elapsed() >= Duration::from_millis(200));
+
+    assert_eq!(
+        control(&server, "drop-after-commit", json!({"count": 1})).await,
+        StatusCode::NO_CONTENT
+    );
+    assert!(
+        post_raw(&server, Some(TOKEN_A), body(CLIENT_A, &events(3..4)), false)
+            .await
+            .is_err()
+    );
+
+    assert_eq!(
+        control(&server, "malformed", json!({"count": 1})).await,
+        StatusCode::NO_CONTENT
+    );
+    let m = push(&server, TOKEN_A, CLIENT_A, &events(4..5)).await;
+    assert!(serde_json::from_slice::<PushResponse>(&m.body).is_err());
+
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let log = get(format!("{}/__test/requests", server.url()), None).await;
+    assert_eq!(log.status, StatusCode::OK);
+    let log: Vec<RequestRecord> = serde_json::from_slice(&log.body).unwrap();
+    let statuses: Vec<u16> = log.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, vec![503, 500, 200, 200, 0, 200]);
+
+    // Bad control requests are 400s.
+    assert_eq!(
+        control(&server, "fail", json!({"status": 200, "count": 1})).await,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        control(&server, "fail", json!({"status": 500})).await,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        control(&server, "delay", json!({"millis": 5})).await,
+        StatusCode::BAD_REQUEST
+    );
+
+    assert_eq!(
+        control(&server, "reset", json!({})).await,
+        StatusCode::NO_CONTENT
+    );
+    let log = get(format!("{}/__test/requests", server.url()), None).await;
+    assert_eq!(log.body, b"[]");
+
+    // Without --enable-test-controls the endpoints do not exist.
+    let (plain, _dir2) = start(|c| c).await;
+    assert_eq!(
+        control(&plain, "fail", json!({"status": 500, "count": 1})).await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        get(format!("{}/__test/requests", plain.url()), None)
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+// ---------- inbox ----------
+
+/// Writes each order into the app's own table; refuses "Bad" events for
+/// good; fails (transiently) on "Boom".
+struct Orders;
+
+impl Inbox for Orders {
+    fn migrate(&self, conn: &rusqlite::Connection) -> Result<(), BoxError> {
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS orders (seq INTEGER NOT NULL, client TEXT NOT NULL)",
+        )?;
+        Ok(())
+    }
+
+    fn apply(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        client_id: &str,
+        event: &WireEvent,
+    ) -> Result<Applied, BoxError> {
+        // The write happens before the verdict, so a rejection must undo it.
+        tx.execute(
+            "INSERT INTO orders (seq, client) VALUES (?1, ?2)",
+            (event.seq, client_id),
+        )?;
+        match event.event_type.as_str() {
+            "Bad" => Ok(Applied::Reject("bad order".into())),
+            "Boom" => Err("the payment service is down".into()),
+            _ => Ok(Applied::Accept),
+        }
+    }
+}
+
+fn orders(db: &Path) -> Vec<i64> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = conn.prepare("SELECT seq FROM orders ORDER BY seq").unwrap();
+    stmt.query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+#[tokio::test]
+async fn inbox_applies_in_the_same_transaction_as_the_dedupe_record() {
+    let (server, dir) = start(|c| c.inbox(Orders)).await;
+    let db: PathBuf = dir.path().join("server.db");
+
+    let batch = vec![
+        event(1, "OrderCreated"),
+        event(2, "Bad"),
+        event(3, "OrderCreated"),
+    ];
+    let a = push(&server, TOKEN_A, CLIENT_A, &batch).await;
+    assert_eq!(
+        a.statuses(),
+        vec![
+            ResultStatus::Accepted,
+            ResultStatus::Rejected,
+            ResultStatus::Accepted
+        ]
+    );
+    assert_eq!(a.results()[1].reason.as_deref(), Some("bad order"));
+    assert_eq!(
+        orders(&db),
+        vec![1, 3],
+        "the rejected event's write was rolled back"
+    );
+
+    // Duplicates never reach the inbox: no second effect.
+    let again = push(&server, TOKEN_A, CLIENT_A, &batch).await;
+    assert_eq!(
+        again.statuses(),
+        vec![
+            ResultStatus::Duplicate,
+            ResultStatus::Rejected,
+            ResultStatus::Duplicate
+        ]
+    );
+    assert_eq!(orders(&db), vec![1, 3]);
+
+    // An apply error fails the whole push with 500 and stores nothing of it.
+    let ok4 = event(4, "OrderCreated");
+    let boom = push(&server, TOKEN_A, CLIENT_A, &[ok4.clone(), event(5, "Boom")]).await;
+    assert_eq!(boom.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(boom.error().error, "inbox_error");
+    assert_eq!(orders(&db), vec![1, 3]);
+    assert_eq!(server.count(None).unwrap(), 2, "no dedupe row left behind");
+    // So the event is new when it comes again.
+    assert_eq!(
+        push(&server, TOKEN_A, CLIENT_A, &[ok4]).await.statuses(),
+        vec![ResultStatus::Accepted]
+    );
+    assert_eq!(orders(&db), vec![1, 3, 4]);
+}
+
+// ---------- static files, healthz, binary ----------
+
+#[tokio::test]
+async fn serves_static_files_and_healthz() {
+    let site = tempfile::tempdir().unwrap();
+    std::fs::write(site.path().join("index.html"), "<h1>demo</h1>").unwrap();
+    let (server, _dir) = start(|c| c.static_dir(site.path())).await;
+    let index = get(format!("{}/", server.url()), None).await;
+    assert_eq!(index.status, StatusCode::OK);
+    assert_eq!(index.body, b"<h1>demo</h1>");
+    let health = get(format!("{}/healthz", server.url()), None).await;
+    assert_eq!(
+        (health.status, health.body.as_slice()),
+        (StatusCode::OK, &b"ok"[..])
+    );
+    assert_eq!(
+        get(format!("{}/missing.js", server.url()), None)
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn binary_prints_its_port_and_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edge-outbox-server"))
+        .args(["--listen", "127.0.0.1:0", "--database"])
+        .arg(dir.path().join("bin.db"))
+        .args([
+            "--token",
+            &format!("{TOKEN_A}:{CLIENT_A}"),
+            "--enable-test-controls",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("address line")
+        .to_owned();
+    assert!(!url.ends_with(":0"), "{url}");
+
+    let health = get(format!("{url}/healthz"), None).await;
+    assert_eq!(health.status, StatusCode::OK);
+    let resp = client()
+        .post(format!("{url}/v1/events"))
+        .header("authorization", format!("Bearer {TOKEN_A}"))
+        .body(body(CLIENT_A, &events(1..3)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let log = get(format!("{url}/__test/requests"), None).await;
+    assert_eq!(log.status, StatusCode::OK);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+// ---------- JSON Schemas ----------
+
+fn schema(name: &str) -> jsonschema::Validator {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../docs/schema")
+        .join(format!("{name}.schema.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let value: Value = serde_json::from_str(&text).unwrap();
+    jsonschema::draft202012::new(&value)
+        .unwrap_or_else(|e| panic!("{name} is not a valid schema: {e}"))
+}
+
+fn assert_valid(v: &jsonschema::Validator, name: &str, instance: &Value) {
+    let errors: Vec<String> = v
+        .iter_errors(instance)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{name}: {instance}\n{}",
+        errors.join("\n")
+    );
+}
+
+#[tokio::test]
+async fn real_bodies_match_the_json_schemas() {
+    let push_schema = schema("push-request");
+    let response_schema = schema("push-response");
+    let error_schema = schema("error");
+    let pull_schema = schema("pull-response");
+
+    let (server, _dir) = start(|c| c).await;
+    let mut minimal = event(3, "Minimal");
+    minimal.key = None;
+    minimal.headers.clear();
+    let batch = vec![event(1, "OrderCreated"), event(2, ""), minimal];
+    let request = serde_json::to_value(PushRequest {
+        protocol: 1,
+        client_id: CLIENT_A.into(),
+        events: batch.clone(),
+    })
+    .unwrap();
+    // The empty type is schema-valid on purpose: the server rejects it per event.
+    assert_valid(&push_schema, "push-request", &request);
+
+    let a = push(&server, TOKEN_A, CLIENT_A, &batch).await;
+    let answer: Value = serde_json::from_slice(&a.body).unwrap();
+    assert_valid(&response_schema, "push-response", &answer);
+    assert_eq!(a.statuses()[1], ResultStatus::Rejected);
+
+    for bad in [
+        push(&server, TOKEN_B, CLIENT_A, &batch).await,
+        post_raw(&server, None, body(CLIENT_A, &batch), false)
+            .await
+            .unwrap(),
+        post_raw(&server, Some(TOKEN_A), b"{".to_vec(), false)
+            .await
+            .unwrap(),
+        post_raw(&server, Some(TOKEN_A), br#"{"protocol":2}"#.to_vec(), false)
+            .await
+            .unwrap(),
+    ] {
+        let v: Value = serde_json::from_slice(&bad.body).unwrap();
+        assert_valid(&error_schema, "error", &v);
+    }
+
+    let pulled = get(server.events_url(), Some(TOKEN_A)).await;
+    let v: Value = serde_json::from_slice(&pulled.body).unwrap();
+    assert_valid(&pull_schema, "pull-response", &v);
+    let empty = get(format!("{}?after=1000", server.events_url()), Some(TOKEN_A)).await;
+    assert_valid(
+        &pull_schema,
+        "pull-response",
+        &serde_json::from_slice(&empty.body).unwrap(),
+    );
+}
+
+#[test]
+fn schemas_refuse_wrong_bodies() {
+    let push_schema = schema("push-request");
+    let response_schema = schema("push-response");
+    let error_schema = schema("error");
+    let pull_schema = schema("pull-response");
+    let event = json!({"id": "0192f0c1-7c1e-7000-8000-000000000001", "seq": 1, "type": "T",
+                       "payload": {}, "created_at": "2026-11-27T12:00:00.123Z"});
+    let good = json!({"protocol": 1, "client_id": "c", "events": [event]});
+    assert_valid(&push_schema, "push-request", &good);
+    for bad in [
+        json!({"protocol": 1, "client_id": "c"}),
+        json!({"protocol": "1", "client_id": "c", "events": []}),
+        json!({"protocol": 1, "client_id": "c", "events": [{"id": "x", "seq": 1, "type": "T", "payload": 1, "created_at": "2026-11-27T12:00:00.123Z"}]}),
+        json!({"protocol": 1, "client_id": "c", "events": [{"seq": 1, "type": "T", "payload": 1, "created_at": "2026-11-27T12:00:00.123Z"}]}),
+        json!({"protocol": 1, "client_id": "c", "events": [{"id": "0192f0c1-7c1e-7000-8000-000000000001", "seq": 1, "type": "T", "payload": 1, "created_at": "2026-11-27T12:00:00.123Z", "headers": {"n": 1}}]}),
+    ] {
+        assert!(!push_schema.is_valid(&bad), "push-request accepted {bad}");
+    }
+    assert!(!response_schema.is_valid(
+        &json!({"results": [{"id": "0192f0c1-7c1e-7000-8000-000000000001", "status": "maybe"}]})
+    ));
+    assert!(!response_schema.is_valid(&json!({"results": [{"id": "0192f0c1-7c1e-7000-8000-000000000001", "status": "rejected"}]})), "rejected needs a reason");
+    assert!(!response_schema.is_valid(&json!({"result": []})));
+    assert!(!error_schema.is_valid(&json!({"error": "x"})));
+    assert!(!pull_schema.is_valid(&json!({"events": [{"cursor": 1}]})));
+}
+
+/// Every ```json block of docs/protocol.md preceded by `<!-- schema: NAME -->`
+/// must be valid against docs/schema/NAME.schema.json, and the Rust types
+/// must read it.
+#[test]
+fn protocol_doc_examples_match_the_schemas() {
+    let doc_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/protocol.md");
+    let doc = std::fs::read_to_string(&doc_path).unwrap();
+    let mut checked = 0;
+    let mut lines = doc.lines();
+    while let Some(line) = lines.next() {
+        let Some(name) = line
+            .trim()
+            .strip_prefix("<!-- schema: ")
+            .and_then(|r| r.strip_suffix(" -->"))
+        else {
+            continue;
+        };
+        let fence = lines.next().unwrap_or_default();
+        assert!(
+            fence.starts_with("```json"),
+            "schema marker for {name} must precede a ```json block"
+        );
+        let block: Vec<&str> = lines
+            .by_ref()
+            .take_while(|l| !l.starts_with("```"))
+            .collect();
+        let text = block.join("\n");
+        let value: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("docs example for {name} is not JSON: {e}"));
+        assert_valid(&schema(name), name, &value);
+        let typed = match name {
+            "push-request" => serde_json::from_str::<PushRequest>(&text).map(|_| ()),
+            "push-response" => serde_json::from_str::<PushResponse>(&text).map(|_| ()),
+            "error" => serde_json::from_str::<ErrorBody>(&text).map(|_| ()),
+            "pull-response" => serde_json::from_str::<PullResponse>(&text).map(|_| ()),
+            other => panic!("unknown schema {other}"),
+        };
+        typed.unwrap_or_else(|e| {
+            panic!("docs example for {name} does not parse as the Rust type: {e}")
+        });
+        checked += 1;
+    }
+    assert!(checked >= 5, "only {checked} examples checked");
+}
