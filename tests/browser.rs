@@ -58,3 +58,394 @@ async fn close_and_reopen_keeps_pending_events() {
     let pending = again.pending(10).await.unwrap();
     assert_eq!(pending, events);
 }
+
+// ---- the JavaScript API ------------------------------------------------------
+
+use edge_outbox::web::Outbox;
+use js_sys::{Function, Promise, Reflect};
+use wasm_bindgen::{JsCast, JsValue};
+use wasm_bindgen_futures::JsFuture;
+
+/// Evaluate a JS object literal / expression.
+fn js(expr: &str) -> JsValue {
+    Function::new_no_args(&format!("return ({expr});"))
+        .call0(&JsValue::UNDEFINED)
+        .unwrap()
+}
+
+/// A JS function `(tx) => { body }`.
+fn callback(body: &str) -> Function {
+    Function::new_with_args("tx", body)
+}
+
+fn prop(v: &JsValue, k: &str) -> JsValue {
+    Reflect::get(v, &JsValue::from_str(k)).unwrap()
+}
+
+fn num(v: &JsValue, k: &str) -> f64 {
+    prop(v, k).as_f64().unwrap_or_else(|| panic!("{k} is not a number in {v:?}"))
+}
+
+async fn wait(p: Promise) -> Result<JsValue, JsValue> {
+    JsFuture::from(p).await
+}
+
+async fn sleep_ms(ms: i32) {
+    let p = Promise::new(&mut |resolve, _| {
+        let global = js_sys::global();
+        let set_timeout: Function = Reflect::get(&global, &"setTimeout".into()).unwrap().unchecked_into();
+        set_timeout.call2(&JsValue::UNDEFINED, &resolve, &ms.into()).unwrap();
+    });
+    JsFuture::from(p).await.unwrap();
+}
+
+async fn open_todos(name: &str, extra: &str) -> Outbox {
+    let options = js(&format!(
+        r#"{{ database: {name:?}, durability: "relaxed",
+             stores: {{ todos: {{ keyPath: "id", indexes: {{ byDone: {{ keyPath: "done" }} }} }} }} {extra} }}"#
+    ));
+    Outbox::open_with(options).await.unwrap()
+}
+
+async fn todo(outbox: &Outbox, id: u32) -> JsValue {
+    wait(outbox.transaction(
+        JsValue::from_str("todos"),
+        callback(&format!("return tx.get('todos', {id});")),
+    ))
+    .await
+    .unwrap()
+}
+
+async fn pending_count(outbox: &Outbox) -> f64 {
+    num(&wait(outbox.stats()).await.unwrap(), "pending")
+}
+
+fn error_name(e: &JsValue) -> String {
+    prop(e, "name").as_string().unwrap_or_default()
+}
+
+#[wasm_bindgen_test]
+async fn transaction_commits_app_record_and_event_together() {
+    let outbox = open_todos(&fresh_name("tx-ok"), "").await;
+    let value = wait(outbox.transaction(
+        js(r#"["todos"]"#),
+        callback(
+            "tx.put('todos', { id: 1, title: 'milk', done: 0 });
+             return tx.enqueue('TodoCreated', { id: 1, title: 'milk' }, { key: 'todo-1', headers: { schema: '1' } });",
+        ),
+    ))
+    .await
+    .unwrap();
+    let id = value.as_string().expect("the callback's value (the event id)");
+    assert_eq!(prop(&todo(&outbox, 1).await, "title").as_string().unwrap(), "milk");
+    let pending = wait(outbox.pending(None)).await.unwrap();
+    let first = js_sys::Array::from(&pending).get(0);
+    assert_eq!(prop(&first, "id").as_string().unwrap(), id);
+    assert_eq!(prop(&first, "key").as_string().unwrap(), "todo-1");
+    assert_eq!(prop(&prop(&first, "payload"), "title").as_string().unwrap(), "milk");
+    assert_eq!(prop(&prop(&first, "headers"), "schema").as_string().unwrap(), "1");
+    wait(outbox.close()).await.unwrap();
+}
+
+#[wasm_bindgen_test]
+async fn a_throw_rolls_everything_back() {
+    let outbox = open_todos(&fresh_name("tx-throw"), "").await;
+    let err = wait(outbox.transaction(
+        js(r#"["todos"]"#),
+        callback(
+            "tx.put('todos', { id: 1, done: 0 });
+             tx.enqueue('TodoCreated', { id: 1 });
+             throw new Error('boom');",
+        ),
+    ))
+    .await
+    .unwrap_err();
+    assert_eq!(prop(&err, "message").as_string().unwrap(), "boom");
+    assert!(todo(&outbox, 1).await.is_undefined());
+    assert_eq!(pending_count(&outbox).await, 0.0);
+}
+
+#[wasm_bindgen_test]
+async fn a_failed_put_rolls_everything_back() {
+    let outbox = open_todos(&fresh_name("tx-put"), "").await;
+    // Synchronous failure: the record lacks the key path.
+    let err = wait(outbox.transaction(
+        js(r#"["todos"]"#),
+        callback("tx.enqueue('A', 1); tx.put('todos', { title: 'no id' });"),
+    ))
+    .await
+    .unwrap_err();
+    assert_eq!(error_name(&err), "DataError");
+    // Asynchronous failure: the key exists already (ConstraintError at commit time).
+    wait(outbox.transaction(js(r#""todos""#), callback("tx.put('todos', { id: 7, done: 0 });")))
+        .await
+        .unwrap();
+    let err = wait(outbox.transaction(
+        js(r#"["todos"]"#),
+        callback(
+            "tx.put('todos', { id: 8, done: 0 });
+             tx.enqueue('A', 1);
+             tx.add('todos', { id: 7, done: 1 });",
+        ),
+    ))
+    .await
+    .unwrap_err();
+    assert_eq!(error_name(&err), "ConstraintError");
+    assert!(todo(&outbox, 8).await.is_undefined());
+    assert_eq!(num(&todo(&outbox, 7).await, "done"), 0.0);
+    assert_eq!(pending_count(&outbox).await, 0.0);
+    // An async callback that rejects.
+    let err = wait(outbox.transaction(
+        js(r#"["todos"]"#),
+        callback("tx.put('todos', { id: 9, done: 0 }); tx.enqueue('A', 1); return Promise.reject(new TypeError('late'));"),
+    ))
+    .await
+    .unwrap_err();
+    assert_eq!(error_name(&err), "TypeError");
+    assert!(todo(&outbox, 9).await.is_undefined());
+    assert_eq!(pending_count(&outbox).await, 0.0);
+}
+
+#[wasm_bindgen_test]
+async fn payloads_json_cannot_represent_are_refused_and_nothing_is_written() {
+    let outbox = open_todos(&fresh_name("tx-json"), "").await;
+    for payload in [
+        "() => 1",
+        "(() => { const o = { a: 1 }; o.self = o; return o; })()",
+        "{ big: 10n }",
+        "{ x: NaN }",
+        "{ f: function () {} }",
+        "new Map([[1, 2]])",
+        "[undefined]",
+    ] {
+        let err = wait(outbox.transaction(
+            js(r#"["todos"]"#),
+            callback(&format!(
+                "tx.put('todos', {{ id: 1, done: 0 }});
+                 try {{ tx.enqueue('Bad', {payload}); }} catch (e) {{ /* swallowed on purpose */ }}"
+            )),
+        ))
+        .await
+        .unwrap_err();
+        assert_eq!(error_name(&err), "InvalidEventError", "{payload}: {err:?}");
+        assert!(err.is_instance_of::<js_sys::Error>(), "a real Error object");
+        assert!(todo(&outbox, 1).await.is_undefined(), "{payload}");
+    }
+    assert_eq!(pending_count(&outbox).await, 0.0);
+    // enqueue() alone refuses them too.
+    let err = wait(outbox.enqueue("Bad".into(), js("{ f() {} }"), JsValue::UNDEFINED))
+        .await
+        .unwrap_err();
+    assert_eq!(error_name(&err), "InvalidEventError");
+    // An empty type name.
+    let err = wait(outbox.enqueue("".into(), js("1"), JsValue::UNDEFINED)).await.unwrap_err();
+    assert_eq!(error_name(&err), "InvalidEventError");
+    assert_eq!(pending_count(&outbox).await, 0.0);
+}
+
+#[wasm_bindgen_test]
+async fn closed_outbox_rejects_with_closed_error_and_reopen_keeps_events() {
+    let name = fresh_name("js-reopen");
+    let outbox = open_todos(&name, "").await;
+    let client_id = outbox.client_id();
+    wait(outbox.enqueue("A".into(), js("{ n: 1 }"), JsValue::UNDEFINED)).await.unwrap();
+    wait(outbox.close()).await.unwrap();
+    let err = wait(outbox.stats()).await.unwrap_err();
+    assert_eq!(error_name(&err), "ClosedError");
+    let err = wait(outbox.transaction(js("'todos'"), callback(""))).await.unwrap_err();
+    assert_eq!(error_name(&err), "ClosedError");
+    let again = open_todos(&name, "").await;
+    assert_eq!(again.client_id(), client_id);
+    assert_eq!(pending_count(&again).await, 1.0);
+}
+
+#[wasm_bindgen_test]
+async fn enqueue_in_the_apps_own_transaction() {
+    let outbox = open_todos(&fresh_name("enqueue-in"), "").await;
+    let db = outbox.db();
+    // Commit.
+    let tx = db
+        .transaction_with_str_sequence_and_mode(
+            &js(r#"["todos", "edge_outbox_events"]"#),
+            web_sys::IdbTransactionMode::Readwrite,
+        )
+        .unwrap();
+    tx.object_store("todos").unwrap().put(&js("{ id: 3, done: 0 }")).unwrap();
+    outbox.enqueue_in(tx.clone(), "A".into(), js("{ n: 3 }"), JsValue::UNDEFINED).unwrap();
+    sleep_ms(50).await;
+    assert_eq!(pending_count(&outbox).await, 1.0);
+    // An invalid event aborts the app's transaction.
+    let tx = db
+        .transaction_with_str_sequence_and_mode(
+            &js(r#"["todos", "edge_outbox_events"]"#),
+            web_sys::IdbTransactionMode::Readwrite,
+        )
+        .unwrap();
+    tx.object_store("todos").unwrap().put(&js("{ id: 4, done: 0 }")).unwrap();
+    let err = outbox
+        .enqueue_in(tx, "A".into(), js("{ n: NaN }"), JsValue::UNDEFINED)
+        .unwrap_err();
+    assert_eq!(error_name(&err), "InvalidEventError");
+    sleep_ms(50).await;
+    assert!(todo(&outbox, 4).await.is_undefined());
+    assert_eq!(pending_count(&outbox).await, 1.0);
+}
+
+// ---- relay delivery to the reference server ---------------------------------
+
+/// The reference server (behind a CORS proxy), started by scripts/test-browser.
+const SERVER: Option<&str> = option_env!("EDGE_OUTBOX_TEST_SERVER");
+
+async fn http(method: &str, url: &str, body: Option<&str>) -> JsValue {
+    let init = web_sys::RequestInit::new();
+    init.set_method(method);
+    if let Some(b) = body {
+        init.set_body(&JsValue::from_str(b));
+        let headers = web_sys::Headers::new().unwrap();
+        headers.set("content-type", "application/json").unwrap();
+        init.set_headers(&headers);
+    }
+    let global = js_sys::global();
+    let fetch: Function = Reflect::get(&global, &"fetch".into()).unwrap().unchecked_into();
+    let request = web_sys::Request::new_with_str_and_init(url, &init).unwrap();
+    let resp: web_sys::Response = wait(fetch.call1(&JsValue::UNDEFINED, &request).unwrap().unchecked_into())
+        .await
+        .unwrap()
+        .unchecked_into();
+    assert!(resp.ok(), "{method} {url}: {}", resp.status());
+    let text = wait(resp.text().unwrap()).await.unwrap().as_string().unwrap();
+    if text.is_empty() {
+        JsValue::NULL
+    } else {
+        js_sys::JSON::parse(&text).unwrap_or(JsValue::from_str(&text))
+    }
+}
+
+/// Event ids the server received from `client_id`, in arrival order.
+async fn received(server: &str, client_id: &str) -> Vec<String> {
+    let page = http("GET", &format!("{server}/v1/events?after=0&limit=1000&client_id={client_id}"), None).await;
+    js_sys::Array::from(&prop(&page, "events"))
+        .iter()
+        .map(|e| prop(&e, "id").as_string().unwrap())
+        .collect()
+}
+
+/// Wait (up to `secs`) until the outbox has nothing pending.
+async fn drained(outbox: &Outbox, secs: u32) {
+    for _ in 0..secs * 10 {
+        if pending_count(outbox).await == 0.0 {
+            return;
+        }
+        sleep_ms(100).await;
+    }
+    panic!("events still pending after {secs} s: {:?}", outbox.status());
+}
+
+async fn commit_todos(outbox: &Outbox, ids: std::ops::Range<u32>) -> Vec<String> {
+    let mut out = Vec::new();
+    for id in ids {
+        let v = wait(outbox.transaction(
+            js("['todos']"),
+            callback(&format!(
+                "tx.put('todos', {{ id: {id}, done: 0 }}); return tx.enqueue('TodoCreated', {{ id: {id} }}, {{ key: 'todo-{id}' }});"
+            )),
+        ))
+        .await
+        .unwrap();
+        out.push(v.as_string().unwrap());
+    }
+    out
+}
+
+#[wasm_bindgen_test]
+async fn relay_delivers_through_a_500_period_and_an_offline_period() {
+    let Some(server) = SERVER else {
+        console_log!("skipped: EDGE_OUTBOX_TEST_SERVER not set (run scripts/test-browser)");
+        return;
+    };
+    http("POST", &format!("{server}/__test/reset"), Some("{}")).await;
+    let outbox = open_todos(
+        &fresh_name("relay"),
+        &format!(r#", endpoint: "{server}/v1/events", retry: {{ baseMs: 100, capMs: 400 }},
+                    headers: async ({{ refresh }}) => ({{ "x-test": String(refresh) }})"#),
+    )
+    .await;
+    let statuses = std::rc::Rc::new(std::cell::RefCell::new(Vec::<JsValue>::new()));
+    let seen = statuses.clone();
+    let listener = wasm_bindgen::closure::Closure::<dyn FnMut(JsValue)>::new(move |e: JsValue| {
+        seen.borrow_mut().push(prop(&e, "detail"));
+    });
+    outbox
+        .add_event_listener("status".into(), listener.as_ref().unchecked_ref::<Function>().clone())
+        .unwrap();
+    let client = outbox.client_id();
+
+    // Plain delivery, woken by the commits.
+    let mut expected = commit_todos(&outbox, 0..5).await;
+    drained(&outbox, 10).await;
+    assert_eq!(received(server, &client).await, expected);
+
+    // A 500 period: attempts fail, then the backoff timer delivers everything.
+    http("POST", &format!("{server}/__test/fail"), Some(r#"{"status":500,"for_ms":1000}"#)).await;
+    expected.extend(commit_todos(&outbox, 5..8).await);
+    sleep_ms(300).await;
+    assert!(pending_count(&outbox).await > 0.0, "the server is failing");
+    drained(&outbox, 15).await;
+    assert_eq!(received(server, &client).await, expected, "all, in order, once");
+    assert!(
+        statuses.borrow().iter().any(|s| prop(s, "lastError").as_string().is_some()),
+        "a status event carried the 500"
+    );
+
+    // An offline period: nothing is attempted, nothing is spent.
+    outbox.set_online(Some(false)).unwrap();
+    expected.extend(commit_todos(&outbox, 8..11).await);
+    sleep_ms(500).await;
+    let pending = js_sys::Array::from(&wait(outbox.pending(None)).await.unwrap());
+    assert_eq!(pending.length(), 3);
+    assert!(pending.iter().all(|e| num(&e, "attempts") == 0.0), "no attempt spent offline");
+    let report = wait(outbox.flush()).await.unwrap();
+    assert_eq!(num(&report, "sent"), 0.0);
+    assert!(!prop(&outbox.status(), "online").as_bool().unwrap());
+    outbox.set_online(None).unwrap();
+    drained(&outbox, 10).await;
+    assert_eq!(received(server, &client).await, expected);
+
+    // flush() reports what it delivered.
+    wait(outbox.stop()).await.unwrap();
+    expected.extend(commit_todos(&outbox, 11..13).await);
+    let report = wait(outbox.flush()).await.unwrap();
+    assert_eq!(num(&report, "sent"), 2.0);
+    assert_eq!(num(&report, "pending"), 0.0);
+    assert_eq!(received(server, &client).await, expected);
+    wait(outbox.close()).await.unwrap();
+}
+
+#[wasm_bindgen_test]
+async fn one_sender_per_outbox_and_handover_on_close() {
+    let Some(server) = SERVER else {
+        console_log!("skipped: EDGE_OUTBOX_TEST_SERVER not set (run scripts/test-browser)");
+        return;
+    };
+    let name = fresh_name("tabs");
+    let opts = format!(r#", endpoint: "{server}/v1/events", retry: {{ baseMs: 100, capMs: 400 }}"#);
+    let a = open_todos(&name, &opts).await;
+    sleep_ms(100).await;
+    let b = open_todos(&name, &opts).await;
+    sleep_ms(100).await;
+    assert!(prop(&a.status(), "leader").as_bool().unwrap());
+    assert!(!prop(&b.status(), "leader").as_bool().unwrap());
+    // B commits, A (the sender) is told over the BroadcastChannel and delivers.
+    let mut expected = commit_todos(&b, 0..3).await;
+    drained(&b, 10).await;
+    let client = b.client_id();
+    assert_eq!(received(server, &client).await, expected);
+    // A closes: B takes over the lock and delivers.
+    wait(a.close()).await.unwrap();
+    sleep_ms(100).await;
+    assert!(prop(&b.status(), "leader").as_bool().unwrap());
+    expected.extend(commit_todos(&b, 3..6).await);
+    drained(&b, 10).await;
+    assert_eq!(received(server, &client).await, expected);
+    wait(b.close()).await.unwrap();
+}

@@ -288,18 +288,10 @@ pub struct Outbox {
     shared: Rc<Shared>,
 }
 
-#[wasm_bindgen]
 impl Outbox {
-    /// `Outbox.open({ database, stores, endpoint, durability, headers, ... })`:
-    /// open (creating or upgrading) the database with the app's declared
-    /// stores and the outbox stores, and start the relay when an endpoint is
-    /// given (unless `autoStart: false`).
-    #[wasm_bindgen(js_name = open)]
-    pub fn open(options: JsValue) -> Promise {
-        future_to_promise(async move { Outbox::open_inner(options).await.map(JsValue::from) })
-    }
-
-    async fn open_inner(options: JsValue) -> Result<Outbox, JsValue> {
+    /// `Outbox.open` for Rust callers (tests, apps written in Rust that also
+    /// expose the JS API): the same options object, the outbox itself.
+    pub async fn open_with(options: JsValue) -> Result<Outbox, JsValue> {
         let database = get(&options, "database")
             .as_string()
             .filter(|s| !s.is_empty())
@@ -376,6 +368,18 @@ impl Outbox {
                 driver,
             }),
         })
+    }
+}
+
+#[wasm_bindgen]
+impl Outbox {
+    /// `Outbox.open({ database, stores, endpoint, durability, headers, ... })`:
+    /// open (creating or upgrading) the database with the app's declared
+    /// stores and the outbox stores, and start the relay when an endpoint is
+    /// given (unless `autoStart: false`).
+    #[wasm_bindgen(js_name = open)]
+    pub fn open(options: JsValue) -> Promise {
+        future_to_promise(async move { Outbox::open_with(options).await.map(JsValue::from) })
     }
 
     /// Run `callback(tx)` in ONE IndexedDB transaction over `storeNames` and
