@@ -34,8 +34,9 @@ use serde::{Deserialize, Serialize};
 use crate::http::{AppState, error_response};
 
 /// Oldest records are dropped past this many, so a long-running server with
-/// test controls on cannot grow without bound.
-const MAX_RECORDS: usize = 100_000;
+/// test controls on (or an in-process server flushing a million events in a
+/// memory benchmark) cannot grow without bound: about 4 MB at most.
+const MAX_RECORDS: usize = 20_000;
 
 /// An injected failure: the status to answer a push with.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,7 +79,8 @@ pub struct RequestRecord {
     /// Status answered; 0 when no answer was sent (the client went away, or
     /// the drop-after-commit fault closed the connection).
     pub status: u16,
-    /// The injected fault, if any: `"fail"`, `"malformed"`, `"drop_after_commit"`, `"delay"`.
+    /// The injected fault, if any: `"fail"`, `"malformed"`, `"drop_after_commit"`,
+    /// or `"delay"` when a delay was the only one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<String>,
 }
@@ -274,9 +276,10 @@ impl RecordGuard {
         self.record.events = events;
     }
 
-    /// Note the injected fault.
+    /// Note the injected fault (the first one noted wins: a delay on top of
+    /// a failure is logged as the failure).
     pub fn fault(&mut self, name: &str) {
-        self.record.fault = Some(name.to_owned());
+        self.record.fault.get_or_insert_with(|| name.to_owned());
     }
 
     /// Log the record with the answered status (0: none).

@@ -260,8 +260,13 @@ async fn events_survive_a_restart_and_dedupe_still_holds() {
     let server = edge_outbox_server::spawn(config.clone()).await.unwrap();
     let batch = events(1..3);
     push(&server, TOKEN_A, CLIENT_A, &batch).await;
+    let addr = server.addr();
     server.shutdown().await.unwrap();
-    let server = edge_outbox_server::spawn(config).await.unwrap();
+    // Same database, same port: what a relay sees when its server restarts.
+    let server = edge_outbox_server::spawn(config.listen(addr))
+        .await
+        .unwrap();
+    assert_eq!(server.addr(), addr);
     assert_eq!(
         push(&server, TOKEN_A, CLIENT_A, &batch).await.statuses(),
         vec![ResultStatus::Duplicate; 2]
