@@ -1,0 +1,187 @@
+// Hand-written types of the edge-outbox npm package (no `any`): the runtime
+// is wasm-bindgen's glue, whose generated types cannot describe callbacks
+// and option objects precisely.
+
+/** The JSON values an event payload may hold. */
+export type JsonValue =
+  | null
+  | boolean
+  | number
+  | string
+  | JsonValue[]
+  | { [key: string]: JsonValue | undefined };
+
+/** An index of an app store (IndexedDB `createIndex`). */
+export interface IndexDefinition {
+  keyPath: string | string[];
+  unique?: boolean;
+  multiEntry?: boolean;
+}
+
+/** An app store (IndexedDB `createObjectStore`), created or completed at open. */
+export interface StoreDefinition {
+  /** In-line key path; omit for out-of-line keys. */
+  keyPath?: string | string[] | null;
+  autoIncrement?: boolean;
+  indexes?: Record<string, IndexDefinition>;
+}
+
+/**
+ * `"relaxed"`: the commit is reported before the data reaches the disk (a power
+ * loss may lose the last commits; a browser crash does not). `"strict"`: flushed
+ * first (slower). `"default"`: the browser's choice (relaxed in Chromium).
+ */
+export type Durability = "strict" | "relaxed" | "default";
+
+/** Options of {@link Outbox.open}. */
+export interface OutboxOptions {
+  /** IndexedDB database name. Holds the app's stores and the outbox stores. */
+  database: string;
+  /** The app's stores; missing stores and indexes are added (the version is bumped). */
+  stores?: Record<string, StoreDefinition>;
+  /** Sync endpoint, e.g. `"/v1/events"`. Without it events are only stored. */
+  endpoint?: string;
+  /** IndexedDB durability of every write transaction. Default `"default"`. */
+  durability?: Durability;
+  /**
+   * Extra request headers (credentials), asked for before every request;
+   * `refresh` is true after a 401/403: return fresh credentials then.
+   */
+  headers?: (info: { refresh: boolean }) => Record<string, string> | Promise<Record<string, string>>;
+  /** Start the relay at open (default true when `endpoint` is set). */
+  autoStart?: boolean;
+  /** Most events per request (default 100). */
+  batchSize?: number;
+  /** Most event bytes per request (default 512 KiB). */
+  batchBytes?: number;
+  /** Largest event (type + key + payload + headers) in bytes (default 256 KiB). */
+  maxEventBytes?: number;
+  /** Abort a request after this long (default 20000 ms). */
+  timeoutMs?: number;
+  /** Backoff with full jitter: first retry within `baseMs` (1000), at most `capMs` (300000); events older than `maxAgeMs` go dead. */
+  retry?: { baseMs?: number; capMs?: number; maxAgeMs?: number };
+}
+
+/** Options of `enqueue`. Payloads (typed `unknown`) must be JSON-representable: functions, symbols, BigInt, NaN/Infinity, cycles and class instances (Map, Set, Date objects are fine through toJSON) are refused with `InvalidEventError`. */
+export interface EnqueueOptions {
+  /** Ordering/aggregate key, e.g. `"todo-42"`. */
+  key?: string | number;
+  /** String headers sent with the event (trace context, schema version). */
+  headers?: Record<string, string>;
+}
+
+export type EventStatus = "pending" | "sent" | "dead";
+
+/** A stored event. Times are Unix milliseconds. */
+export interface OutboxEvent {
+  seq: number;
+  /** UUIDv7, the idempotency key. */
+  id: string;
+  type: string;
+  key: string | null;
+  payload: JsonValue;
+  headers: Record<string, string>;
+  createdAt: number;
+  status: EventStatus;
+  attempts: number;
+  nextAttemptAt: number;
+  lastError: string | null;
+  sentAt: number | null;
+}
+
+/** Counts over the outbox. */
+export interface OutboxStats {
+  pending: number;
+  sent: number;
+  dead: number;
+  oldestPendingAt: number | null;
+}
+
+/** What a flush achieved. */
+export interface FlushReport {
+  sent: number;
+  dead: number;
+  pending: number;
+  nextAttemptAt: number | null;
+  lastError: string | null;
+}
+
+/** The relay's status, in `status` events and `outbox.status`. */
+export interface OutboxStatus {
+  pending: number;
+  sent: number;
+  dead: number;
+  /** Events in the request on the wire. */
+  inFlight: number;
+  /** `navigator.onLine`, or the value forced with `setOnline`. */
+  online: boolean;
+  flushing: boolean;
+  /** True while this tab/worker is the one sender of this outbox. */
+  leader: boolean;
+  lastError: string | null;
+  nextAttemptAt: number | null;
+}
+
+/** The `tx` of `outbox.transaction`: valid only inside the callback. */
+export interface OutboxTransaction {
+  put(store: string, value: unknown, key?: IDBValidKey): void;
+  add(store: string, value: unknown, key?: IDBValidKey): void;
+  delete(store: string, key: IDBValidKey | IDBKeyRange): void;
+  /** Read inside the transaction (await only these inside an async callback). */
+  get(store: string, key: IDBValidKey): Promise<unknown>;
+  /** Add an event; returns its id. Throws `InvalidEventError` (and aborts) if not JSON. */
+  enqueue(type: string, payload: unknown, options?: EnqueueOptions): string;
+  readonly idbTransaction: IDBTransaction;
+}
+
+/** Error names of rejected promises (`error.name`). */
+export type OutboxErrorName =
+  | "InvalidEventError"
+  | "QuotaExceededError"
+  | "ClosedError"
+  | "VersionConflictError"
+  | "InvalidConfigError"
+  | "NetworkError"
+  | "ProtocolError"
+  | "StorageError";
+
+/** An outbox over one IndexedDB database. */
+export interface Outbox {
+  /** Commit the app's writes and the events in ONE IndexedDB transaction. */
+  transaction<T>(storeNames: string | string[], callback: (tx: OutboxTransaction) => T | Promise<T>): Promise<T>;
+  /** Add an event to the app's own IDBTransaction (scope must include `"edge_outbox_events"`). */
+  enqueueIn(transaction: IDBTransaction, type: string, payload: unknown, options?: EnqueueOptions): string;
+  /** Enqueue an event alone; resolves with its id once committed. */
+  enqueue(type: string, payload: unknown, options?: EnqueueOptions): Promise<string>;
+  flush(): Promise<FlushReport>;
+  start(): void;
+  stop(): Promise<void>;
+  stats(): Promise<OutboxStats>;
+  pending(limit?: number): Promise<OutboxEvent[]>;
+  deadLetters(limit?: number): Promise<OutboxEvent[]>;
+  retry(id: string): Promise<boolean>;
+  discard(id: string): Promise<boolean>;
+  pruneSent(olderThanMs: number): Promise<number>;
+  close(): Promise<void>;
+  /** Force the online state, or follow `navigator.onLine` again with `null`. */
+  setOnline(online: boolean | null): void;
+  readonly status: OutboxStatus;
+  readonly clientId: string;
+  readonly db: IDBDatabase;
+  addEventListener(type: "status", listener: (event: CustomEvent<OutboxStatus>) => void): void;
+  removeEventListener(type: "status", listener: (event: CustomEvent<OutboxStatus>) => void): void;
+}
+
+export declare const Outbox: {
+  /** Open (create/upgrade) the database and start the relay when `endpoint` is set. */
+  open(options: OutboxOptions): Promise<Outbox>;
+};
+
+/** Load the wasm module (Outbox.open does it); pass another location of the .wasm file if needed. */
+export declare function ready(wasm?: string | URL | Response | BufferSource | WebAssembly.Module): Promise<void>;
+
+/** Create the outbox stores in the app's own upgrade handler. */
+export declare function createOutboxStores(db: IDBDatabase, transaction?: IDBTransaction): void;
+
+/** Store names to include in the scope of an `enqueueIn` transaction. */
+export declare const OUTBOX_STORES: readonly ["edge_outbox_events"];
