@@ -13,7 +13,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use bytes::{Bytes, BytesMut};
@@ -24,6 +24,7 @@ use edge_outbox::protocol::{
 use edge_outbox::{MAX_EVENT_TYPE_LEN, Timestamp};
 use http_body_util::BodyExt;
 use serde::Deserialize;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::services::ServeDir;
 
@@ -57,6 +58,7 @@ struct Inner {
     test_routes: bool,
     faults: Arc<Faults>,
     static_dir: Option<PathBuf>,
+    cors: Option<CorsLayer>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -79,6 +81,7 @@ impl AppState {
     /// `in_process`: the fault controls are reachable from Rust (a
     /// [`crate::RunningServer`]), so they are active even without the HTTP endpoints.
     pub(crate) fn build(config: ServerConfig, in_process: bool) -> Result<Self, Error> {
+        let cors = cors_layer(&config.cors_origins)?;
         let store: Arc<dyn EventStore> = match config.database {
             Database::File(path) => Arc::new(SqliteStore::open(&path, config.inbox)?),
             Database::InMemory => Arc::new(SqliteStore::in_memory(config.inbox)?),
@@ -94,6 +97,7 @@ impl AppState {
                 test_routes: config.test_controls,
                 faults: Arc::new(Faults::new()),
                 static_dir: config.static_dir,
+                cors,
             }),
         })
     }
@@ -131,10 +135,45 @@ pub fn router(state: AppState) -> Router {
     // Gzip (and only gzip) request bodies are inflated before the handlers
     // see them; another Content-Encoding is answered 415.
     let mut app = api.layer(RequestDecompressionLayer::new());
+    if let Some(cors) = &state.inner.cors {
+        // Outermost, so preflights are answered before anything else runs.
+        app = app.layer(cors.clone());
+    }
     if let Some(dir) = &state.inner.static_dir {
         app = app.fallback_service(ServeDir::new(dir));
     }
     app.with_state(state)
+}
+
+/// The CORS layer for `origins` (`None` when empty: same-origin only).
+fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, Error> {
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        let values = origins
+            .iter()
+            .map(|o| {
+                HeaderValue::from_str(o.trim_end_matches('/'))
+                    .map_err(|_| Error::Config(format!("CORS origin {o:?} is not a header value")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        AllowOrigin::list(values)
+    };
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::CONTENT_ENCODING,
+            ])
+            .expose_headers([header::RETRY_AFTER, header::WWW_AUTHENTICATE])
+            .max_age(Duration::from_secs(600)),
+    ))
 }
 
 /// A JSON [`ErrorBody`] answer.

@@ -65,6 +65,9 @@ pub enum Error {
     /// Binding or serving failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// The configuration is unusable (e.g. a CORS origin that is not a header value).
+    #[error("config: {0}")]
+    Config(String),
     /// A stored value could not be read back, or another internal failure.
     #[error("internal: {0}")]
     Internal(String),
@@ -94,6 +97,7 @@ pub struct ServerConfig {
     pub(crate) allow_anonymous: bool,
     pub(crate) body_limit: usize,
     pub(crate) static_dir: Option<PathBuf>,
+    pub(crate) cors_origins: Vec<String>,
     pub(crate) test_controls: bool,
     pub(crate) inbox: Arc<dyn Inbox>,
 }
@@ -107,6 +111,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("allow_anonymous", &self.allow_anonymous)
             .field("body_limit", &self.body_limit)
             .field("static_dir", &self.static_dir)
+            .field("cors_origins", &self.cors_origins)
             .field("test_controls", &self.test_controls)
             .finish_non_exhaustive()
     }
@@ -121,6 +126,7 @@ impl ServerConfig {
             allow_anonymous: false,
             body_limit: DEFAULT_BODY_LIMIT,
             static_dir: None,
+            cors_origins: Vec::new(),
             test_controls: false,
             inbox: Arc::new(StoreOnly),
         }
@@ -172,6 +178,17 @@ impl ServerConfig {
     /// Serve the files of `dir` at `/` (the demo web app), behind the API routes.
     pub fn static_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.static_dir = Some(dir.into());
+        self
+    }
+
+    /// Let web pages from `origin` (e.g. `http://127.0.0.1:5173`, or `*` for
+    /// any) call the API and the test controls from the browser: answers CORS
+    /// preflights, allows the `Authorization`, `Content-Type` and
+    /// `Content-Encoding` request headers, and exposes `Retry-After` and
+    /// `WWW-Authenticate` to scripts (a relay needs `Retry-After`).
+    /// Repeatable. Not needed when the app is served by [`static_dir`](Self::static_dir).
+    pub fn cors_origin(mut self, origin: impl Into<String>) -> Self {
+        self.cors_origins.push(origin.into());
         self
     }
 

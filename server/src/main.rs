@@ -37,6 +37,11 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     static_dir: Option<PathBuf>,
 
+    /// Allow browser pages from this origin (e.g. http://127.0.0.1:5173, or * for any)
+    /// to call the API cross-origin. Repeatable.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    cors_origins: Vec<String>,
+
     /// Mount the fault-injection endpoints under /__test/. TESTS ONLY.
     #[arg(long)]
     enable_test_controls: bool,
@@ -61,6 +66,9 @@ async fn main() -> ExitCode {
         .test_controls(args.enable_test_controls);
     for (token, client) in &args.tokens {
         config = config.token(token, client);
+    }
+    for origin in &args.cors_origins {
+        config = config.cors_origin(origin);
     }
     if let Some(dir) = &args.static_dir {
         config = config.static_dir(dir);

@@ -1022,6 +1022,68 @@ async fn inbox_applies_in_the_same_transaction_as_the_dedupe_record() {
     assert_eq!(orders(&db), vec![1, 3, 4]);
 }
 
+// ---------- CORS ----------
+
+#[tokio::test]
+async fn cors_lets_a_page_from_another_origin_push_and_read_retry_after() {
+    let origin = "http://127.0.0.1:5173";
+    let (server, _dir) = start(|c| c.cors_origin(origin).test_controls(true)).await;
+    let preflight = client()
+        .request(reqwest::Method::OPTIONS, server.events_url())
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type,content-encoding",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    assert_eq!(preflight.headers()["access-control-allow-origin"], origin);
+    let allowed = preflight.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(allowed.contains("authorization") && allowed.contains("content-encoding"));
+
+    server
+        .faults()
+        .fail_next(1, Failure::status(503).retry_after(3));
+    let resp = client()
+        .post(server.events_url())
+        .header("origin", origin)
+        .header("authorization", format!("Bearer {TOKEN_A}"))
+        .body(body(CLIENT_A, &events(1..2)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.headers()["access-control-allow-origin"], origin);
+    let exposed = resp.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(exposed.contains("retry-after"), "{exposed}");
+
+    // Another origin gets no CORS grant; without cors_origin there is none at all.
+    let other = client()
+        .get(format!("{}/healthz", server.url()))
+        .header("origin", "http://evil.test")
+        .send()
+        .await
+        .unwrap();
+    assert!(!other.headers().contains_key("access-control-allow-origin"));
+    let (plain, _dir2) = start(|c| c).await;
+    let none = client()
+        .get(format!("{}/healthz", plain.url()))
+        .header("origin", origin)
+        .send()
+        .await
+        .unwrap();
+    assert!(!none.headers().contains_key("access-control-allow-origin"));
+}
+
 // ---------- static files, healthz, binary ----------
 
 #[tokio::test]
