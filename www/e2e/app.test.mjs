@@ -1,0 +1,274 @@
+// End-to-end tests: the demo app in headless Chromium against the reference
+// server, proving the outbox's promise where a user would see it: nothing
+// lost, nothing applied twice, whatever the network and the tabs do.
+//
+// Run by scripts/test-e2e (which builds the package, the server and the app
+// first): node --test www/e2e/
+
+import assert from "node:assert/strict";
+import { mkdirSync, statSync } from "node:fs";
+import { join } from "node:path";
+import { after, before, test } from "node:test";
+
+import {
+  addItem, clientId, items, launchBrowser, openApp, repoRoot, startServer, stat, waitFor,
+  waitOfflineReady, waitReady,
+} from "./harness.mjs";
+
+let browser;
+before(async () => {
+  browser = await launchBrowser();
+});
+after(async () => {
+  await browser?.close();
+});
+
+/**
+ * Run `body` with a fresh server (fresh database) and a fresh browser
+ * context (fresh IndexedDB, service worker, locks); both are torn down
+ * whatever happens, and on failure the server's stderr and the pages'
+ * errors are added to the message.
+ */
+async function scenario(body) {
+  const server = await startServer();
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  try {
+    await body({ server, context });
+  } catch (e) {
+    const problems = context.pages().flatMap((p) => p.problems ?? []);
+    e.message += `\n--- page problems: ${JSON.stringify(problems)}\n--- server stderr:\n${server.stderr().slice(-3000)}`;
+    throw e;
+  } finally {
+    await context.close();
+    await server.stop();
+  }
+}
+
+const pad = (n) => String(n).padStart(2, "0");
+
+/** The server's events for a client, checked: unique ids, seq strictly increasing. */
+async function checkedEvents(server, client) {
+  const events = await server.events(client);
+  const ids = new Set(events.map((e) => e.id));
+  assert.equal(ids.size, events.length, "an event id appears twice at the server");
+  for (let i = 1; i < events.length; i++) {
+    assert.ok(events[i].seq > events[i - 1].seq,
+      `events arrived out of commit order: seq ${events[i - 1].seq} then ${events[i].seq}`);
+  }
+  return events;
+}
+
+const titlesOf = (events) => events.map((e) => e.payload.title);
+
+async function waitServerCount(server, client, n, timeout = 30_000) {
+  await waitFor(async () => (await server.events(client)).length >= n,
+    { timeout, message: `the server to hold ${n} events` });
+}
+
+async function waitStat(page, name, n, timeout = 20_000) {
+  await waitFor(async () => (await stat(page, name)) === n,
+    { timeout, message: `stat-${name} to show ${n}` });
+}
+
+test("offline: 20 items survive a reload, then arrive exactly once in commit order", async () => {
+  await scenario(async ({ server, context }) => {
+    const page = await openApp(context, server.url);
+    const client = await clientId(page);
+    // The shell must be cached before the network goes, or the reload below has nothing to load.
+    await waitOfflineReady(page);
+
+    await context.setOffline(true);
+    await waitFor(async () => (await page.getByTestId("network").textContent()) === "offline",
+      { message: "the offline indicator" });
+    const titles = Array.from({ length: 20 }, (_, i) => `item-${pad(i + 1)}`);
+    for (const title of titles) await addItem(page, title);
+    await waitStat(page, "pending", 20);
+
+    await page.reload();
+    await waitReady(page);
+    const shown = await items(page);
+    assert.deepEqual(shown.map((i) => i.title), titles, "the todos after the reload");
+    assert.ok(shown.every((i) => i.sync === "pending"), `all still pending: ${JSON.stringify(shown)}`);
+    assert.equal(await stat(page, "pending"), 20);
+    assert.equal((await server.events(client)).length, 0, "nothing may reach the server while offline");
+
+    await context.setOffline(false);
+    await waitStat(page, "pending", 0);
+    await waitServerCount(server, client, 20);
+    const events = await checkedEvents(server, client);
+    assert.equal(events.length, 20, "exactly 20 events at the server");
+    assert.deepEqual(titlesOf(events), titles, "in commit order");
+    assert.ok(events.every((e) => e.type === "TodoCreated" && e.key === e.payload.id));
+    await waitFor(async () => (await items(page)).every((i) => i.sync === "synced"),
+      { message: "every todo marked synced" });
+  });
+});
+
+test("closing the tab during an in-flight push loses nothing and applies nothing twice", async () => {
+  await scenario(async ({ server, context }) => {
+    let page = await openApp(context, server.url);
+    const client = await clientId(page);
+
+    // Commit the five while offline, so they go out together in one push.
+    await context.setOffline(true);
+    const titles = Array.from({ length: 5 }, (_, i) => `flight-${pad(i + 1)}`);
+    for (const title of titles) await addItem(page, title);
+    await waitStat(page, "pending", 5);
+
+    // The server stores the push, then holds its answer back for a minute:
+    // the tab is closed while the request is in flight, answer unseen.
+    await server.control("delay", { ms: 60_000, count: 1 });
+    await context.setOffline(false);
+    await waitServerCount(server, client, 5);
+    await waitFor(async () => (await stat(page, "inflight")) === 5,
+      { message: "the push to be in flight in the page" });
+    assert.equal(await stat(page, "pending"), 5, "unacknowledged events are still pending locally");
+    await page.close();
+
+    // Open the app again: the events are still pending and are pushed again;
+    // the server recognises them and stores nothing twice.
+    page = await openApp(context, server.url);
+    await waitStat(page, "pending", 0);
+    await waitStat(page, "sent", 5);
+    const events = await checkedEvents(server, client);
+    assert.deepEqual(titlesOf(events), titles, "each event exactly once, in order");
+    const pushes = (await server.requests()).filter((r) => r.client_id === client);
+    assert.ok(pushes.length >= 2, `the batch was pushed again after the reopen: ${JSON.stringify(pushes)}`);
+    assert.ok(pushes.every((p) => p.events === 5), `both pushes carried the same five: ${JSON.stringify(pushes)}`);
+  });
+});
+
+test("three tabs writing while the network flaps: every event once, pushes never overlap", async () => {
+  await scenario(async ({ server, context }) => {
+    const pages = [];
+    for (let i = 0; i < 3; i++) pages.push(await openApp(context, server.url));
+    const client = await clientId(pages[0]);
+    for (const p of pages) assert.equal(await clientId(p), client, "the tabs share one outbox");
+    await waitFor(async () => {
+      const senders = await Promise.all(pages.map((p) => p.getByTestId("sender").textContent()));
+      return senders.filter((s) => s === "this tab sends").length === 1;
+    }, { message: "exactly one tab to hold the sender lock" });
+
+    const perTab = 15;
+    const titles = pages.map((_, t) => Array.from({ length: perTab }, (_, i) => `tab${t + 1}-${pad(i + 1)}`));
+    // All three type at once; the first tab's typist also flips the network
+    // every few items, so commits land online, offline, and in between.
+    await Promise.all(pages.map(async (page, t) => {
+      for (let i = 0; i < perTab; i++) {
+        await addItem(page, titles[t][i]);
+        if (t === 0 && i % 4 === 3) await context.setOffline(i % 8 === 3);
+      }
+    }));
+    await context.setOffline(false);
+
+    const total = 3 * perTab;
+    await waitServerCount(server, client, total, 40_000);
+    for (const page of pages) await waitStat(page, "pending", 0);
+    const events = await checkedEvents(server, client);
+    assert.equal(events.length, total, "every event exactly once");
+    const got = titlesOf(events);
+    assert.deepEqual([...got].sort(), titles.flat().sort(), "the same events that were committed");
+    for (const tab of titles) {
+      const order = got.filter((title) => tab.includes(title));
+      assert.deepEqual(order, tab, "each tab's events arrive in the order it committed them");
+    }
+
+    const pushes = (await server.requests())
+      .filter((r) => r.client_id === client)
+      .sort((a, b) => a.started_at - b.started_at);
+    assert.ok(pushes.length > 0);
+    for (let i = 1; i < pushes.length; i++) {
+      assert.ok(pushes[i - 1].finished_at <= pushes[i].started_at,
+        `two pushes of this client overlapped: ${JSON.stringify(pushes[i - 1])} and ${JSON.stringify(pushes[i])}`);
+    }
+  });
+});
+
+test("a server answering 500 for a while: the error is shown, then everything arrives", async () => {
+  await scenario(async ({ server, context }) => {
+    const page = await openApp(context, server.url);
+    const client = await clientId(page);
+    await addItem(page, "before-1");
+    await waitServerCount(server, client, 1);
+
+    await server.control("fail", { status: 500, count: 10_000 });
+    const titles = Array.from({ length: 5 }, (_, i) => `during-${pad(i + 1)}`);
+    for (const title of titles) await addItem(page, title);
+    const shownError = await waitFor(async () => {
+      const box = page.getByTestId("last-error");
+      return (await box.isVisible()) && /500/.test(await box.textContent()) && box.textContent();
+    }, { message: "the status to show the 500" });
+    // The relay keeps trying (with backoff) and nothing gets through meanwhile.
+    await waitFor(async () => (await server.requests()).filter((r) => r.status === 500).length >= 2,
+      { message: "at least two failed attempts" });
+    assert.equal((await server.events(client)).length, 1, "nothing stored while failing");
+    assert.equal(await stat(page, "pending"), 5);
+    assert.equal(await stat(page, "dead"), 0, "a 500 never dead-letters");
+    assert.ok(await page.getByTestId("last-error").isVisible(), `still shown while it lasts (${shownError})`);
+
+    await server.control("reset");
+    await waitServerCount(server, client, 6);
+    await waitStat(page, "pending", 0);
+    await waitFor(async () => !(await page.getByTestId("last-error").isVisible()),
+      { message: "the error to clear after recovery" });
+    const events = await checkedEvents(server, client);
+    assert.deepEqual(titlesOf(events), ["before-1", ...titles]);
+  });
+});
+
+test("dead letters: a rejected event is listed, retried and discarded from the page", async () => {
+  await scenario(async ({ server, context }) => {
+    const page = await openApp(context, server.url);
+    const client = await clientId(page);
+    // 422 for two single-event pushes: both events are dead-lettered.
+    await server.control("fail", { status: 422, count: 2 });
+    await addItem(page, "rejected-1");
+    await waitStat(page, "dead", 1);
+    await addItem(page, "rejected-2");
+    await waitStat(page, "dead", 2);
+    const dead = page.getByTestId("dead-letter");
+    await waitFor(async () => (await dead.count()) === 2, { message: "two dead letters listed" });
+    assert.match(await dead.first().textContent(), /TodoCreated/);
+
+    await dead.first().getByRole("button", { name: "Retry" }).click();
+    await waitServerCount(server, client, 1);
+    await waitStat(page, "dead", 1);
+    await page.getByTestId("dead-letter").first().getByRole("button", { name: "Discard" }).click();
+    await waitStat(page, "dead", 0);
+    await waitFor(async () => (await dead.count()) === 0, { message: "the list to empty" });
+    assert.deepEqual(titlesOf(await checkedEvents(server, client)), ["rejected-1"]);
+    assert.equal(await stat(page, "pending"), 0);
+  });
+});
+
+test("screenshot: the app with sent, pending and dead events", async () => {
+  await scenario(async ({ server, context }) => {
+    const page = await openApp(context, server.url);
+    const client = await clientId(page);
+    for (const title of ["Buy oat milk", "Write the quarterly report", "Call the plumber"]) {
+      await addItem(page, title);
+    }
+    await waitServerCount(server, client, 3);
+    await page.getByTestId("item").first().getByRole("button", { name: "Mark done" }).click();
+    await waitServerCount(server, client, 4);
+    await server.control("fail", { status: 422, count: 1 });
+    await addItem(page, "Pay the invoice");
+    await waitStat(page, "dead", 1);
+    await waitFor(async () => (await items(page)).filter((i) => i.sync === "synced").length === 3,
+      { message: "three todos marked synced" });
+
+    await context.setOffline(true);
+    await addItem(page, "Book flights");
+    await addItem(page, "Water the plants");
+    await waitStat(page, "pending", 2);
+    await waitFor(async () => (await page.getByTestId("network").textContent()) === "offline",
+      { message: "the offline indicator" });
+
+    const dir = join(repoRoot, "target", "e2e");
+    mkdirSync(dir, { recursive: true });
+    const path = join(dir, "app.png");
+    await page.screenshot({ path, fullPage: true });
+    assert.ok(statSync(path).size > 20_000, `${path} looks empty`);
+    console.log(`screenshot: ${path}`);
+  });
+});
