@@ -83,7 +83,9 @@ fn prop(v: &JsValue, k: &str) -> JsValue {
 }
 
 fn num(v: &JsValue, k: &str) -> f64 {
-    prop(v, k).as_f64().unwrap_or_else(|| panic!("{k} is not a number in {v:?}"))
+    prop(v, k)
+        .as_f64()
+        .unwrap_or_else(|| panic!("{k} is not a number in {v:?}"))
 }
 
 async fn wait(p: Promise) -> Result<JsValue, JsValue> {
@@ -93,8 +95,12 @@ async fn wait(p: Promise) -> Result<JsValue, JsValue> {
 async fn sleep_ms(ms: i32) {
     let p = Promise::new(&mut |resolve, _| {
         let global = js_sys::global();
-        let set_timeout: Function = Reflect::get(&global, &"setTimeout".into()).unwrap().unchecked_into();
-        set_timeout.call2(&JsValue::UNDEFINED, &resolve, &ms.into()).unwrap();
+        let set_timeout: Function = Reflect::get(&global, &"setTimeout".into())
+            .unwrap()
+            .unchecked_into();
+        set_timeout
+            .call2(&JsValue::UNDEFINED, &resolve, &ms.into())
+            .unwrap();
     });
     JsFuture::from(p).await.unwrap();
 }
@@ -136,14 +142,27 @@ async fn transaction_commits_app_record_and_event_together() {
     ))
     .await
     .unwrap();
-    let id = value.as_string().expect("the callback's value (the event id)");
-    assert_eq!(prop(&todo(&outbox, 1).await, "title").as_string().unwrap(), "milk");
+    let id = value
+        .as_string()
+        .expect("the callback's value (the event id)");
+    assert_eq!(
+        prop(&todo(&outbox, 1).await, "title").as_string().unwrap(),
+        "milk"
+    );
     let pending = wait(outbox.pending(None)).await.unwrap();
     let first = js_sys::Array::from(&pending).get(0);
     assert_eq!(prop(&first, "id").as_string().unwrap(), id);
     assert_eq!(prop(&first, "key").as_string().unwrap(), "todo-1");
-    assert_eq!(prop(&prop(&first, "payload"), "title").as_string().unwrap(), "milk");
-    assert_eq!(prop(&prop(&first, "headers"), "schema").as_string().unwrap(), "1");
+    assert_eq!(
+        prop(&prop(&first, "payload"), "title").as_string().unwrap(),
+        "milk"
+    );
+    assert_eq!(
+        prop(&prop(&first, "headers"), "schema")
+            .as_string()
+            .unwrap(),
+        "1"
+    );
     wait(outbox.close()).await.unwrap();
 }
 
@@ -177,9 +196,12 @@ async fn a_failed_put_rolls_everything_back() {
     .unwrap_err();
     assert_eq!(error_name(&err), "DataError");
     // Asynchronous failure: the key exists already (ConstraintError at commit time).
-    wait(outbox.transaction(js(r#""todos""#), callback("tx.put('todos', { id: 7, done: 0 });")))
-        .await
-        .unwrap();
+    wait(outbox.transaction(
+        js(r#""todos""#),
+        callback("tx.put('todos', { id: 7, done: 0 });"),
+    ))
+    .await
+    .unwrap();
     let err = wait(outbox.transaction(
         js(r#"["todos"]"#),
         callback(
@@ -238,7 +260,9 @@ async fn payloads_json_cannot_represent_are_refused_and_nothing_is_written() {
         .unwrap_err();
     assert_eq!(error_name(&err), "InvalidEventError");
     // An empty type name.
-    let err = wait(outbox.enqueue("".into(), js("1"), JsValue::UNDEFINED)).await.unwrap_err();
+    let err = wait(outbox.enqueue("".into(), js("1"), JsValue::UNDEFINED))
+        .await
+        .unwrap_err();
     assert_eq!(error_name(&err), "InvalidEventError");
     assert_eq!(pending_count(&outbox).await, 0.0);
 }
@@ -248,11 +272,15 @@ async fn closed_outbox_rejects_with_closed_error_and_reopen_keeps_events() {
     let name = fresh_name("js-reopen");
     let outbox = open_todos(&name, "").await;
     let client_id = outbox.client_id();
-    wait(outbox.enqueue("A".into(), js("{ n: 1 }"), JsValue::UNDEFINED)).await.unwrap();
+    wait(outbox.enqueue("A".into(), js("{ n: 1 }"), JsValue::UNDEFINED))
+        .await
+        .unwrap();
     wait(outbox.close()).await.unwrap();
     let err = wait(outbox.stats()).await.unwrap_err();
     assert_eq!(error_name(&err), "ClosedError");
-    let err = wait(outbox.transaction(js("'todos'"), callback(""))).await.unwrap_err();
+    let err = wait(outbox.transaction(js("'todos'"), callback("")))
+        .await
+        .unwrap_err();
     assert_eq!(error_name(&err), "ClosedError");
     let again = open_todos(&name, "").await;
     assert_eq!(again.client_id(), client_id);
@@ -270,8 +298,13 @@ async fn enqueue_in_the_apps_own_transaction() {
             web_sys::IdbTransactionMode::Readwrite,
         )
         .unwrap();
-    tx.object_store("todos").unwrap().put(&js("{ id: 3, done: 0 }")).unwrap();
-    outbox.enqueue_in(tx.clone(), "A".into(), js("{ n: 3 }"), JsValue::UNDEFINED).unwrap();
+    tx.object_store("todos")
+        .unwrap()
+        .put(&js("{ id: 3, done: 0 }"))
+        .unwrap();
+    outbox
+        .enqueue_in(tx.clone(), "A".into(), js("{ n: 3 }"), JsValue::UNDEFINED)
+        .unwrap();
     sleep_ms(50).await;
     assert_eq!(pending_count(&outbox).await, 1.0);
     // An invalid event aborts the app's transaction.
@@ -281,7 +314,10 @@ async fn enqueue_in_the_apps_own_transaction() {
             web_sys::IdbTransactionMode::Readwrite,
         )
         .unwrap();
-    tx.object_store("todos").unwrap().put(&js("{ id: 4, done: 0 }")).unwrap();
+    tx.object_store("todos")
+        .unwrap()
+        .put(&js("{ id: 4, done: 0 }"))
+        .unwrap();
     let err = outbox
         .enqueue_in(tx, "A".into(), js("{ n: NaN }"), JsValue::UNDEFINED)
         .unwrap_err();
@@ -306,14 +342,25 @@ async fn http(method: &str, url: &str, body: Option<&str>) -> JsValue {
         init.set_headers(&headers);
     }
     let global = js_sys::global();
-    let fetch: Function = Reflect::get(&global, &"fetch".into()).unwrap().unchecked_into();
-    let request = web_sys::Request::new_with_str_and_init(url, &init).unwrap();
-    let resp: web_sys::Response = wait(fetch.call1(&JsValue::UNDEFINED, &request).unwrap().unchecked_into())
-        .await
+    let fetch: Function = Reflect::get(&global, &"fetch".into())
         .unwrap()
         .unchecked_into();
+    let request = web_sys::Request::new_with_str_and_init(url, &init).unwrap();
+    let resp: web_sys::Response = wait(
+        fetch
+            .call1(&JsValue::UNDEFINED, &request)
+            .unwrap()
+            .unchecked_into(),
+    )
+    .await
+    .unwrap()
+    .unchecked_into();
     assert!(resp.ok(), "{method} {url}: {}", resp.status());
-    let text = wait(resp.text().unwrap()).await.unwrap().as_string().unwrap();
+    let text = wait(resp.text().unwrap())
+        .await
+        .unwrap()
+        .as_string()
+        .unwrap();
     if text.is_empty() {
         JsValue::NULL
     } else {
@@ -323,7 +370,12 @@ async fn http(method: &str, url: &str, body: Option<&str>) -> JsValue {
 
 /// Event ids the server received from `client_id`, in arrival order.
 async fn received(server: &str, client_id: &str) -> Vec<String> {
-    let page = http("GET", &format!("{server}/v1/events?after=0&limit=1000&client_id={client_id}"), None).await;
+    let page = http(
+        "GET",
+        &format!("{server}/v1/events?after=0&limit=1000&client_id={client_id}"),
+        None,
+    )
+    .await;
     js_sys::Array::from(&prop(&page, "events"))
         .iter()
         .map(|e| prop(&e, "id").as_string().unwrap())
@@ -366,8 +418,10 @@ async fn relay_delivers_through_a_500_period_and_an_offline_period() {
     http("POST", &format!("{server}/__test/reset"), Some("{}")).await;
     let outbox = open_todos(
         &fresh_name("relay"),
-        &format!(r#", endpoint: "{server}/v1/events", retry: {{ baseMs: 100, capMs: 400 }},
-                    headers: async ({{ refresh }}) => ({{ "x-test": String(refresh) }})"#),
+        &format!(
+            r#", endpoint: "{server}/v1/events", retry: {{ baseMs: 100, capMs: 400 }},
+                    headers: async ({{ refresh }}) => ({{ "x-test": String(refresh) }})"#
+        ),
     )
     .await;
     let statuses = std::rc::Rc::new(std::cell::RefCell::new(Vec::<JsValue>::new()));
@@ -376,7 +430,10 @@ async fn relay_delivers_through_a_500_period_and_an_offline_period() {
         seen.borrow_mut().push(prop(&e, "detail"));
     });
     outbox
-        .add_event_listener("status".into(), listener.as_ref().unchecked_ref::<Function>().clone())
+        .add_event_listener(
+            "status".into(),
+            listener.as_ref().unchecked_ref::<Function>().clone(),
+        )
         .unwrap();
     let client = outbox.client_id();
 
@@ -386,14 +443,26 @@ async fn relay_delivers_through_a_500_period_and_an_offline_period() {
     assert_eq!(received(server, &client).await, expected);
 
     // A 500 period: attempts fail, then the backoff timer delivers everything.
-    http("POST", &format!("{server}/__test/fail"), Some(r#"{"status":500,"for_ms":1000}"#)).await;
+    http(
+        "POST",
+        &format!("{server}/__test/fail"),
+        Some(r#"{"status":500,"for_ms":1000}"#),
+    )
+    .await;
     expected.extend(commit_todos(&outbox, 5..8).await);
     sleep_ms(300).await;
     assert!(pending_count(&outbox).await > 0.0, "the server is failing");
     drained(&outbox, 15).await;
-    assert_eq!(received(server, &client).await, expected, "all, in order, once");
+    assert_eq!(
+        received(server, &client).await,
+        expected,
+        "all, in order, once"
+    );
     assert!(
-        statuses.borrow().iter().any(|s| prop(s, "lastError").as_string().is_some()),
+        statuses
+            .borrow()
+            .iter()
+            .any(|s| prop(s, "lastError").as_string().is_some()),
         "a status event carried the 500"
     );
 
@@ -403,7 +472,10 @@ async fn relay_delivers_through_a_500_period_and_an_offline_period() {
     sleep_ms(500).await;
     let pending = js_sys::Array::from(&wait(outbox.pending(None)).await.unwrap());
     assert_eq!(pending.length(), 3);
-    assert!(pending.iter().all(|e| num(&e, "attempts") == 0.0), "no attempt spent offline");
+    assert!(
+        pending.iter().all(|e| num(&e, "attempts") == 0.0),
+        "no attempt spent offline"
+    );
     let report = wait(outbox.flush()).await.unwrap();
     assert_eq!(num(&report, "sent"), 0.0);
     assert!(!prop(&outbox.status(), "online").as_bool().unwrap());

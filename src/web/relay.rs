@@ -81,6 +81,9 @@ pub struct DriverConfig {
 
 type StatusListener = Rc<dyn Fn(&Status)>;
 
+/// A JS event callback kept alive from Rust.
+type JsCallback = Closure<dyn FnMut(JsValue)>;
+
 /// The running relay of one outbox in this context. Cheap to clone.
 #[derive(Clone)]
 pub struct Driver {
@@ -108,8 +111,8 @@ struct State {
     listener: RefCell<Option<StatusListener>>,
     channel: Option<BroadcastChannel>,
     /// Kept alive while the driver lives; removed from the global at close.
-    global_listeners: RefCell<Vec<(&'static str, Closure<dyn FnMut(JsValue)>)>>,
-    _channel_listener: RefCell<Option<Closure<dyn FnMut(JsValue)>>>,
+    global_listeners: RefCell<Vec<(&'static str, JsCallback)>>,
+    _channel_listener: RefCell<Option<JsCallback>>,
 }
 
 fn global_navigator_online() -> bool {
@@ -247,13 +250,13 @@ impl Driver {
         }
         let weak = Rc::downgrade(st);
         let on_acquired = Closure::once_into_js(move || {
-            if let Some(st) = weak.upgrade() {
-                if st.running.get() {
-                    st.leader.set(true);
-                    st.status.borrow_mut().leader = true;
-                    emit(&st);
-                    wake(&st);
-                }
+            if let Some(st) = weak.upgrade()
+                && st.running.get()
+            {
+                st.leader.set(true);
+                st.status.borrow_mut().leader = true;
+                emit(&st);
+                wake(&st);
             }
         });
         let release = acquire_lock(&st.lock_name, &on_acquired);
