@@ -196,6 +196,40 @@ async fn push_then_resend_is_duplicate_and_stored_once() {
     server.shutdown().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_resends_store_each_event_once() {
+    let (server, _dir) = start(|c| c).await;
+    let batch = events(1..21);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let raw = body(CLIENT_A, &batch);
+        let url = server.events_url();
+        tasks.push(tokio::spawn(async move {
+            let resp = client()
+                .post(url)
+                .header("authorization", format!("Bearer {TOKEN_A}"))
+                .body(raw)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let r: PushResponse = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+            r.results
+        }));
+    }
+    let mut accepted = 0;
+    for t in tasks {
+        let results = t.await.unwrap();
+        assert_eq!(results.len(), 20);
+        accepted += results
+            .iter()
+            .filter(|r| r.status == ResultStatus::Accepted)
+            .count();
+    }
+    assert_eq!(accepted, 20, "each event accepted exactly once");
+    assert_eq!(server.count(None).unwrap(), 20);
+}
+
 #[tokio::test]
 async fn dedupe_is_per_client() {
     let (server, _dir) = start(|c| c).await;
