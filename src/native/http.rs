@@ -195,7 +195,10 @@ impl<C: Credentials> Transport for HttpTransport<C> {
             .body(body)
             .send()
             .await
-            .map_err(|e| network(describe(&e), e))?;
+            .map_err(|e| Error::Network {
+                message: describe(&e),
+                source: Some(Box::new(e)),
+            })?;
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
@@ -214,12 +217,24 @@ impl<C: Credentials> Transport for HttpTransport<C> {
     }
 }
 
-fn describe(e: &reqwest::Error) -> &'static str {
-    if e.is_timeout() {
-        "the push timed out"
+/// A short description: what failed, and the innermost cause (for example
+/// "cannot connect: Connection refused (os error 111)"), instead of reqwest's
+/// generic "error sending request for url (...)".
+fn describe(e: &reqwest::Error) -> String {
+    let what = if e.is_timeout() {
+        "timed out"
     } else if e.is_connect() {
-        "cannot connect to the sync endpoint"
+        "cannot connect"
     } else {
         "the push failed"
+    };
+    let mut root: &dyn std::error::Error = e;
+    while let Some(cause) = root.source() {
+        root = cause;
+    }
+    if std::ptr::addr_eq(root, e as &dyn std::error::Error) {
+        what.to_owned()
+    } else {
+        format!("{what}: {root}")
     }
 }
