@@ -7,7 +7,7 @@ mod outbox;
 mod relay;
 mod sqlite;
 
-pub use outbox::{Config, Durability, Outbox, OutboxTx};
-pub use sqlite::{SCHEMA_VERSION, SqliteStore};
 pub use http::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, HttpTransport, HttpTransportBuilder};
+pub use outbox::{Config, Durability, Outbox, OutboxTx};
 pub use relay::{DEFAULT_POLL_INTERVAL, RelayBuilder, RelayHandle};
+pub use sqlite::{SCHEMA_VERSION, SqliteStore};
