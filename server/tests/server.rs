@@ -308,6 +308,23 @@ async fn events_survive_a_restart_and_dedupe_still_holds() {
     assert_eq!(server.count(None).unwrap(), 2);
 }
 
+#[tokio::test]
+async fn in_memory_server_works_too() {
+    let server = edge_outbox_server::spawn(ServerConfig::in_memory().allow_anonymous(true))
+        .await
+        .unwrap();
+    let batch = events(1..4);
+    let a = post_raw(&server, None, body(CLIENT_A, &batch), false)
+        .await
+        .unwrap();
+    assert_eq!(a.statuses(), vec![ResultStatus::Accepted; 3]);
+    let pulled = get(server.events_url(), None).await;
+    let page: PullResponse = serde_json::from_slice(&pulled.body).unwrap();
+    assert_eq!(page.events.len(), 3);
+    assert_eq!(server.events(CLIENT_A).unwrap().len(), 3);
+    server.shutdown().await.unwrap();
+}
+
 // ---------- auth ----------
 
 #[tokio::test]
