@@ -15,6 +15,9 @@ import {
   waitOfflineReady, waitReady,
 } from "./harness.mjs";
 
+/** A hung test fails on its own instead of stalling the whole run. */
+const TEST_TIMEOUT_MS = 90_000;
+
 let browser;
 before(async () => {
   browser = await launchBrowser();
@@ -70,7 +73,7 @@ async function waitStat(page, name, n, timeout = 20_000) {
     { timeout, message: `stat-${name} to show ${n}` });
 }
 
-test("offline: 20 items survive a reload, then arrive exactly once in commit order", async () => {
+test("offline: 20 items survive a reload, then arrive exactly once in commit order", { timeout: TEST_TIMEOUT_MS }, async () => {
   await scenario(async ({ server, context }) => {
     const page = await openApp(context, server.url);
     const client = await clientId(page);
@@ -104,7 +107,7 @@ test("offline: 20 items survive a reload, then arrive exactly once in commit ord
   });
 });
 
-test("closing the tab during an in-flight push loses nothing and applies nothing twice", async () => {
+test("closing the tab during an in-flight push loses nothing and applies nothing twice", { timeout: TEST_TIMEOUT_MS }, async () => {
   await scenario(async ({ server, context }) => {
     let page = await openApp(context, server.url);
     const client = await clientId(page);
@@ -138,7 +141,7 @@ test("closing the tab during an in-flight push loses nothing and applies nothing
   });
 });
 
-test("three tabs writing while the network flaps: every event once, pushes never overlap", async () => {
+test("three tabs writing while the network flaps: every event once, pushes never overlap", { timeout: TEST_TIMEOUT_MS }, async () => {
   await scenario(async ({ server, context }) => {
     const pages = [];
     for (let i = 0; i < 3; i++) pages.push(await openApp(context, server.url));
@@ -184,7 +187,7 @@ test("three tabs writing while the network flaps: every event once, pushes never
   });
 });
 
-test("a server answering 500 for a while: the error is shown, then everything arrives", async () => {
+test("a server answering 500 for a while: the error is shown, then everything arrives", { timeout: TEST_TIMEOUT_MS }, async () => {
   await scenario(async ({ server, context }) => {
     const page = await openApp(context, server.url);
     const client = await clientId(page);
@@ -216,7 +219,7 @@ test("a server answering 500 for a while: the error is shown, then everything ar
   });
 });
 
-test("dead letters: a rejected event is listed, retried and discarded from the page", async () => {
+test("dead letters: a rejected event is listed, retried and discarded from the page", { timeout: TEST_TIMEOUT_MS }, async () => {
   await scenario(async ({ server, context }) => {
     const page = await openApp(context, server.url);
     const client = await clientId(page);
@@ -241,7 +244,7 @@ test("dead letters: a rejected event is listed, retried and discarded from the p
   });
 });
 
-test("screenshot: the app with sent, pending and dead events", async () => {
+test("screenshot: the app with sent, pending and dead events", { timeout: TEST_TIMEOUT_MS }, async () => {
   await scenario(async ({ server, context }) => {
     const page = await openApp(context, server.url);
     const client = await clientId(page);

@@ -3,7 +3,7 @@
 // The package's relay delivers the events to the reference server, which
 // also serves this page (same origin: no CORS setup needed).
 
-import init, { Outbox } from "edge-outbox";
+import { Outbox } from "edge-outbox";
 
 const DATABASE = "edge-outbox-demo";
 const ENDPOINT = "/v1/events";
@@ -45,8 +45,6 @@ main().catch((e) => showBanner(`Could not start the app: ${describe(e)}`));
 
 async function main() {
   registerServiceWorker();
-  // wasm-pack's `--target web` output: fetch and instantiate the .wasm once.
-  await init();
   state.outbox = await Outbox.open({
     database: DATABASE,
     stores: { [STORE]: { keyPath: "id" } },
@@ -295,15 +293,18 @@ function renderItems() {
   const todos = [...state.items.values()].sort((a, b) => a.createdAt - b.createdAt || a.id.localeCompare(b.id));
   list.replaceChildren(...todos.map((todo) => {
     const synced = (state.server.versions.get(todo.id) ?? 0) >= todo.version;
+    const rejected = !synced && state.deadLetters.some((e) => e.key === todo.id && e.payload?.version === todo.version);
+    const [badgeClass, badgeText, badgeTitle] = synced
+      ? ["synced", "synced", "The server has this version"]
+      : rejected
+        ? ["rejected", "rejected", "The server refused this change: see Dead letters"]
+        : ["pending", "pending", "Not yet on the server"];
     const li = el("li", { class: `item${todo.done ? " done" : ""}`, "data-id": todo.id, "data-testid": "item" });
     const check = el("button", {
       class: "check", "data-action": "toggle", "aria-label": todo.done ? "Mark not done" : "Mark done",
     }, todo.done ? "✓" : "");
     const title = el("span", { class: "title", "data-testid": "item-title" }, todo.title);
-    const badge = el("span", {
-      class: `badge ${synced ? "synced" : "pending"}`, "data-testid": "item-sync",
-      title: synced ? "The server has this version" : "Not yet on the server",
-    }, synced ? "synced" : "pending");
+    const badge = el("span", { class: `badge ${badgeClass}`, "data-testid": "item-sync", title: badgeTitle }, badgeText);
     const remove = el("button", { class: "remove", "data-action": "delete", "aria-label": "Delete" }, "×");
     li.append(check, title, badge, remove);
     return li;
@@ -364,6 +365,7 @@ function renderDeadLetters() {
     return li;
   }));
   $("dead-empty").hidden = state.deadLetters.length > 0;
+  renderItems(); // their "rejected" badges
 }
 
 function renderServer() {
