@@ -19,6 +19,8 @@
 //! a push that is malformed or too large gets its real answer and consumes
 //! no fault. At most one of fail / malformed / drop-after-commit applies to a
 //! push, in that order of precedence; a delay comes on top of any answer.
+//! Fail and malformed act before authentication (like a proxy in front of
+//! the server would); drop-after-commit counts only pushes that committed.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -37,6 +39,9 @@ use crate::http::{AppState, error_response};
 /// test controls on (or an in-process server flushing a million events in a
 /// memory benchmark) cannot grow without bound: about 4 MB at most.
 const MAX_RECORDS: usize = 20_000;
+
+/// The request log's name of the drop-after-commit fault.
+pub(crate) const DROP_AFTER_COMMIT: &str = "drop_after_commit";
 
 /// An injected failure: the status to answer a push with.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,7 +110,6 @@ struct State_ {
 pub(crate) struct Plan {
     pub fail: Option<Failure>,
     pub malformed: bool,
-    pub drop_after_commit: bool,
     pub delay: Duration,
 }
 
@@ -168,7 +172,7 @@ impl Faults {
         lock(&self.state).delay = (n > 0 && !d.is_zero()).then_some((d, Some(n)));
     }
 
-    /// For the next `n` pushes: commit the events, then break the answer (a
+    /// For the next `n` pushes that commit: commit the events, then break the answer (a
     /// `200` head whose body fails, so the connection is cut before a body
     /// could be read). The client cannot know its events arrived; the resend
     /// must come back `duplicate`.
@@ -228,11 +232,17 @@ impl Faults {
         if s.malformed > 0 {
             s.malformed -= 1;
             plan.malformed = true;
-        } else if s.drop_after_commit > 0 {
-            s.drop_after_commit -= 1;
-            plan.drop_after_commit = true;
         }
         plan
+    }
+
+    /// After a push committed: should its answer be dropped? Consumes a
+    /// count, so pushes refused earlier (auth, validation) do not use one up.
+    pub(crate) fn take_drop_after_commit(&self) -> bool {
+        let mut s = lock(&self.state);
+        let drop = s.drop_after_commit > 0;
+        s.drop_after_commit = s.drop_after_commit.saturating_sub(1);
+        drop
     }
 
     /// Start a request record; it is logged when the returned guard finishes
@@ -282,9 +292,11 @@ impl RecordGuard {
         self.record.fault.get_or_insert_with(|| name.to_owned());
     }
 
-    /// Log the record with the answered status (0: none).
+    /// Log the record with the answered status; a deliberately broken
+    /// answer (drop-after-commit) is logged as 0, "no answer".
     pub fn finish(mut self, status: u16) {
-        self.record.status = status;
+        let dropped = self.record.fault.as_deref() == Some(DROP_AFTER_COMMIT);
+        self.record.status = if dropped { 0 } else { status };
         self.log();
     }
 

@@ -383,12 +383,7 @@ async fn push(State(state): State<AppState>, headers: HeaderMap, body: Body) -> 
         tokio::time::sleep(plan.delay).await;
     }
     if let Some(r) = record {
-        // A deliberately broken answer is logged as "no answer".
-        r.finish(if plan.drop_after_commit {
-            0
-        } else {
-            response.status().as_u16()
-        });
+        r.finish(response.status().as_u16());
     }
     response
 }
@@ -513,9 +508,9 @@ async fn push_inner(
             );
         }
     };
-    if plan.drop_after_commit {
+    if state.inner.faults_active && state.inner.faults.take_drop_after_commit() {
         if let Some(r) = record {
-            r.fault("drop_after_commit");
+            r.fault(faults::DROP_AFTER_COMMIT);
         }
         return (broken_response(), plan);
     }

@@ -782,6 +782,11 @@ async fn fault_delay_makes_clients_time_out_after_the_commit() {
 async fn fault_drop_response_after_commit() {
     let (server, _dir) = start(|c| c).await;
     server.faults().drop_response_after_commit(1);
+    // A refused push does not use the fault up.
+    assert_eq!(
+        push(&server, TOKEN_B, CLIENT_A, &events(0..1)).await.status,
+        StatusCode::FORBIDDEN
+    );
     let batch = events(1..4);
     let lost = post_raw(&server, Some(TOKEN_A), body(CLIENT_A, &batch), false).await;
     assert!(lost.is_err(), "the answer must not be readable");
