@@ -266,6 +266,8 @@ test("screenshot: the app with sent, pending and dead events", { timeout: TEST_T
     await waitStat(page, "pending", 2);
     await waitFor(async () => (await page.getByTestId("network").textContent()) === "offline",
       { message: "the offline indicator" });
+    await waitFor(async () => /offline/.test(await page.getByTestId("server-error").textContent()),
+      { message: "the server panel to say it cannot reach the server" });
 
     const dir = join(repoRoot, "target", "e2e");
     mkdirSync(dir, { recursive: true });

@@ -251,8 +251,11 @@ function wireUi() {
     out.textContent = "flushing…";
     try {
       const report = await state.outbox.flush();
-      out.textContent = `sent ${report.sent}, pending ${report.pending}` +
-        (report.lastError ? ` (failed: ${report.lastError})` : "");
+      // Offline, the relay makes no attempt (and spends none): say so.
+      const offline = state.status && !state.status.online;
+      out.textContent = offline
+        ? `offline: nothing sent, ${report.pending} pending`
+        : `sent ${report.sent}, pending ${report.pending}` + (report.lastError ? ` (failed: ${report.lastError})` : "");
     } catch (e) {
       out.textContent = `flush failed: ${describe(e)}`;
     }
