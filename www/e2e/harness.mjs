@@ -53,7 +53,7 @@ export async function waitFor(check, { timeout = 15_000, interval = 100, message
  */
 export async function startServer() {
   if (!existsSync(SERVER_BIN)) {
-    throw new Error(`server binary missing: ${SERVER_BIN} (cargo build --release -p edge-outbox-server)`);
+    throw new Error(`server binary missing: ${SERVER_BIN} (build it: cargo build -p edge-outbox-server)`);
   }
   if (!existsSync(join(APP_DIR, "index.html"))) {
     throw new Error(`built app missing: ${APP_DIR}/index.html (node www/build.mjs)`);

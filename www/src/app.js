@@ -3,7 +3,16 @@
 // The package's relay delivers the events to the reference server, which
 // also serves this page (same origin: no CORS setup needed).
 
+// @ts-check: `tsc` checks this file against the package's own index.d.ts
+// (scripts/test-e2e), so a change of the package's API breaks the build here
+// before it breaks the page.
+
 import { Outbox } from "edge-outbox";
+
+/**
+ * A todo as stored in the app's IndexedDB store and sent in its events.
+ * @typedef {{ id: string, title: string, done: boolean, version: number, createdAt: number }} Todo
+ */
 
 const DATABASE = "edge-outbox-demo";
 const ENDPOINT = "/v1/events";
@@ -11,13 +20,14 @@ const STORE = "todos";
 /// How often the "Server received" panel asks the server for new events.
 const SERVER_POLL_MS = 1000;
 
+/** @param {string} id  @returns {any} the element (typed loosely: the ids are this page's own) */
 const $ = (id) => document.getElementById(id);
 
 /** Everything the page shows; render() reads only this. */
 const state = {
-  /** @type {Outbox | null} */
+  /** @type {import("edge-outbox").Outbox | null} */
   outbox: null,
-  /** id -> todo, as stored in IndexedDB. */
+  /** @type {Map<string, Todo>} id -> todo, as stored in IndexedDB. */
   items: new Map(),
   /** The relay's latest `status` event detail (or `outbox.status`). */
   status: null,
@@ -93,7 +103,7 @@ async function toggleTodo(id) {
   await state.outbox.transaction([STORE], async (tx) => {
     // Read inside the same transaction, so a concurrent change in another
     // tab cannot slip in between the read and the write.
-    const current = await tx.get(STORE, id);
+    const current = /** @type {Todo | undefined} */ (await tx.get(STORE, id));
     if (!current) return;
     const next = { ...current, done: !current.done, version: current.version + 1 };
     tx.put(STORE, next);
@@ -239,10 +249,9 @@ function wireUi() {
   });
 
   $("items").addEventListener("click", (e) => {
-    const button = e.target.closest("[data-action]");
-    if (!button) return;
-    const id = button.closest("li").dataset.id;
-    const action = button.dataset.action === "toggle" ? toggleTodo(id) : deleteTodo(id);
+    const hit = clicked(e);
+    if (!hit) return;
+    const action = hit.action === "toggle" ? toggleTodo(hit.id) : deleteTodo(hit.id);
     action.catch((err) => showBanner(`Could not change the todo: ${describe(err)}`));
   });
 
@@ -273,22 +282,29 @@ function wireUi() {
   });
 
   $("dead-letters").addEventListener("click", async (e) => {
-    const button = e.target.closest("[data-action]");
-    if (!button) return;
-    const id = button.closest("li").dataset.id;
+    const hit = clicked(e);
+    if (!hit) return;
     try {
-      if (button.dataset.action === "retry") {
-        await state.outbox.retry(id);
+      if (hit.action === "retry") {
+        await state.outbox.retry(hit.id);
         // Pending again: ask the relay to send it now rather than at its next wake.
         state.outbox.flush().catch(() => {});
       } else {
-        await state.outbox.discard(id);
+        await state.outbox.discard(hit.id);
       }
     } catch (err) {
-      showBanner(`Could not ${button.dataset.action} the event: ${describe(err)}`);
+      showBanner(`Could not ${hit.action} the event: ${describe(err)}`);
     }
     await Promise.all([refreshDeadLetters(), refreshStats()]);
   });
+}
+
+/** The `data-action` of a clicked button and the `data-id` of its list item. */
+function clicked(/** @type {Event} */ e) {
+  const target = /** @type {HTMLElement} */ (e.target);
+  const button = /** @type {HTMLElement | null} */ (target.closest("[data-action]"));
+  const item = button?.closest("li");
+  return button && item ? { action: button.dataset.action, id: item.dataset.id } : null;
 }
 
 function renderItems() {
@@ -407,7 +423,7 @@ async function detectFaultControls() {
     reset: ["/__test/reset", null, "server back to normal"],
   };
   $("faults").addEventListener("click", async (e) => {
-    const name = e.target.closest("[data-fault]")?.dataset.fault;
+    const name = /** @type {HTMLElement} */ (e.target).closest("[data-fault]")?.getAttribute("data-fault");
     if (!name) return;
     const [path, body, what] = faults[name];
     try {
