@@ -47,6 +47,13 @@ async function scenario(body) {
   }
 }
 
+/** Where screenshots go: target/e2e/ (for the report; not compared). */
+function screenshotPath(name) {
+  const dir = join(repoRoot, "target", "e2e");
+  mkdirSync(dir, { recursive: true });
+  return join(dir, name);
+}
+
 const pad = (n) => String(n).padStart(2, "0");
 
 /** The server's events for a client, checked: unique ids, seq strictly increasing. */
@@ -208,6 +215,7 @@ test("a server answering 500 for a while: the error is shown, then everything ar
     assert.equal(await stat(page, "pending"), 5);
     assert.equal(await stat(page, "dead"), 0, "a 500 never dead-letters");
     assert.ok(await page.getByTestId("last-error").isVisible(), `still shown while it lasts (${shownError})`);
+    await page.screenshot({ path: screenshotPath("app-500.png"), fullPage: true });
 
     await server.control("reset");
     await waitServerCount(server, client, 6);
@@ -269,9 +277,7 @@ test("screenshot: the app with sent, pending and dead events", { timeout: TEST_T
     await waitFor(async () => /offline/.test(await page.getByTestId("server-error").textContent()),
       { message: "the server panel to say it cannot reach the server" });
 
-    const dir = join(repoRoot, "target", "e2e");
-    mkdirSync(dir, { recursive: true });
-    const path = join(dir, "app.png");
+    const path = screenshotPath("app.png");
     await page.screenshot({ path, fullPage: true });
     assert.ok(statSync(path).size > 20_000, `${path} looks empty`);
     console.log(`screenshot: ${path}`);
