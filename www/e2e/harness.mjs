@@ -47,6 +47,12 @@ export async function waitFor(check, { timeout = 15_000, interval = 100, message
 
 // ---- the reference server ----
 
+/** Servers still running: killed if the test process exits early (a crash, Ctrl-C). */
+const running = new Set();
+process.on("exit", () => {
+  for (const proc of running) proc.kill("SIGKILL");
+});
+
 /**
  * Start `edge-outbox-server` on a random loopback port with test controls,
  * anonymous pushes, a fresh database and the built app at `/`.
@@ -66,6 +72,8 @@ export async function startServer() {
     "--enable-test-controls",
     "--static-dir", APP_DIR,
   ], { stdio: ["ignore", "pipe", "pipe"] });
+  running.add(proc);
+  proc.once("exit", () => running.delete(proc));
   let stdout = "";
   let stderr = "";
   proc.stderr.on("data", (d) => { stderr += d; });

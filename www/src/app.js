@@ -286,9 +286,8 @@ function wireUi() {
     if (!hit) return;
     try {
       if (hit.action === "retry") {
+        // Pending again, due now; the relay is woken by the retry itself.
         await state.outbox.retry(hit.id);
-        // Pending again: ask the relay to send it now rather than at its next wake.
-        state.outbox.flush().catch(() => {});
       } else {
         await state.outbox.discard(hit.id);
       }
