@@ -48,6 +48,9 @@ pub const DEFAULT_MAX_BYTES: usize = 512 * 1024;
 /// Default relay lease: another relay may take over this long after the last claim.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
+/// Shortest interval between two full counts of the store (see [`RelayStatus`]).
+pub const MIN_COUNT_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The reason recorded on events dead-lettered for their age.
 pub const EXPIRED: &str = "expired";
 
@@ -122,7 +125,10 @@ impl RelayConfig {
 /// change (see [`StatusObserver`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RelayStatus {
-    /// Events not yet acknowledged (as of the last count; new commits show at the next wake).
+    /// Events not yet acknowledged. Counted in the store at most once per
+    /// [`MIN_COUNT_INTERVAL`] and kept up to date by the relay in between, so
+    /// commits of the last second may not show yet; 0 is exact (the last
+    /// claim found nothing).
     pub pending: u64,
     /// Events acknowledged and not yet pruned.
     pub sent: u64,
@@ -216,6 +222,8 @@ pub struct Relay<S, T> {
     observer: Option<Box<dyn StatusObserver>>,
     /// `{"protocol":1,"client_id":"…","events":[`, built once.
     body_prefix: Vec<u8>,
+    /// When the store may be counted again (see `count`).
+    count_due: Option<Timestamp>,
 }
 
 impl<S: std::fmt::Debug, T: std::fmt::Debug> std::fmt::Debug for Relay<S, T> {
@@ -264,6 +272,7 @@ impl<S: Store, T: Transport> Relay<S, T> {
             status: RelayStatus::default(),
             observer: None,
             body_prefix,
+            count_due: None,
         }
     }
 
@@ -308,7 +317,23 @@ impl<S: Store, T: Transport> Relay<S, T> {
     /// Re-read the counts from the store (events committed since the last
     /// count become visible) and publish them.
     pub async fn refresh_status(&mut self) -> Result<()> {
+        self.count(true).await
+    }
+
+    /// Count pending/sent/dead in the store, unless `force` is false and the
+    /// last count was recent. Counting sent rows costs time proportional to
+    /// the table, so between counts the relay keeps the numbers itself (from
+    /// what it settles) and counts at most once per [`MIN_COUNT_INTERVAL`], or
+    /// less often when a count is slow (at most ~5% of the time goes to counting).
+    async fn count(&mut self, force: bool) -> Result<()> {
+        let started = Timestamp::now();
+        if !force && self.count_due.is_some_and(|due| started < due) {
+            return Ok(());
+        }
         let stats = self.store.stats().await?;
+        let done = Timestamp::now();
+        let interval = (done.since(started) * 20).max(MIN_COUNT_INTERVAL);
+        self.count_due = Some(done.add(interval));
         self.status.pending = stats.pending;
         self.status.sent = stats.sent;
         self.status.dead = stats.dead;
@@ -325,9 +350,17 @@ impl<S: Store, T: Transport> Relay<S, T> {
     /// event waits for a retry time, another relay holds the lease, or a batch
     /// fails (the driver waits for [`RelayStatus::next_attempt`] then).
     pub async fn flush(&mut self) -> Result<FlushReport> {
-        self.refresh_status().await?;
+        self.flush_while(|| true).await
+    }
+
+    /// [`Relay::flush`], asking `go_on` before each batch and stopping early
+    /// when it says no. Drivers use it to take a shutdown request between
+    /// batches, never in the middle of one.
+    pub async fn flush_while(&mut self, mut go_on: impl FnMut() -> bool) -> Result<FlushReport> {
+        self.count(false).await?;
         let mut report = FlushReport::default();
-        loop {
+        let mut idle = false;
+        while go_on() {
             let step = self.step().await?;
             report.add(&step);
             match step {
@@ -336,10 +369,17 @@ impl<S: Store, T: Transport> Relay<S, T> {
                     report.lease_held_until = Some(until);
                     break;
                 }
-                Step::Batch { failed: true, .. } | Step::Idle | Step::NotBefore(_) => break,
+                Step::Idle => {
+                    // The claim found nothing pending: the count is exact.
+                    idle = true;
+                    break;
+                }
+                Step::Batch { failed: true, .. } | Step::NotBefore(_) => break,
             }
         }
-        self.refresh_status().await?;
+        if !idle {
+            self.count(true).await?;
+        }
         report.pending = self.status.pending;
         report.next_attempt = self.status.next_attempt;
         report.last_error = self.status.last_error.clone();

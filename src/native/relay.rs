@@ -25,7 +25,7 @@ use super::outbox::Outbox;
 use super::sqlite::SqliteStore;
 use crate::error::{Error, Result};
 use crate::policy::{Jitter, RetryPolicy};
-use crate::relay::{FlushReport, Relay, RelayConfig, RelayStatus, Step};
+use crate::relay::{FlushReport, Relay, RelayConfig, RelayStatus};
 use crate::store::Store;
 use crate::time::Timestamp;
 use crate::transport::Transport;
@@ -265,45 +265,26 @@ impl<S: Store, T: Transport> Driver<S, T> {
         }
     }
 
-    /// Step until nothing more can be sent now; commands are taken between
-    /// batches so a shutdown never cuts a batch in half.
+    /// Deliver what is due now; commands are taken between batches so a
+    /// shutdown never cuts a batch in half.
     async fn drain(&mut self) -> Result<FlushReport> {
-        self.relay.refresh_status().await?;
-        let mut report = FlushReport::default();
-        loop {
-            loop {
-                match self.commands.try_recv() {
-                    Ok(command) => self.accept(Some(command)),
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => {
-                        self.accept(None);
-                        break;
+        let (commands, waiters, stopping) =
+            (&mut self.commands, &mut self.waiters, &mut self.stopping);
+        self.relay
+            .flush_while(|| {
+                loop {
+                    match commands.try_recv() {
+                        Ok(Command::Flush(reply)) => waiters.push(reply),
+                        Ok(Command::Shutdown) | Err(mpsc::error::TryRecvError::Disconnected) => {
+                            *stopping = true;
+                            break;
+                        }
+                        Err(mpsc::error::TryRecvError::Empty) => break,
                     }
                 }
-            }
-            if self.stopping {
-                break;
-            }
-            let step = self.relay.step().await?;
-            if let Step::Batch { sent, dead, .. } = step {
-                report.sent += sent as u64;
-                report.dead += dead as u64;
-            }
-            match step {
-                Step::Batch { failed: false, .. } => {}
-                Step::LeaseHeld { until } => {
-                    report.lease_held_until = Some(until);
-                    break;
-                }
-                Step::Batch { failed: true, .. } | Step::Idle | Step::NotBefore(_) => break,
-            }
-        }
-        self.relay.refresh_status().await?;
-        let status = self.relay.status();
-        report.pending = status.pending;
-        report.next_attempt = status.next_attempt;
-        report.last_error = status.last_error.clone();
-        Ok(report)
+                !*stopping
+            })
+            .await
     }
 
     fn answer(&mut self, drained: Result<FlushReport>) {

@@ -1,0 +1,234 @@
+//! Flush throughput: events/s from an SQLite outbox to the reference server on
+//! loopback, against posting the same pre-serialized batches with the same
+//! reqwest client to the same server with no outbox involved, side by side in
+//! one run, for batches of 100 and 500 events with 256-byte payloads.
+//!
+//! ```text
+//! cargo bench --bench flush
+//! ```
+//!
+//! Each iteration delivers `EVENTS` fresh events (new ids, so the server does
+//! the same insert work on both sides). Relay side: the events are committed
+//! before the clock starts; the clock covers `Relay::flush` (claim, serialize,
+//! POST, parse, settle, batch after batch). Bare side: the bodies are built
+//! before the clock starts; the clock covers the POSTs and reading the answers.
+
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use edge_outbox::protocol::{PROTOCOL_VERSION, PushRequest, WireEvent};
+use edge_outbox::{Config, EventId, HttpTransport, NewEvent, Outbox, Relay, RelayConfig, Store};
+use edge_outbox_server::{RunningServer, ServerConfig};
+use tempfile::TempDir;
+use tokio::runtime::Runtime;
+
+/// Events delivered per iteration.
+const EVENTS: usize = 2_000;
+
+/// A JSON payload of exactly 256 bytes: `{"data":"xx…","i":N}`.
+fn payload(i: usize) -> serde_json::Value {
+    let pad = 256 - 16 - i.to_string().len();
+    serde_json::json!({ "data": "x".repeat(pad), "i": i })
+}
+
+struct Fixture {
+    _dir: TempDir,
+    server: RunningServer,
+    client: reqwest::Client,
+}
+
+fn fixture(rt: &Runtime) -> Fixture {
+    let dir = TempDir::new().unwrap();
+    let server = rt
+        .block_on(edge_outbox_server::spawn(
+            ServerConfig::new(dir.path().join("server.db")).allow_anonymous(true),
+        ))
+        .unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    Fixture {
+        _dir: dir,
+        server,
+        client,
+    }
+}
+
+fn enqueue(outbox: &Outbox, n: usize) {
+    for start in (0..n).step_by(500) {
+        outbox
+            .enqueue((start..(start + 500).min(n)).map(|i| {
+                NewEvent::json("Bench", &payload(i))
+                    .unwrap()
+                    .key(format!("k-{i}"))
+            }))
+            .unwrap();
+    }
+}
+
+/// The bodies the relay would send for `n` fresh events, `batch` per body.
+fn bodies(client_id: &str, n: usize, batch: usize, seq0: i64) -> Vec<Vec<u8>> {
+    let now = edge_outbox::Timestamp::now().to_rfc3339();
+    (0..n)
+        .collect::<Vec<_>>()
+        .chunks(batch)
+        .map(|chunk| {
+            let events = chunk
+                .iter()
+                .map(|&i| WireEvent {
+                    id: EventId::new(),
+                    seq: seq0 + i as i64,
+                    event_type: "Bench".into(),
+                    key: Some(format!("k-{i}")),
+                    payload: serde_json::value::to_raw_value(&payload(i)).unwrap(),
+                    headers: Default::default(),
+                    created_at: now.clone(),
+                })
+                .collect();
+            serde_json::to_vec(&PushRequest {
+                protocol: PROTOCOL_VERSION,
+                client_id: client_id.to_owned(),
+                events,
+            })
+            .unwrap()
+        })
+        .collect()
+}
+
+/// One side of the comparison, set up for one batch size.
+struct Sides {
+    _dir: TempDir,
+    outbox: Outbox,
+    relay: Relay<edge_outbox::SqliteStore, HttpTransport>,
+    client: reqwest::Client,
+    url: String,
+    client_id: String,
+    batch: usize,
+    seq: i64,
+}
+
+impl Sides {
+    fn new(fx: &Fixture, batch: usize) -> Self {
+        let dir = TempDir::new().unwrap();
+        let outbox = Outbox::open(dir.path().join("app.db"), Config::new("unused")).unwrap();
+        let transport = HttpTransport::builder(fx.server.events_url())
+            .client(fx.client.clone())
+            .build()
+            .unwrap();
+        let relay = Relay::new(
+            outbox.store().clone(),
+            transport,
+            RelayConfig::new().with_max_events(batch),
+        );
+        Sides {
+            _dir: dir,
+            outbox,
+            relay,
+            client: fx.client.clone(),
+            url: fx.server.events_url(),
+            client_id: format!("bare-{batch}"),
+            batch,
+            seq: 1,
+        }
+    }
+
+    /// Commit `EVENTS` events (not timed), then time a flush of all of them.
+    fn relay_round(&mut self, rt: &Runtime) -> Duration {
+        enqueue(&self.outbox, EVENTS);
+        let started = Instant::now();
+        let report = rt.block_on(self.relay.flush()).unwrap();
+        let elapsed = started.elapsed();
+        assert_eq!((report.sent, report.pending), (EVENTS as u64, 0));
+        elapsed
+    }
+
+    /// Build `EVENTS` fresh events' bodies (not timed), then time posting them.
+    fn bare_round(&mut self, rt: &Runtime) -> Duration {
+        let bodies = bodies(&self.client_id, EVENTS, self.batch, self.seq);
+        self.seq += EVENTS as i64;
+        let started = Instant::now();
+        rt.block_on(async {
+            for body in bodies {
+                let response = self
+                    .client
+                    .post(&self.url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200);
+                response.bytes().await.unwrap();
+            }
+        });
+        started.elapsed()
+    }
+}
+
+/// Relay and bare rounds alternated, so a machine whose load drifts (other
+/// builds on a shared box) hits both sides alike; prints the median ratio.
+fn paired(rt: &Runtime, fx: &Fixture, batch: usize, rounds: usize) {
+    let mut sides = Sides::new(fx, batch);
+    for _ in 0..3 {
+        sides.relay_round(rt);
+        sides.bare_round(rt);
+    }
+    let mut ratios = Vec::new();
+    let (mut relay_total, mut bare_total) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..rounds {
+        let relay = sides.relay_round(rt);
+        let bare = sides.bare_round(rt);
+        relay_total += relay;
+        bare_total += bare;
+        ratios.push(bare.as_secs_f64() / relay.as_secs_f64());
+    }
+    ratios.sort_by(f64::total_cmp);
+    let rate = |d: Duration| (rounds * EVENTS) as f64 / d.as_secs_f64();
+    println!(
+        "paired batch={batch}: relay {:.0} events/s, bare {:.0} events/s, ratio median {:.2} (min {:.2}, max {:.2}, {rounds} rounds of {EVENTS})",
+        rate(relay_total),
+        rate(bare_total),
+        ratios[rounds / 2],
+        ratios[0],
+        ratios[rounds - 1],
+    );
+}
+
+fn flush(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let fx = fixture(&rt);
+    assert_eq!(
+        payload(12345).to_string().len(),
+        256,
+        "payloads are 256 bytes"
+    );
+    for batch in [100, 500] {
+        paired(&rt, &fx, batch, 15);
+    }
+
+    let mut group = c.benchmark_group("flush");
+    group.throughput(Throughput::Elements(EVENTS as u64));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(8));
+    group.warm_up_time(Duration::from_secs(2));
+    for batch in [100, 500] {
+        let mut sides = Sides::new(&fx, batch);
+        group.bench_function(format!("relay/batch={batch}"), |b| {
+            b.iter_custom(|iters| (0..iters).map(|_| sides.relay_round(&rt)).sum())
+        });
+        group.bench_function(format!("bare/batch={batch}"), |b| {
+            b.iter_custom(|iters| (0..iters).map(|_| sides.bare_round(&rt)).sum())
+        });
+        let stats = rt.block_on(sides.outbox.store().stats()).unwrap();
+        assert_eq!(stats.pending, 0, "everything delivered");
+    }
+    group.finish();
+}
+
+criterion_group!(benches, flush);
+criterion_main!(benches);
