@@ -3,9 +3,9 @@
 // The package's relay delivers the events to the reference server, which
 // also serves this page (same origin: no CORS setup needed).
 
-// @ts-check: `tsc` checks this file against the package's own index.d.ts
-// (scripts/test-e2e), so a change of the package's API breaks the build here
-// before it breaks the page.
+// Type-checked: `tsc -p www` (run by scripts/test-e2e) checks this file
+// against the package's own index.d.ts, so a change of the package's API
+// fails the build here before it breaks the page.
 
 import { Outbox } from "edge-outbox";
 
@@ -17,13 +17,13 @@ import { Outbox } from "edge-outbox";
 const DATABASE = "edge-outbox-demo";
 const ENDPOINT = "/v1/events";
 const STORE = "todos";
-/// How often the "Server received" panel asks the server for new events.
+// How often the "Server received" panel asks the server for new events.
 const SERVER_POLL_MS = 1000;
 
 /** @param {string} id  @returns {any} the element (typed loosely: the ids are this page's own) */
 const $ = (id) => document.getElementById(id);
 
-/** Everything the page shows; render() reads only this. */
+/** Everything the page shows; the render functions read only this. */
 const state = {
   /** @type {import("edge-outbox").Outbox | null} */
   outbox: null,
@@ -41,14 +41,13 @@ const state = {
     recent: [],
     /** todo id -> highest todo version the server has an event for. */
     versions: new Map(),
-    /** todo ids the server has a TodoDeleted for. */
-    deleted: new Set(),
     error: null,
   },
 };
 
 // Other tabs of this app commit to the same database; they say so here so
-// this tab re-reads the list (the outbox itself syncs its own counts).
+// this tab re-reads the list. (The outbox tells every tab about commits
+// itself, with a status event: the counters follow without this.)
 const itemsChannel = new BroadcastChannel(`${DATABASE}:items`);
 
 main().catch((e) => showBanner(`Could not start the app: ${describe(e)}`));
@@ -216,10 +215,8 @@ async function pollServer() {
       for (const e of page.events) {
         server.total += 1;
         server.recent.push(e);
-        const id = e.key;
-        if (e.type === "TodoDeleted") server.deleted.add(id);
-        else if (typeof e.payload?.version === "number") {
-          server.versions.set(id, Math.max(server.versions.get(id) ?? 0, e.payload.version));
+        if (typeof e.payload?.version === "number") {
+          server.versions.set(e.key, Math.max(server.versions.get(e.key) ?? 0, e.payload.version));
         }
       }
       if (server.recent.length > 12) server.recent.splice(0, server.recent.length - 12);
