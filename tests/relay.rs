@@ -560,3 +560,99 @@ async fn two_processes_relay_one_file() {
     assert_eq!(outbox.stats().unwrap().sent, total);
     stop(relay).await;
 }
+
+const MEMORY_DB: &str = "EDGE_OUTBOX_TEST_MEMORY_DB";
+const MEMORY_URL: &str = "EDGE_OUTBOX_TEST_MEMORY_URL";
+const BACKLOG: usize = 1_000_000;
+
+/// Peak resident memory of this process (VmHWM), in KiB.
+fn peak_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// The measured process of `peak_memory_flushing_a_million_events`: opens
+/// the prepared file, flushes the whole backlog, prints its peak RSS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_memory_relay() {
+    let (Ok(db), Ok(url)) = (std::env::var(MEMORY_DB), std::env::var(MEMORY_URL)) else {
+        return;
+    };
+    let outbox = Outbox::open(&db, Config::new(&url)).unwrap();
+    let before = peak_rss_kib();
+    let relay = outbox.relay(http(&url)).spawn();
+    loop {
+        let report = relay.flush().await.unwrap();
+        assert!(report.last_error.is_none(), "{report:?}");
+        if report.pending == 0 {
+            break;
+        }
+    }
+    relay.shutdown().await.unwrap();
+    assert_eq!(outbox.stats().unwrap().sent, BACKLOG as u64);
+    println!("PEAK_RSS_KIB before={before} after={}", peak_rss_kib());
+}
+
+/// Peak memory while a relay flushes a backlog of 1,000,000 events (target
+/// 64 MiB). The relay runs in a child process (this test binary re-executed)
+/// so the server and the backlog's preparation are not counted.
+/// `cargo test --release --test relay -- --ignored --nocapture peak_memory`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "about a minute in release; run for BENCHMARKS.md"]
+async fn peak_memory_flushing_a_million_events() {
+    let dir = TempDir::new().unwrap();
+    let db = dir.path().join("app.db");
+    let outbox = open(&dir);
+    let started = Instant::now();
+    for start in (0..BACKLOG).step_by(10_000) {
+        outbox
+            .enqueue((start..start + 10_000).map(|i| {
+                NewEvent::json(
+                    "Bench",
+                    &serde_json::json!({ "i": i, "data": "x".repeat(200) }),
+                )
+                .unwrap()
+            }))
+            .unwrap();
+    }
+    drop(outbox);
+    println!("backlog of {BACKLOG} committed in {:?}", started.elapsed());
+    let server =
+        server(ServerConfig::new(dir.path().join("server.db")).allow_anonymous(true)).await;
+    let url = server.events_url();
+    let started = Instant::now();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "child_memory_relay",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(MEMORY_DB, &db)
+            .env(MEMORY_URL, &url)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "child failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find_map(|l| l.find("PEAK_RSS_KIB").map(|at| &l[at..]))
+        .unwrap_or_else(|| panic!("the child reports its peak: {stdout}"));
+    let elapsed = started.elapsed();
+    println!(
+        "{line}; flushed {BACKLOG} events in {elapsed:?} ({:.0} events/s)",
+        BACKLOG as f64 / elapsed.as_secs_f64()
+    );
+    let after: u64 = line.rsplit('=').next().unwrap().parse().unwrap();
+    assert_eq!(server.count(None).unwrap(), BACKLOG as u64);
+    assert!(after <= 64 * 1024, "peak RSS {after} KiB is over 64 MiB");
+}
