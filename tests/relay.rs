@@ -5,6 +5,9 @@
 //! nothing here asserts on speed. Waits are conditions polled with a bounded
 //! timeout, never sleeps used as synchronization.
 
+// Native only: SQLite, tokio and sockets (the browser tests live in tests/browser.rs).
+#![cfg(not(all(target_arch = "wasm32", target_os = "unknown")))]
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
