@@ -22,6 +22,7 @@
 //! | 401, 403 | ask the credentials provider for fresh ones, resend once, then back off; never dead |
 //! | 413 | split the batch in halves; a single event -> dead ("too large") |
 //! | 400, 422 | bisect until the poison event is alone; only it -> dead |
+//! | 400 `unsupported_protocol` | retry with backoff (a deployment mismatch, not poison) |
 //! | older than the policy's max age | dead ("expired"), not sent |
 //!
 //! The core never sleeps and never spawns: the driver (tokio natively, the
@@ -692,6 +693,19 @@ fn classify(response: Response) -> Verdict {
             },
         },
         413 => Verdict::TooLarge,
+        // A server that does not speak this protocol version: a deployment
+        // mismatch, not a poison event. Dead-lettering would empty the outbox.
+        400 if serde_json::from_slice::<ErrorBody>(&response.body)
+            .is_ok_and(|e| e.error == "unsupported_protocol") =>
+        {
+            Verdict::Retry {
+                retry_after: response.retry_after,
+                error: format!(
+                    "the server does not speak protocol {PROTOCOL_VERSION}: {}",
+                    error_text(&response.body)
+                ),
+            }
+        }
         400 | 422 => Verdict::Poison {
             reason: format!(
                 "rejected by the server ({status}): {}",
@@ -973,6 +987,25 @@ mod tests {
         assert_eq!(dead[0].seq, 7);
         assert!(dead[0].last_error.as_ref().unwrap().contains("422"));
         assert_eq!(seqs(&server), [1, 2, 3, 4, 5, 6, 8, 9, 10]);
+    }
+
+    #[test]
+    fn unsupported_protocol_is_retried_never_dead() {
+        let (mut relay, _store, server) = setup(4);
+        server.push_fault(Fault::Status {
+            status: 400,
+            retry_after: None,
+            body: r#"{"error":"unsupported_protocol","message":"speaks 2"}"#.into(),
+        });
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!((report.sent, report.dead, report.pending), (0, 0, 4));
+        assert!(
+            report
+                .last_error
+                .unwrap()
+                .contains("does not speak protocol 1")
+        );
+        assert_eq!(server.requests().len(), 1, "no bisection");
     }
 
     #[test]
