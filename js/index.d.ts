@@ -97,13 +97,31 @@ export interface OutboxStats {
   oldestPendingAt: number | null;
 }
 
+/**
+ * Why a flush made no delivery attempt:
+ * - `"offline"`: `navigator.onLine` is false (or `setOnline(false)`); nothing
+ *   was tried and no attempt was spent; the relay sends when the network is back;
+ * - `"not-leader"`: another tab or worker is this outbox's sender; it was asked
+ *   to flush, and the result shows up in `status` events, not in this report;
+ * - `"stopped"`: the relay was stopped (`stop()`, `close()`) before this
+ *   flush's turn came.
+ */
+export type FlushSkipped = "offline" | "not-leader" | "stopped";
+
 /** What a flush achieved. */
 export interface FlushReport {
+  /** Events acknowledged by the server during this flush. */
   sent: number;
+  /** Events dead-lettered during this flush (rejected, too large, expired). */
   dead: number;
+  /** Events still pending afterwards. */
   pending: number;
+  /** When the next attempt is due (Unix ms), if events wait for a retry time. */
   nextAttemptAt: number | null;
+  /** The last delivery failure, if the flush stopped on one. */
   lastError: string | null;
+  /** Null when the flush really ran; otherwise why it made no attempt (`sent` and `dead` are 0 then). */
+  skipped: FlushSkipped | null;
 }
 
 /** The relay's status, in `status` events and `outbox.status`. */
@@ -153,6 +171,11 @@ export interface Outbox {
   enqueueIn(transaction: IDBTransaction, type: string, payload: unknown, options?: EnqueueOptions): string;
   /** Enqueue an event alone; resolves with its id once committed. */
   enqueue(type: string, payload: unknown, options?: EnqueueOptions): Promise<string>;
+  /**
+   * Deliver what is due now. Resolves with what was done; `skipped` tells an
+   * offline (or another tab's) flush from a real one. Rejects with an `Error`
+   * whose `name` is an {@link OutboxErrorName} (e.g. `ClosedError`).
+   */
   flush(): Promise<FlushReport>;
   start(): void;
   stop(): Promise<void>;

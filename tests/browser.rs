@@ -329,7 +329,8 @@ async fn enqueue_in_the_apps_own_transaction() {
 
 // ---- relay delivery to the reference server ---------------------------------
 
-/// The reference server (behind a CORS proxy), started by scripts/test-browser.
+/// The reference server, started by scripts/test-browser with
+/// `--cors-origin '*'` (the test page is served from another origin).
 const SERVER: Option<&str> = option_env!("EDGE_OUTBOX_TEST_SERVER");
 
 async fn http(method: &str, url: &str, body: Option<&str>) -> JsValue {
@@ -393,6 +394,17 @@ async fn drained(outbox: &Outbox, secs: u32) {
     panic!("events still pending after {secs} s: {:?}", outbox.status());
 }
 
+/// The `status` getter's number `k`, polled until it equals `want` (up to 2 s).
+async fn status_reaches(outbox: &Outbox, k: &str, want: f64) {
+    for _ in 0..40 {
+        if num(&outbox.status(), k) == want {
+            return;
+        }
+        sleep_ms(50).await;
+    }
+    panic!("status.{k} never reached {want}: {:?}", outbox.status());
+}
+
 async fn commit_todos(outbox: &Outbox, ids: std::ops::Range<u32>) -> Vec<String> {
     let mut out = Vec::new();
     for id in ids {
@@ -419,8 +431,13 @@ async fn relay_delivers_through_a_500_period_and_an_offline_period() {
     let outbox = open_todos(
         &fresh_name("relay"),
         &format!(
+            // A CORS-safelisted header: the server allows only the protocol's
+            // own headers cross-origin, like a real deployment would.
             r#", endpoint: "{server}/v1/events", retry: {{ baseMs: 100, capMs: 400 }},
-                    headers: async ({{ refresh }}) => ({{ "x-test": String(refresh) }})"#
+                    headers: async ({{ refresh }}) => {{
+                        globalThis.headerCalls = (globalThis.headerCalls ?? 0) + 1;
+                        return {{ "accept-language": refresh ? "fr" : "en" }};
+                    }}"#
         ),
     )
     .await;
@@ -441,6 +458,11 @@ async fn relay_delivers_through_a_500_period_and_an_offline_period() {
     let mut expected = commit_todos(&outbox, 0..5).await;
     drained(&outbox, 10).await;
     assert_eq!(received(server, &client).await, expected);
+    assert!(
+        num(&js_sys::global(), "headerCalls") >= 1.0,
+        "headers() is asked at send time"
+    );
+    status_reaches(&outbox, "sent", 5.0).await;
 
     // A 500 period: attempts fail, then the backoff timer delivers everything.
     http(
@@ -476,8 +498,22 @@ async fn relay_delivers_through_a_500_period_and_an_offline_period() {
         pending.iter().all(|e| num(&e, "attempts") == 0.0),
         "no attempt spent offline"
     );
+    // The status follows offline commits, although the loop sleeps.
+    status_reaches(&outbox, "pending", 3.0).await;
+    assert!(
+        statuses
+            .borrow()
+            .iter()
+            .any(|s| num(s, "pending") == 3.0 && !prop(s, "online").as_bool().unwrap()),
+        "a status event reported the offline commits"
+    );
     let report = wait(outbox.flush()).await.unwrap();
     assert_eq!(num(&report, "sent"), 0.0);
+    assert_eq!(num(&report, "pending"), 3.0);
+    assert_eq!(
+        prop(&report, "skipped").as_string().as_deref(),
+        Some("offline")
+    );
     assert!(!prop(&outbox.status(), "online").as_bool().unwrap());
     outbox.set_online(None).unwrap();
     drained(&outbox, 10).await;
@@ -489,6 +525,7 @@ async fn relay_delivers_through_a_500_period_and_an_offline_period() {
     let report = wait(outbox.flush()).await.unwrap();
     assert_eq!(num(&report, "sent"), 2.0);
     assert_eq!(num(&report, "pending"), 0.0);
+    assert!(prop(&report, "skipped").is_null(), "a real flush");
     assert_eq!(received(server, &client).await, expected);
     wait(outbox.close()).await.unwrap();
 }
@@ -512,6 +549,15 @@ async fn one_sender_per_outbox_and_handover_on_close() {
     drained(&b, 10).await;
     let client = b.client_id();
     assert_eq!(received(server, &client).await, expected);
+    // B's status follows A's delivery (B counts after A's "flushed" message).
+    status_reaches(&b, "sent", 3.0).await;
+    status_reaches(&b, "pending", 0.0).await;
+    // B's flush is A's job: B says so instead of looking like a real flush.
+    let report = wait(b.flush()).await.unwrap();
+    assert_eq!(
+        prop(&report, "skipped").as_string().as_deref(),
+        Some("not-leader")
+    );
     // A closes: B takes over the lock and delivers.
     wait(a.close()).await.unwrap();
     sleep_ms(100).await;
@@ -520,4 +566,26 @@ async fn one_sender_per_outbox_and_handover_on_close() {
     drained(&b, 10).await;
     assert_eq!(received(server, &client).await, expected);
     wait(b.close()).await.unwrap();
+}
+
+#[wasm_bindgen_test]
+async fn queued_flushes_reject_with_named_errors() {
+    // Nothing listens on port 9: no request gets that far anyway.
+    let outbox = open_todos(
+        &fresh_name("flush-error"),
+        r#", endpoint: "http://127.0.0.1:9/v1/events""#,
+    )
+    .await;
+    sleep_ms(100).await;
+    assert!(prop(&outbox.status(), "leader").as_bool().unwrap());
+    // Close the connection under the running relay: its next round fails.
+    outbox.db().close();
+    // Two flushes queue for the same round; both get the error.
+    let (a, b) = (outbox.flush(), outbox.flush());
+    for p in [a, b] {
+        let e = wait(p).await.expect_err("the store is closed");
+        assert!(e.is_instance_of::<js_sys::Error>(), "a real Error: {e:?}");
+        assert_eq!(error_name(&e), "ClosedError", "{e:?}");
+    }
+    wait(outbox.close()).await.unwrap();
 }

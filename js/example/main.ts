@@ -1,6 +1,6 @@
 // The npm README's quick start, type-checked by scripts/test-browser
 // (`tsc --noEmit -p js/example/tsconfig.json`) against the built package.
-import { Outbox, createOutboxStores, OUTBOX_STORES, type OutboxStatus, type FlushReport } from "edge-outbox";
+import { Outbox, createOutboxStores, OUTBOX_STORES, type OutboxStatus, type FlushReport, type FlushSkipped } from "edge-outbox";
 
 interface Todo { id: string; title: string; done: boolean }
 
@@ -28,7 +28,9 @@ export async function quickStart(): Promise<void> {
   });
 
   const report: FlushReport = await outbox.flush();
-  console.log(report.sent, report.pending);
+  const skipped: FlushSkipped | null = report.skipped;
+  if (report.skipped === "offline") console.log(`offline: ${report.pending} waiting`);
+  else if (skipped === null) console.log(report.sent, report.pending);
   for (const dead of await outbox.deadLetters()) {
     console.log(dead.id, dead.lastError);
     await outbox.retry(dead.id);

@@ -504,12 +504,15 @@ impl Outbox {
         })
     }
 
-    /// Deliver what is due now; resolves with `{ sent, dead, pending, nextAttemptAt, lastError }`.
+    /// Deliver what is due now; resolves with `{ sent, dead, pending,
+    /// nextAttemptAt, lastError, skipped }`, where `skipped` says why no
+    /// attempt was made (`"offline"`, `"not-leader"`, `"stopped"`) or is null.
+    /// Rejects with a real `Error` named after its kind ([`Error::js_name`]).
     pub fn flush(&self) -> Promise {
         let driver = self.driver();
         future_to_promise(async move {
-            let report = driver?.flush().await.map_err(js_err)?;
-            Ok(report_to_js(&report))
+            let outcome = driver?.flush().await.map_err(js_err)?;
+            Ok(report_to_js(&outcome))
         })
     }
 

@@ -12,6 +12,10 @@
 //!   already excludes other senders, every holder uses the same store lease
 //!   owner, so a new holder renews a closed tab's lease at once; an event that
 //!   tab had in flight is still pending and is sent again (the server dedupes).
+//! - Counts in the status follow local commits even when this context will
+//!   not send (offline, another tab sends, stopped): a commit schedules one
+//!   recount, and commits that land while it runs share the next one, so a
+//!   burst of commits costs at most two counts.
 
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
@@ -69,6 +73,48 @@ pub struct Status {
     pub leader: bool,
 }
 
+/// Why a [`Driver::flush`] made no delivery attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlushSkipped {
+    /// The network is down (`navigator.onLine === false`, or forced with
+    /// [`Driver::set_online_override`]): nothing was tried, no attempt spent.
+    Offline,
+    /// Another tab or worker holds the sender lock: it was asked to flush,
+    /// and the counts are this context's view of the shared store.
+    NotLeader,
+    /// The relay was stopped before the flush's turn came.
+    Stopped,
+}
+
+impl FlushSkipped {
+    /// The string JavaScript sees in `report.skipped`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlushSkipped::Offline => "offline",
+            FlushSkipped::NotLeader => "not-leader",
+            FlushSkipped::Stopped => "stopped",
+        }
+    }
+}
+
+/// What [`Driver::flush`] did: the core's report, and whether it was skipped.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlushOutcome {
+    /// Counts of this flush (all zero but `pending` when skipped).
+    pub report: FlushReport,
+    /// Set when no attempt was made, and why; `None` for a real flush.
+    pub skipped: Option<FlushSkipped>,
+}
+
+impl FlushOutcome {
+    fn delivered(report: FlushReport) -> Self {
+        FlushOutcome {
+            report,
+            skipped: None,
+        }
+    }
+}
+
 /// Settings of the browser relay.
 #[derive(Clone, Debug)]
 pub struct DriverConfig {
@@ -83,6 +129,22 @@ type StatusListener = Rc<dyn Fn(&Status)>;
 
 /// A JS event callback kept alive from Rust.
 type JsCallback = Closure<dyn FnMut(JsValue)>;
+
+/// A `flush()` waiting for the loop's next round: the loop stores the
+/// outcome, then resolves the promise the caller awaits. The outcome stays in
+/// Rust (no detour through a JS value), so an error keeps its kind and
+/// reaches JavaScript with the right `name`.
+struct Waiter {
+    outcome: RefCell<Option<Result<FlushOutcome>>>,
+    resolve: Function,
+}
+
+impl Waiter {
+    fn settle(&self, outcome: Result<FlushOutcome>) {
+        *self.outcome.borrow_mut() = Some(outcome);
+        let _ = self.resolve.call0(&JsValue::UNDEFINED);
+    }
+}
 
 /// The running relay of one outbox in this context. Cheap to clone.
 #[derive(Clone)]
@@ -105,7 +167,14 @@ struct State {
     /// Resolves the loop's current wait.
     wake: RefCell<Option<(Function, JsValue)>>,
     /// Flush requests waiting for the loop's next round.
-    flush_waiters: RefCell<Vec<(Function, Function)>>,
+    flush_waiters: RefCell<Vec<Rc<Waiter>>>,
+    /// Events were committed since the core last counted the store: the next
+    /// round recounts first, so the status it publishes includes them.
+    relay_counts_stale: Cell<bool>,
+    /// A recount of the status (outside the core) is running.
+    counting: Cell<bool>,
+    /// Another commit arrived while counting: count once more afterwards.
+    recount: Cell<bool>,
     online_override: Cell<Option<bool>>,
     status: RefCell<Status>,
     listener: RefCell<Option<StatusListener>>,
@@ -146,6 +215,9 @@ impl Driver {
             dirty: Cell::new(false),
             wake: RefCell::new(None),
             flush_waiters: RefCell::new(Vec::new()),
+            relay_counts_stale: Cell::new(true),
+            counting: Cell::new(false),
+            recount: Cell::new(false),
             online_override: Cell::new(None),
             status: RefCell::new(Status {
                 online: global_navigator_online(),
@@ -177,7 +249,7 @@ impl Driver {
         let weak = Rc::downgrade(st);
         st.store.set_on_commit(Some(Rc::new(move || {
             if let Some(st) = weak.upgrade() {
-                wake(&st);
+                committed(&st);
                 if let Some(ch) = &st.channel {
                     let _ = ch.post_message(&"commit".into());
                 }
@@ -188,12 +260,9 @@ impl Driver {
             let weak = Rc::downgrade(st);
             let on_message = Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| {
                 if let Some(st) = weak.upgrade() {
-                    if st.leader.get() {
-                        wake(&st);
-                    } else {
-                        // Not the sender: refresh the counts the app shows.
-                        refresh_counts(&st);
-                    }
+                    // A commit or a flush of another tab: either way the
+                    // counts moved; the sender also has work to do.
+                    committed(&st);
                 }
             });
             ch.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
@@ -293,50 +362,59 @@ impl Driver {
     /// Deliver what is due now and report. In the sending context this runs
     /// the next round of the loop; with the loop stopped it runs here if no
     /// other context holds the sender lock; otherwise it asks the sender (over
-    /// the BroadcastChannel) and reports the current counts.
-    pub async fn flush(&self) -> Result<FlushReport> {
+    /// the BroadcastChannel) and reports the current counts with
+    /// [`FlushOutcome::skipped`] set, as it does offline.
+    pub async fn flush(&self) -> Result<FlushOutcome> {
         let st = self.state.clone();
         if !is_online(&st) {
             // Offline: no attempt is made (none is spent); report the counts.
-            return counts_report(&st).await;
+            return counts_report(&st, FlushSkipped::Offline).await;
         }
         if st.running.get() && st.leader.get() {
-            let promise = Promise::new(&mut |resolve, reject| {
-                st.flush_waiters.borrow_mut().push((resolve, reject));
+            let slot: Rc<RefCell<Option<Rc<Waiter>>>> = Rc::new(RefCell::new(None));
+            let promise = Promise::new(&mut |resolve, _reject| {
+                let waiter = Rc::new(Waiter {
+                    outcome: RefCell::new(None),
+                    resolve,
+                });
+                st.flush_waiters.borrow_mut().push(waiter.clone());
+                *slot.borrow_mut() = Some(waiter);
             });
             wake(&st);
-            let report = JsFuture::from(promise).await.map_err(|e| Error::Storage {
-                message: super::idb::error_parts(&e).1,
-                source: None,
-            })?;
-            return Ok(report_from_js(&report));
+            // Never rejected: the loop stores the outcome, then resolves.
+            let _ = JsFuture::from(promise).await;
+            let waiter = slot.borrow_mut().take();
+            let outcome = waiter.and_then(|w| w.outcome.borrow_mut().take());
+            return outcome.unwrap_or_else(|| Err(Error::storage("the flush was dropped", None)));
         }
-        let st2 = st.clone();
+        // The loop is stopped here, or this context waits for the lock: flush
+        // here if nobody else holds the lock right now.
+        let result: Rc<RefCell<Option<Result<FlushOutcome>>>> = Rc::new(RefCell::new(None));
+        let (st2, out) = (st.clone(), result.clone());
         let work = Closure::once_into_js(move |held: JsValue| -> Promise {
             if held.as_bool() != Some(true) {
-                return Promise::resolve(&JsValue::NULL);
+                return Promise::resolve(&JsValue::UNDEFINED);
             }
             wasm_bindgen_futures::future_to_promise(async move {
-                let report = flush_now(&st2)
-                    .await
-                    .map_err(|e| JsValue::from_str(&e.to_string()))?;
-                Ok(report_to_js(&report))
+                let outcome = flush_now(&st2).await.map(FlushOutcome::delivered);
+                *out.borrow_mut() = Some(outcome);
+                Ok(JsValue::UNDEFINED)
             })
         });
-        let result = JsFuture::from(try_lock(&st.lock_name, work.unchecked_ref()))
+        JsFuture::from(try_lock(&st.lock_name, work.unchecked_ref()))
             .await
-            .map_err(|e| Error::Storage {
-                message: super::idb::error_parts(&e).1,
-                source: None,
-            })?;
-        if result.is_null() {
-            // Another context sends: nudge it, report what is known.
-            if let Some(ch) = &st.channel {
-                let _ = ch.post_message(&"flush".into());
+            .map_err(|e| Error::storage(super::idb::error_parts(&e).1, None))?;
+        let outcome = result.borrow_mut().take();
+        match outcome {
+            Some(outcome) => outcome,
+            None => {
+                // Another context sends: nudge it, report what is known.
+                if let Some(ch) = &st.channel {
+                    let _ = ch.post_message(&"flush".into());
+                }
+                counts_report(&st, FlushSkipped::NotLeader).await
             }
-            return counts_report(&st).await;
         }
-        Ok(report_from_js(&result))
     }
 
     /// Stop, and drop every listener (the outbox is closing).
@@ -424,17 +502,25 @@ async fn take_relay(st: &State) -> Option<Relay<IdbStore, FetchTransport>> {
 
 async fn flush_now(st: &Rc<State>) -> Result<FlushReport> {
     let Some(mut relay) = take_relay(st).await else {
-        return Err(Error::Storage {
-            message: "another flush did not finish within 30 s".into(),
-            source: None,
-        });
+        return Err(Error::storage(
+            "another flush did not finish within 30 s",
+            None,
+        ));
     };
     st.status.borrow_mut().flushing = true;
     emit(st);
+    // Commits since the core's last count (this tab's or another's): count
+    // them now, once per round, so the status and the report include them.
+    // A failed count is not fatal (the flush counts again at its end); it is
+    // simply tried again next round.
+    if st.relay_counts_stale.replace(false) && relay.refresh_status().await.is_err() {
+        st.relay_counts_stale.set(true);
+    }
     let result = relay.flush().await;
     *st.relay.borrow_mut() = Some(relay);
     st.status.borrow_mut().flushing = false;
     if let Err(e) = &result {
+        st.relay_counts_stale.set(true);
         st.status.borrow_mut().relay.last_error = Some(e.to_string());
     }
     emit(st);
@@ -445,27 +531,120 @@ async fn flush_now(st: &Rc<State>) -> Result<FlushReport> {
     result
 }
 
-async fn counts_report(st: &State) -> Result<FlushReport> {
+/// A skipped flush's outcome: the counts as the store has them now.
+async fn counts_report(st: &Rc<State>, why: FlushSkipped) -> Result<FlushOutcome> {
     let stats = st.store.stats().await?;
-    Ok(FlushReport {
-        pending: stats.pending,
-        ..FlushReport::default()
+    set_counts(st, &stats);
+    Ok(FlushOutcome {
+        report: FlushReport {
+            pending: stats.pending,
+            ..FlushReport::default()
+        },
+        skipped: Some(why),
     })
 }
 
-fn refresh_counts(st: &Rc<State>) {
+/// Publish fresh counts (read outside the core, which is not running).
+fn set_counts(st: &Rc<State>, stats: &crate::store::Stats) {
+    let changed = {
+        let mut s = st.status.borrow_mut();
+        let before = (s.relay.pending, s.relay.sent, s.relay.dead);
+        s.relay.pending = stats.pending;
+        s.relay.sent = stats.sent;
+        s.relay.dead = stats.dead;
+        before != (stats.pending, stats.sent, stats.dead)
+    };
+    if changed {
+        emit(st);
+    }
+}
+
+/// Events were committed (here or in another tab), or another tab flushed.
+fn committed(st: &Rc<State>) {
+    st.relay_counts_stale.set(true);
+    if st.running.get() && st.leader.get() && is_online(st) {
+        // The next round counts before it sends, and publishes the counts.
+        wake(st);
+    } else {
+        // Nobody here will count soon: do it, so the app sees the commit.
+        request_count(st);
+    }
+}
+
+/// Count the store and publish, coalescing requests: while a count runs, more
+/// requests make exactly one more count after it (one per burst of commits).
+fn request_count(st: &Rc<State>) {
+    if st.counting.replace(true) {
+        st.recount.set(true);
+        return;
+    }
     let st = st.clone();
     spawn_local(async move {
-        if let Ok(stats) = st.store.stats().await {
-            {
-                let mut s = st.status.borrow_mut();
-                s.relay.pending = stats.pending;
-                s.relay.sent = stats.sent;
-                s.relay.dead = stats.dead;
+        loop {
+            st.recount.set(false);
+            if let Ok(stats) = st.store.stats().await {
+                set_counts(&st, &stats);
             }
-            emit(&st);
+            if !st.recount.get() {
+                break;
+            }
         }
+        st.counting.set(false);
     });
+}
+
+/// Hand every queued flush request `outcome` (or its copy).
+fn settle_waiters(st: &State, outcome: &Result<FlushOutcome>) {
+    let waiters: Vec<_> = st.flush_waiters.borrow_mut().drain(..).collect();
+    for waiter in waiters {
+        waiter.settle(match outcome {
+            Ok(o) => Ok(o.clone()),
+            Err(e) => Err(duplicate(e)),
+        });
+    }
+}
+
+/// A copy of `e` for the second and later waiters of one round (the cause
+/// chain is not cloneable; its message is in the copy's message already).
+fn duplicate(e: &Error) -> Error {
+    match e {
+        Error::InvalidEventType { reason } => Error::InvalidEventType {
+            reason: reason.clone(),
+        },
+        Error::InvalidPayload { reason } => Error::InvalidPayload {
+            reason: reason.clone(),
+        },
+        Error::InvalidHeader { reason } => Error::InvalidHeader {
+            reason: reason.clone(),
+        },
+        Error::EventTooLarge { size, limit } => Error::EventTooLarge {
+            size: *size,
+            limit: *limit,
+        },
+        Error::NotADatabase { path } => Error::NotADatabase { path: path.clone() },
+        Error::SchemaTooNew { found, supported } => Error::SchemaTooNew {
+            found: *found,
+            supported: *supported,
+        },
+        Error::ReadOnly { path } => Error::ReadOnly { path: path.clone() },
+        Error::Busy => Error::Busy,
+        Error::QuotaExceeded => Error::QuotaExceeded,
+        Error::Closed => Error::Closed,
+        Error::InvalidConfig { reason } => Error::InvalidConfig {
+            reason: reason.clone(),
+        },
+        Error::Aborted { reason } => Error::Aborted {
+            reason: reason.clone(),
+        },
+        Error::Storage { message, .. } => Error::storage(message.clone(), None),
+        Error::Network { message, .. } => Error::Network {
+            message: message.clone(),
+            source: None,
+        },
+        Error::Protocol { message } => Error::Protocol {
+            message: message.clone(),
+        },
+    }
 }
 
 /// The loop: one per running driver.
@@ -479,18 +658,29 @@ async fn run(st: Rc<State>) {
             continue;
         }
         if !is_online(&st) {
-            // Offline: wait for the `online` event without spending attempts.
+            // Offline: flush requests queued before the network went away
+            // get the counts, then wait for the `online` event without
+            // spending attempts.
+            if !st.flush_waiters.borrow().is_empty() {
+                let outcome = counts_report(&st, FlushSkipped::Offline).await;
+                settle_waiters(&st, &outcome);
+            }
             sleep(&st, None).await;
             continue;
         }
         st.dirty.set(false);
+        // Requests queued now are answered by this round; later ones by the next.
         let waiters: Vec<_> = st.flush_waiters.borrow_mut().drain(..).collect();
         let result = flush_now(&st).await;
-        for (resolve, reject) in waiters {
-            let _ = match &result {
-                Ok(report) => resolve.call1(&JsValue::UNDEFINED, &report_to_js(report)),
-                Err(e) => reject.call1(&JsValue::UNDEFINED, &JsValue::from_str(&e.to_string())),
-            };
+        let outcome = match &result {
+            Ok(report) => Ok(FlushOutcome::delivered(report.clone())),
+            Err(e) => Err(duplicate(e)),
+        };
+        for waiter in waiters {
+            waiter.settle(match &outcome {
+                Ok(o) => Ok(o.clone()),
+                Err(e) => Err(duplicate(e)),
+            });
         }
         if !st.running.get() {
             break;
@@ -514,17 +704,20 @@ async fn run(st: Rc<State>) {
         sleep(&st, pause).await;
     }
     // Flush requests still queued when the loop stops get the counts.
-    let waiters: Vec<_> = st.flush_waiters.borrow_mut().drain(..).collect();
-    for (resolve, _) in waiters {
-        let _ = resolve.call1(&JsValue::UNDEFINED, &report_to_js(&FlushReport::default()));
+    if !st.flush_waiters.borrow().is_empty() {
+        let outcome = counts_report(&st, FlushSkipped::Stopped).await;
+        settle_waiters(&st, &outcome);
     }
 }
 
-/// A [`FlushReport`] as the JS object `{ sent, dead, pending, nextAttemptAt, lastError }`.
-pub(crate) fn report_to_js(r: &FlushReport) -> JsValue {
-    let o = js_sys::Object::new();
+/// A flush outcome as the JS object
+/// `{ sent, dead, pending, nextAttemptAt, lastError, skipped }` (`FlushReport`
+/// in `js/index.d.ts`).
+pub(crate) fn report_to_js(o: &FlushOutcome) -> JsValue {
+    let r = &o.report;
+    let obj = js_sys::Object::new();
     let set = |k: &str, v: JsValue| {
-        let _ = Reflect::set(&o, &k.into(), &v);
+        let _ = Reflect::set(&obj, &k.into(), &v);
     };
     set("sent", (r.sent as f64).into());
     set("dead", (r.dead as f64).into());
@@ -540,19 +733,10 @@ pub(crate) fn report_to_js(r: &FlushReport) -> JsValue {
             .as_deref()
             .map_or(JsValue::NULL, JsValue::from_str),
     );
-    o.into()
-}
-
-fn report_from_js(v: &JsValue) -> FlushReport {
-    let n = |k: &str| Reflect::get(v, &k.into()).ok().and_then(|x| x.as_f64());
-    FlushReport {
-        sent: n("sent").unwrap_or(0.0) as u64,
-        dead: n("dead").unwrap_or(0.0) as u64,
-        pending: n("pending").unwrap_or(0.0) as u64,
-        next_attempt: n("nextAttemptAt").map(|t| Timestamp::from_millis(t as i64)),
-        last_error: Reflect::get(v, &"lastError".into())
-            .ok()
-            .and_then(|x| x.as_string()),
-        lease_held_until: None,
-    }
+    set(
+        "skipped",
+        o.skipped
+            .map_or(JsValue::NULL, |s| JsValue::from_str(s.as_str())),
+    );
+    obj.into()
 }
