@@ -31,7 +31,10 @@
 //! this module free of any runtime, so the same code runs on both targets.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::ops::Range;
+use std::pin::pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -46,6 +49,8 @@ use crate::transport::{Push, Response, Transport};
 pub const DEFAULT_MAX_EVENTS: usize = 100;
 /// Default most event bytes ([`Event::size`]) in one push: 512 KiB.
 pub const DEFAULT_MAX_BYTES: usize = 512 * 1024;
+/// Default pushes' worth of events taken by one claim (see [`RelayConfig::claim_batches`]).
+pub const DEFAULT_CLAIM_BATCHES: usize = 4;
 /// Default relay lease: another relay may take over this long after the last claim.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
@@ -71,6 +76,12 @@ pub struct RelayConfig {
     pub retry: RetryPolicy,
     /// The lease owner's name; unique per relay instance (a random one by default).
     pub owner: String,
+    /// How many pushes' worth of events one claim takes (default 4). The
+    /// pushes still go out one at a time, each after the previous answer, but
+    /// the outcome of one push is settled while the next is on the wire, so
+    /// local bookkeeping overlaps the network. Keep `lease` longer than this
+    /// many round trips.
+    pub claim_batches: usize,
 }
 
 impl Default for RelayConfig {
@@ -81,6 +92,7 @@ impl Default for RelayConfig {
             lease: DEFAULT_LEASE,
             retry: RetryPolicy::new(),
             owner: format!("relay-{}", uuid::Uuid::new_v4()),
+            claim_batches: DEFAULT_CLAIM_BATCHES,
         }
     }
 }
@@ -112,6 +124,12 @@ impl RelayConfig {
     /// Set the retry policy.
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
+        self
+    }
+
+    /// Set how many pushes' worth of events one claim takes (at least 1).
+    pub fn with_claim_batches(mut self, n: usize) -> Self {
+        self.claim_batches = n.max(1);
         self
     }
 
@@ -395,8 +413,14 @@ impl<S: Store, T: Transport> Relay<S, T> {
             .claim(ClaimRequest {
                 owner: &self.config.owner,
                 lease: self.config.lease,
-                max_events: self.config.max_events,
-                max_bytes: self.config.max_bytes,
+                max_events: self
+                    .config
+                    .max_events
+                    .saturating_mul(self.config.claim_batches.max(1)),
+                max_bytes: self
+                    .config
+                    .max_bytes
+                    .saturating_mul(self.config.claim_batches.max(1)),
                 now,
             })
             .await;
@@ -442,6 +466,7 @@ impl<S: Store, T: Transport> Relay<S, T> {
         let mut outcomes: Vec<(EventId, Outcome)> = Vec::with_capacity(events.len());
         // Each event serialized once; sub-batches (413, 400) are re-joined from these.
         let mut wire: Vec<(EventId, Vec<u8>)> = Vec::with_capacity(events.len());
+        let mut sizes: Vec<usize> = Vec::with_capacity(events.len());
         for event in &events {
             if self.config.retry.is_expired(event.created_at, now) {
                 outcomes.push((
@@ -457,7 +482,10 @@ impl<S: Store, T: Transport> Relay<S, T> {
                     message: e.to_string(),
                 })
             }) {
-                Ok(bytes) => wire.push((event.id, bytes)),
+                Ok(bytes) => {
+                    wire.push((event.id, bytes));
+                    sizes.push(event.size());
+                }
                 // A stored payload that is not JSON can never be sent: dead, not stuck.
                 Err(e) => outcomes.push((
                     event.id,
@@ -470,12 +498,29 @@ impl<S: Store, T: Transport> Relay<S, T> {
         drop(events);
 
         let mut failed = false;
+        // One push per `max_events` / `max_bytes` (the first event of a push
+        // always goes, however large: the server's 413 decides).
         let mut queue: VecDeque<Range<usize>> = VecDeque::new();
-        if !wire.is_empty() {
-            queue.push_back(0..wire.len());
+        let mut start = 0;
+        while start < wire.len() {
+            let mut end = start + 1;
+            let mut bytes = sizes[start];
+            while end < wire.len()
+                && end - start < self.config.max_events
+                && bytes + sizes[end] <= self.config.max_bytes
+            {
+                bytes += sizes[end];
+                end += 1;
+            }
+            queue.push_back(start..end);
+            start = end;
         }
+        let mut counts = [0usize; 3];
         while let Some(range) = queue.pop_front() {
-            let verdict = self.send_range(&wire, range.clone()).await;
+            // Settle what is known so far while this push is on the wire.
+            let known = std::mem::take(&mut outcomes);
+            tally(&known, &mut counts);
+            let verdict = self.send_range(&wire, range.clone(), known).await?;
             match verdict {
                 Verdict::Results(response) => {
                     let mut results: HashMap<EventId, (ResultStatus, Option<String>)> = response
@@ -568,14 +613,8 @@ impl<S: Store, T: Transport> Relay<S, T> {
             }
         }
 
-        let (mut sent, mut dead, mut retry) = (0, 0, 0);
-        for (_, outcome) in &outcomes {
-            match outcome {
-                Outcome::Sent => sent += 1,
-                Outcome::Dead { .. } => dead += 1,
-                Outcome::Retry { .. } => retry += 1,
-            }
-        }
+        tally(&outcomes, &mut counts);
+        let [sent, dead, retry] = counts;
         if let Err(e) = self.store.settle(outcomes, Timestamp::now()).await {
             // Nothing is lost: the events stay pending and are claimed (and
             // resent, harmlessly: the server dedupes) again.
@@ -635,38 +674,111 @@ impl<S: Store, T: Transport> Relay<S, T> {
         body
     }
 
-    /// Send one sub-batch, resending once with fresh credentials after a 401/403.
-    async fn send_range(&mut self, wire: &[(EventId, Vec<u8>)], range: Range<usize>) -> Verdict {
+    /// Send one push and, at the same time, settle `settle` (outcomes of
+    /// earlier pushes of this claim). Only a settle failure is an `Err`.
+    async fn send_range(
+        &mut self,
+        wire: &[(EventId, Vec<u8>)],
+        range: Range<usize>,
+        settle: Vec<(EventId, Outcome)>,
+    ) -> Result<Verdict> {
         let part = &wire[range];
         let body = self.body(part);
         self.status.in_flight = part.len();
         self.publish();
-        let mut answer = self.send_once(body.clone(), part.len()).await;
-        if matches!(&answer, Ok(r) if is_auth(r.status)) && !self.refresh_credentials {
-            // A token expired: refresh and resend at once rather than back off.
-            self.refresh_credentials = true;
-            answer = self.send_once(body, part.len()).await;
-        }
-        self.status.in_flight = 0;
-        match answer {
-            Ok(response) => {
-                self.refresh_credentials = is_auth(response.status);
-                classify(response)
+        let store = &self.store;
+        let settling = async move {
+            if settle.is_empty() {
+                Ok(())
+            } else {
+                store.settle(settle, Timestamp::now()).await
             }
+        };
+        // The push is polled first, so the request is handed to the network
+        // before the (possibly blocking) settle runs.
+        let sending = send_with_auth(
+            &self.transport,
+            body,
+            part.len(),
+            &mut self.refresh_credentials,
+        );
+        let (answer, settled) = join(sending, settling).await;
+        self.status.in_flight = 0;
+        if let Err(e) = settled {
+            // Nothing is lost: unsettled events stay pending and are resent
+            // (the server answers `duplicate`).
+            self.status.last_error = Some(format!("settle failed: {e}"));
+            self.publish();
+            return Err(e);
+        }
+        Ok(match answer {
+            Ok(response) => classify(response),
             Err(e) => Verdict::Retry {
                 retry_after: None,
                 error: e.to_string(),
             },
-        }
+        })
     }
+}
 
-    async fn send_once(&mut self, body: Vec<u8>, events: usize) -> Result<Response> {
-        let push = Push {
-            body,
-            events,
-            refresh_credentials: self.refresh_credentials,
-        };
-        self.transport.send(push).await
+/// Send a push; after a 401/403, ask for fresh credentials and resend once at
+/// once (an expired token is the common case, and not worth a backoff).
+/// `refresh` stays set while answers are 401/403.
+async fn send_with_auth<T: Transport>(
+    transport: &T,
+    body: Vec<u8>,
+    events: usize,
+    refresh: &mut bool,
+) -> Result<Response> {
+    let push = |body, refresh_credentials| Push {
+        body,
+        events,
+        refresh_credentials,
+    };
+    let mut answer = transport.send(push(body.clone(), *refresh)).await;
+    if matches!(&answer, Ok(r) if is_auth(r.status)) && !*refresh {
+        *refresh = true;
+        answer = transport.send(push(body, true)).await;
+    }
+    if let Ok(response) = &answer {
+        *refresh = is_auth(response.status);
+    }
+    answer
+}
+
+/// Poll two futures to completion concurrently, `a` first (no runtime needed).
+async fn join<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
+    let mut a = pin!(a);
+    let mut b = pin!(b);
+    let (mut ra, mut rb) = (None, None);
+    std::future::poll_fn(move |cx| {
+        if ra.is_none()
+            && let Poll::Ready(v) = a.as_mut().poll(cx)
+        {
+            ra = Some(v);
+        }
+        if rb.is_none()
+            && let Poll::Ready(v) = b.as_mut().poll(cx)
+        {
+            rb = Some(v);
+        }
+        if ra.is_some() && rb.is_some() {
+            Poll::Ready((ra.take().expect("set"), rb.take().expect("set")))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// Add outcomes to [sent, dead, retry] counts.
+fn tally(outcomes: &[(EventId, Outcome)], counts: &mut [usize; 3]) {
+    for (_, outcome) in outcomes {
+        counts[match outcome {
+            Outcome::Sent => 0,
+            Outcome::Dead { .. } => 1,
+            Outcome::Retry { .. } => 2,
+        }] += 1;
     }
 }
 
@@ -1069,6 +1181,30 @@ mod tests {
         let report = block_on(relay.flush()).unwrap();
         assert_eq!(report.sent, 3);
         assert_eq!(seqs(&server), [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_settle_failure_while_pipelining_loses_nothing() {
+        let (mut relay, store, server) = setup(35);
+        // The first settle runs while the second push is on the wire.
+        store.fail_next_settles(1);
+        assert!(block_on(relay.flush()).is_err());
+        assert_eq!(server.requests().len(), 2);
+        assert_eq!(count(&store, EventStatus::Pending), 35);
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!((report.sent, report.pending), (35, 0));
+        // The resent events were duplicates: each stored once, in order.
+        assert_eq!(seqs(&server), (1..=35).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn one_claim_feeds_several_pushes() {
+        let (mut relay, store, server) = setup(35);
+        block_on(relay.flush()).unwrap();
+        // 35 events, 10 per push, 40 per claim: one claim (plus the empty one).
+        assert_eq!(server.requests().len(), 4);
+        assert_eq!(store.claims(), 2);
+        assert!(store.all().iter().all(|e| e.attempts == 1));
     }
 
     #[test]
