@@ -1,0 +1,92 @@
+// The outbox and its relay in a dedicated module Worker (no `window`), in
+// headless Chromium, delivering to the reference server. Run by
+// scripts/test-browser, which builds pkg/ and starts the server with
+// `--cors-origin '*'` (this page is served from another port):
+//   EDGE_OUTBOX_TEST_SERVER=http://127.0.0.1:PORT node --test js/test/worker.test.mjs
+// Fails (never skips) when the server, the package or the browser is missing.
+import assert from "node:assert/strict";
+import fs from "node:fs";
+import http from "node:http";
+import os from "node:os";
+import path from "node:path";
+import { test } from "node:test";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const root = path.resolve(here, "../..");
+const server = process.env.EDGE_OUTBOX_TEST_SERVER;
+const chromiumPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
+const types = { ".html": "text/html", ".js": "text/javascript", ".wasm": "application/wasm", ".json": "application/json" };
+
+/** Serve /pkg/** from pkg/ and /test/** from js/test/ on a loopback port. */
+async function staticServer() {
+  const dirs = { pkg: path.join(root, "pkg"), test: here };
+  const srv = http.createServer((req, res) => {
+    const [, top, ...rest] = new URL(req.url, "http://x").pathname.split("/");
+    const base = dirs[top];
+    const file = base && path.join(base, ...rest);
+    if (!file || !file.startsWith(base) || !fs.existsSync(file) || fs.statSync(file).isDirectory()) {
+      res.writeHead(404).end();
+      return;
+    }
+    res.writeHead(200, { "content-type": types[path.extname(file)] ?? "application/octet-stream" });
+    fs.createReadStream(file).pipe(res);
+  });
+  await new Promise((resolve) => srv.listen(0, "127.0.0.1", resolve));
+  return srv;
+}
+
+test("outbox + relay in a dedicated module Worker deliver once, in order", { timeout: 120_000 }, async () => {
+  assert.ok(server, "EDGE_OUTBOX_TEST_SERVER is not set: run scripts/test-browser (it starts the reference server)");
+  assert.ok(fs.existsSync(path.join(root, "pkg/index.js")), "pkg/ is not built: run scripts/build-pkg");
+  assert.ok(fs.existsSync(chromiumPath), `no browser at ${chromiumPath}`);
+  const files = await staticServer();
+  const origin = `http://127.0.0.1:${files.address().port}`;
+  const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), "edge-outbox-worker-"));
+  const context = await chromium.launchPersistentContext(userDataDir, {
+    executablePath: chromiumPath,
+    headless: true,
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync"],
+  });
+  try {
+    const page = await context.newPage();
+    const errors = [];
+    page.on("pageerror", (e) => errors.push(String(e)));
+    await page.goto(`${origin}/test/worker.html`);
+    const database = `worker-${Date.now()}`;
+    const result = await page.evaluate(
+      ({ server, database }) =>
+        new Promise((resolve) => {
+          const worker = new Worker("/test/worker.js", { type: "module" });
+          const timer = setTimeout(() => resolve({ ok: false, error: "the worker did not answer within 60 s" }), 60_000);
+          worker.onmessage = (e) => { clearTimeout(timer); resolve(e.data); };
+          worker.onerror = (e) => { clearTimeout(timer); resolve({ ok: false, error: `worker error: ${e.message}` }); };
+          worker.postMessage({ server, database });
+        }),
+      { server, database },
+    );
+    assert.deepEqual(errors, [], "no page errors");
+    assert.ok(result.ok, `the worker failed: ${result.error}`);
+    assert.equal(result.ids.length, 50);
+    // The explicit flush (relay stopped) really ran and delivered the first 30.
+    assert.equal(result.flush.skipped, null, `flush skipped: ${JSON.stringify(result.flush)}`);
+    assert.equal(result.flush.sent, 30, `flush report: ${JSON.stringify(result.flush)}`);
+    assert.equal(result.flush.pending, 0);
+    // The running relay (Web Lock held in the worker) delivered the rest.
+    assert.ok(result.leader, "the worker became the sender");
+    assert.ok(result.drained, `events left pending: ${JSON.stringify(result.lastStatus)}`);
+    assert.deepEqual({ pending: result.stats.pending, sent: result.stats.sent, dead: result.stats.dead },
+                     { pending: 0, sent: 50, dead: 0 });
+    // The server has every event once, in commit order.
+    const answer = await fetch(`${server}/v1/events?after=0&limit=1000&client_id=${result.clientId}`);
+    assert.equal(answer.status, 200, await answer.clone().text());
+    const received = (await answer.json()).events.map((e) => e.id);
+    assert.deepEqual(received, result.ids, "received once each, in commit order");
+  } finally {
+    await context.close();
+    files.close();
+    fs.rmSync(userDataDir, { recursive: true, force: true });
+  }
+});
