@@ -38,13 +38,32 @@ impl Outbox {
     /// and wakes at every commit made through this handle.
     ///
     /// ```no_run
+    /// use std::time::Duration;
+    /// use edge_outbox::{Config, HttpTransport, Outbox, RetryPolicy};
+    /// use edge_outbox::transport::credentials_fn;
+    ///
+    /// # async fn fetch_token(refresh: bool) -> edge_outbox::Result<String> { Ok(format!("t{refresh}")) }
     /// # async fn demo() -> edge_outbox::Result<()> {
-    /// use edge_outbox::{Config, HttpTransport, Outbox};
     /// let outbox = Outbox::open("app.db", Config::new("http://127.0.0.1:8080/v1/events"))?;
-    /// let relay = outbox.relay(HttpTransport::new("http://127.0.0.1:8080/v1/events")?).spawn();
-    /// let report = relay.flush().await?;      // deliver what is due now
-    /// println!("sent {}, still pending {}", report.sent, report.pending);
-    /// relay.shutdown().await?;
+    /// let transport = HttpTransport::builder("http://127.0.0.1:8080/v1/events")
+    ///     .timeout(Duration::from_secs(10))          // whole push; keep it below the lease
+    ///     .gzip(true)
+    ///     .credentials(credentials_fn(|refresh: bool| async move {
+    ///         // Asked at every send; `refresh` after a 401/403. Never stored in the outbox.
+    ///         let token = fetch_token(refresh).await?;
+    ///         Ok(vec![("authorization".to_owned(), format!("Bearer {token}"))])
+    ///     }))
+    ///     .build()?;
+    /// let relay = outbox
+    ///     .relay(transport)
+    ///     .retry_policy(RetryPolicy::new().with_max_age(Some(Duration::from_secs(7 * 86_400))))
+    ///     .spawn();                                   // wakes on every commit, on timers, every 1 s
+    ///
+    /// let status = relay.subscribe();                 // tokio::sync::watch of RelayStatus
+    /// let report = relay.flush().await?;              // deliver what is due now
+    /// println!("sent {}, dead {}, pending {}", report.sent, report.dead, report.pending);
+    /// relay.shutdown().await?;                        // the batch in flight settles; lease released
+    /// # drop(status);
     /// # Ok(()) }
     /// ```
     pub fn relay<T: Transport + 'static>(&self, transport: T) -> RelayBuilder<SqliteStore, T> {
