@@ -516,7 +516,18 @@ impl<S: Store, T: Transport> Relay<S, T> {
             start = end;
         }
         let mut counts = [0usize; 3];
+        let mut pushes = 0;
         while let Some(range) = queue.pop_front() {
+            if pushes > 0 && Timestamp::now() >= now.add(self.config.lease / 2) {
+                // The lease was renewed at the claim; pushing on past half of
+                // it risks another relay taking over in the middle of this
+                // claim. The rest goes with the next claim, which renews it.
+                queue.push_front(range);
+                let deferred = "deferred to the next claim (lease renewal)";
+                self.retry_rest(&wire, &mut queue, &mut outcomes, Timestamp::now(), deferred);
+                break;
+            }
+            pushes += 1;
             // Settle what is known so far while this push is on the wire.
             let known = std::mem::take(&mut outcomes);
             tally(&known, &mut counts);
@@ -1205,6 +1216,18 @@ mod tests {
         assert_eq!(server.requests().len(), 4);
         assert_eq!(store.claims(), 2);
         assert!(store.all().iter().all(|e| e.attempts == 1));
+    }
+
+    #[test]
+    fn a_claim_stops_pushing_at_half_its_lease() {
+        let (mut relay, store, server) = setup(35);
+        // A zero lease: every push after a claim's first waits for a new claim.
+        relay.config.lease = Duration::ZERO;
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!((report.sent, report.pending), (35, 0));
+        assert_eq!(server.requests().len(), 4);
+        assert_eq!(store.claims(), 5, "one claim per push, then the empty one");
+        assert_eq!(seqs(&server), (1..=35).collect::<Vec<_>>());
     }
 
     #[test]
