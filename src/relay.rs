@@ -700,13 +700,16 @@ impl<S: Store, T: Transport> Relay<S, T> {
         let store = &self.store;
         let settling = async move {
             if settle.is_empty() {
-                Ok(())
-            } else {
-                store.settle(settle, Timestamp::now()).await
+                return Ok(());
             }
+            // Let the executor run the HTTP client's connection task first so
+            // the request is on the wire before a store that works
+            // synchronously (SQLite) holds this thread.
+            yield_once().await;
+            store.settle(settle, Timestamp::now()).await
         };
         // The push is polled first, so the request is handed to the network
-        // before the (possibly blocking) settle runs.
+        // before the settle runs.
         let sending = send_with_auth(
             &self.transport,
             body,
@@ -776,6 +779,21 @@ async fn join<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
         if ra.is_some() && rb.is_some() {
             Poll::Ready((ra.take().expect("set"), rb.take().expect("set")))
         } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// Return `Pending` once (after waking itself), so other ready tasks run first.
+async fn yield_once() {
+    let mut yielded = false;
+    std::future::poll_fn(move |cx| {
+        if yielded {
+            Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
             Poll::Pending
         }
     })
