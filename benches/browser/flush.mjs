@@ -1,0 +1,132 @@
+// Scripted Chromium benchmark: flush throughput to the reference server on
+// loopback, edge-outbox (outbox.flush(), batches of 100) vs Workbox
+// Background Sync (Queue.replayRequests(), one request per event), the same
+// N events in the same browser, interleaved rounds, median round.
+// Run (repository root):
+//   scripts/build-pkg && cargo build --release -p edge-outbox-server \
+//     && (cd benches/browser && npm install && node flush.mjs)
+//   N=1000 ROUNDS=3 BATCH=100 by default
+// The page, its service worker and pkg/ are served by the reference server
+// itself (--static-dir), so both sides talk to a same-origin endpoint: no
+// CORS preflight on either side.
+import { spawn } from "node:child_process";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import * as esbuild from "esbuild";
+import { chromium } from "playwright-core";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const root = path.resolve(here, "../..");
+const n = Number(process.env.N ?? 1000);
+const rounds = Number(process.env.ROUNDS ?? 3);
+const batch = Number(process.env.BATCH ?? 100);
+const serverBin = process.env.EDGE_OUTBOX_SERVER ?? path.join(root, "target/release/edge-outbox-server");
+const die = (msg) => { console.error(`flush benchmark: ERROR: ${msg}`); process.exit(1); };
+if (!fs.existsSync(serverBin)) die(`${serverBin} is missing: cargo build --release -p edge-outbox-server`);
+if (!fs.existsSync(path.join(root, "pkg/index.js"))) die("pkg/ is missing: scripts/build-pkg");
+
+// ---- the site: page + bundled service worker + the npm package -------------
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), "edge-outbox-flush-"));
+const site = path.join(tmp, "site");
+fs.mkdirSync(path.join(site, "pkg"), { recursive: true });
+fs.copyFileSync(path.join(here, "flush-page.html"), path.join(site, "index.html"));
+fs.cpSync(path.join(root, "pkg"), path.join(site, "pkg"), { recursive: true });
+await esbuild.build({
+  entryPoints: [path.join(here, "flush-sw.js")], bundle: true, format: "iife", minify: false,
+  define: { "process.env.NODE_ENV": '"production"' }, outfile: path.join(site, "sw.js"), logLevel: "warning",
+});
+
+// ---- the reference server (release build: its per-request cost is what Workbox pays per event)
+const server = spawn(serverBin, ["--listen", "127.0.0.1:0", "--allow-anonymous", "--database", path.join(tmp, "server.db"),
+                                 "--static-dir", site], { stdio: ["ignore", "pipe", "pipe"] });
+let serverErr = "";
+server.stderr.on("data", (d) => { serverErr += d; });
+const origin = await new Promise((resolve, reject) => {
+  let out = "";
+  const timer = setTimeout(() => reject(new Error(`the server did not start: ${out} ${serverErr}`)), 15000);
+  server.stdout.on("data", (d) => {
+    out += d;
+    const m = out.match(/http:\/\/127\.0\.0\.1:\d+/);
+    if (m) { clearTimeout(timer); resolve(m[0]); }
+  });
+  server.on("exit", (code) => reject(new Error(`the server exited (${code}): ${serverErr}`)));
+}).catch((e) => die(e.message));
+
+/** Event ids the server holds for `clientId`, in arrival order (paged). */
+async function received(clientId) {
+  const ids = [];
+  let after = 0;
+  for (;;) {
+    const r = await fetch(`${origin}/v1/events?after=${after}&limit=1000&client_id=${clientId}`);
+    if (!r.ok) throw new Error(`GET /v1/events: ${r.status} ${await r.text()}`);
+    const page = await r.json();
+    ids.push(...page.events.map((e) => e.id));
+    if (page.events.length === 0 || page.next_cursor == null) return ids;
+    after = page.next_cursor;
+  }
+}
+
+const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), "edge-outbox-flush-chromium-"));
+const context = await chromium.launchPersistentContext(userDataDir, {
+  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+  headless: true,
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"],
+});
+try {
+  const page = await context.newPage();
+  page.on("pageerror", (e) => console.error("page error:", e));
+  await page.goto(origin + "/");
+  await page.waitForFunction(() => window.benchReady === true);
+  await page.evaluate(() => window.setUp());
+  // Warm-up of both sides (JIT, wasm, IndexedDB files, connections).
+  await page.evaluate((o) => window.runOutbox(o), { n: 100, batch, tag: "warm" });
+  const warm = await page.evaluate((o) => window.runWorkbox(o), { n: 20, tag: "warm" });
+  if (!warm.ok) throw new Error(`Workbox warm-up failed: ${warm.error}`);
+
+  const outboxRates = [];
+  const workboxRates = [];
+  const queueRates = [];
+  const run = {
+    async outbox(r) {
+      const res = await page.evaluate((o) => window.runOutbox(o), { n, batch, tag: `r${r}` });
+      if (res.sent !== n) throw new Error(`outbox sent ${res.sent} of ${n}: ${JSON.stringify(res.report)}`);
+      const ids = await received(res.clientId);
+      if (ids.length !== n || new Set(ids).size !== n) throw new Error(`server holds ${ids.length} outbox events, expected ${n}`);
+      outboxRates.push((n * 1000) / res.ms);
+    },
+    async workbox(r) {
+      const res = await page.evaluate((o) => window.runWorkbox(o), { n, tag: `r${r}` });
+      if (!res.ok) throw new Error(`Workbox failed: ${res.error}`);
+      if (res.left !== 0) throw new Error(`Workbox left ${res.left} requests queued`);
+      const ids = await received(res.clientId);
+      if (ids.length !== n || new Set(ids).size !== n) throw new Error(`server holds ${ids.length} Workbox events, expected ${n}`);
+      workboxRates.push((n * 1000) / res.replayMs);
+      queueRates.push((n * 1000) / res.queueMs);
+    },
+  };
+  for (let r = 0; r < rounds; r++) {
+    // Alternate which side goes first, so drift hits both equally.
+    const order = r % 2 === 0 ? ["outbox", "workbox"] : ["workbox", "outbox"];
+    for (const side of order) await run[side](r);
+    console.error(`round ${r + 1}/${rounds}: outbox ${outboxRates.at(-1).toFixed(0)} events/s, Workbox replay ${workboxRates.at(-1).toFixed(0)} events/s`);
+  }
+  const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+  const version = context.browser()?.version?.() ?? "unknown";
+  const o = median(outboxRates);
+  const w = median(workboxRates);
+  console.log(`Chromium ${version}, N=${n} events per side per round, ${rounds} rounds, outbox batches of ${batch}, median round`);
+  console.log("| side | events/s (median) | all rounds |");
+  console.log("|---|---|---|");
+  console.log(`| edge-outbox \`flush()\` | ${o.toFixed(0)} | ${outboxRates.map((x) => x.toFixed(0)).join(", ")} |`);
+  console.log(`| Workbox \`replayRequests()\` | ${w.toFixed(0)} | ${workboxRates.map((x) => x.toFixed(0)).join(", ")} |`);
+  console.log(`| (Workbox \`pushRequest\`, queueing, for reference) | ${median(queueRates).toFixed(0)} | ${queueRates.map((x) => x.toFixed(0)).join(", ")} |`);
+  console.log(`ratio edge-outbox / Workbox: ${(o / w).toFixed(1)}x (target >= 20x)`);
+} finally {
+  await context.close();
+  server.kill();
+  fs.rmSync(userDataDir, { recursive: true, force: true });
+  fs.rmSync(tmp, { recursive: true, force: true });
+}
