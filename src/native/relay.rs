@@ -24,9 +24,10 @@ use tokio::time::Instant;
 use super::outbox::Outbox;
 use super::sqlite::SqliteStore;
 use crate::error::{Error, Result};
+use crate::event::EventId;
 use crate::policy::{Jitter, RetryPolicy};
 use crate::relay::{FlushReport, Relay, RelayConfig, RelayStatus};
-use crate::store::Store;
+use crate::store::{Claim, ClaimRequest, Outcome, Stats, Store};
 use crate::time::Timestamp;
 use crate::transport::Transport;
 
@@ -90,7 +91,7 @@ impl<S, T> std::fmt::Debug for RelayBuilder<S, T> {
     }
 }
 
-impl<S: Store + 'static, T: Transport + 'static> RelayBuilder<S, T> {
+impl<S: Store + Clone + 'static, T: Transport + 'static> RelayBuilder<S, T> {
     /// A relay over any [`Store`] (the outbox's, or a test double).
     pub fn new(store: S, transport: T) -> Self {
         RelayBuilder {
@@ -162,7 +163,7 @@ impl<S: Store + 'static, T: Transport + 'static> RelayBuilder<S, T> {
     /// # Panics
     /// Outside a tokio runtime.
     pub fn spawn(self) -> RelayHandle {
-        let mut relay = Relay::new(self.store, self.transport, self.config);
+        let mut relay = Relay::new(OffThread(self.store), self.transport, self.config);
         if let Some(jitter) = self.jitter {
             relay = relay.with_jitter(jitter);
         }
@@ -243,7 +244,7 @@ impl RelayHandle {
 }
 
 struct Driver<S, T> {
-    relay: Relay<S, T>,
+    relay: Relay<OffThread<S>, T>,
     commands: mpsc::UnboundedReceiver<Command>,
     wake: Arc<Notify>,
     poll_interval: Duration,
@@ -251,7 +252,7 @@ struct Driver<S, T> {
     stopping: bool,
 }
 
-impl<S: Store, T: Transport> Driver<S, T> {
+impl<S: Store + Clone + 'static, T: Transport> Driver<S, T> {
     async fn run(mut self) -> Result<()> {
         loop {
             let drained = self.drain().await;
@@ -342,5 +343,98 @@ impl<S: Store, T: Transport> Driver<S, T> {
             deadline = deadline.min(now + at.since(wall));
         }
         deadline
+    }
+}
+
+/// Runs the relay's store calls (claim, settle, counts, lease) on tokio's
+/// blocking pool. SQLite works synchronously: on the runtime's own threads it
+/// would stall the app's other tasks, and the HTTP client's connection task,
+/// which must write the next push while the previous one is being settled.
+#[derive(Clone)]
+struct OffThread<S>(S);
+
+impl<S: Store + Clone + 'static> OffThread<S> {
+    async fn run<R, F, Fut>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(S) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<R>>,
+    {
+        let store = self.0.clone();
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || handle.block_on(f(store)))
+            .await
+            .map_err(|e| Error::storage(format!("store task failed: {e}"), None))?
+    }
+}
+
+impl<S: Store + Clone + 'static> Store for OffThread<S> {
+    fn client_id(&self) -> &str {
+        self.0.client_id()
+    }
+
+    async fn enqueue(&self, events: Vec<crate::NewEvent>) -> Result<Vec<crate::Event>> {
+        self.0.enqueue(events).await
+    }
+
+    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim> {
+        let owner = request.owner.to_owned();
+        let (lease, max_events, max_bytes, now) = (
+            request.lease,
+            request.max_events,
+            request.max_bytes,
+            request.now,
+        );
+        self.run(move |store| async move {
+            store
+                .claim(ClaimRequest {
+                    owner: &owner,
+                    lease,
+                    max_events,
+                    max_bytes,
+                    now,
+                })
+                .await
+        })
+        .await
+    }
+
+    async fn settle(&self, outcomes: Vec<(EventId, Outcome)>, now: Timestamp) -> Result<()> {
+        self.run(move |store| async move { store.settle(outcomes, now).await })
+            .await
+    }
+
+    async fn release_lease(&self, owner: &str) -> Result<()> {
+        let owner = owner.to_owned();
+        self.run(move |store| async move { store.release_lease(&owner).await })
+            .await
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        self.run(|store| async move { store.stats().await }).await
+    }
+
+    async fn pending(&self, limit: usize) -> Result<Vec<crate::Event>> {
+        self.0.pending(limit).await
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<crate::Event>> {
+        self.0.dead_letters(limit).await
+    }
+
+    async fn get(&self, id: EventId) -> Result<Option<crate::Event>> {
+        self.0.get(id).await
+    }
+
+    async fn retry(&self, id: EventId, now: Timestamp) -> Result<bool> {
+        self.0.retry(id, now).await
+    }
+
+    async fn discard(&self, id: EventId) -> Result<bool> {
+        self.0.discard(id).await
+    }
+
+    async fn prune_sent(&self, before: Timestamp) -> Result<u64> {
+        self.0.prune_sent(before).await
     }
 }
