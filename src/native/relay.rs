@@ -254,19 +254,34 @@ struct Driver<S, T> {
 
 impl<S: Store + Clone + 'static, T: Transport> Driver<S, T> {
     async fn run(mut self) -> Result<()> {
+        let mut failed = false;
+        let mut timer_only = false;
         loop {
-            let drained = self.drain().await;
-            let failed = drained.is_err();
-            self.answer(drained);
+            // A poll with nothing pending before and nothing pending now: skip
+            // the claim, which would write the lease to the file every second
+            // of an idle app's life. One indexed read instead.
+            let idle = timer_only
+                && !failed
+                && self.waiters.is_empty()
+                && self.relay.status().next_attempt.is_none()
+                && self.relay.status().lease_held_until.is_none()
+                && self.relay.status().pending == 0
+                && matches!(self.relay.store().pending(1).await, Ok(p) if p.is_empty());
+            if !idle {
+                let drained = self.drain().await;
+                failed = drained.is_err();
+                self.answer(drained);
+            }
             if self.stopping {
                 break;
             }
             let deadline = self.deadline(failed);
-            let command = tokio::select! {
-                _ = self.wake.notified() => None,
-                command = self.commands.recv() => Some(command),
-                _ = tokio::time::sleep_until(deadline) => None,
+            let (command, timer) = tokio::select! {
+                _ = self.wake.notified() => (None, false),
+                command = self.commands.recv() => (Some(command), false),
+                _ = tokio::time::sleep_until(deadline) => (None, true),
             };
+            timer_only = timer;
             if let Some(command) = command {
                 self.accept(command);
             }
