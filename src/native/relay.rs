@@ -6,7 +6,8 @@
 //! - the retry time of the oldest pending event, or the expiry of another
 //!   relay's lease,
 //! - the poll interval (default 1 s), so events committed by *another process*
-//!   on the same file are noticed too,
+//!   on the same file are noticed too (an idle poll is one indexed read; it
+//!   claims, and so writes the lease, only when something is pending),
 //! - an explicit [`RelayHandle::flush`], or [`RelayHandle::shutdown`].
 //!
 //! Shutdown is checked between batches only, so a batch on the wire is always
