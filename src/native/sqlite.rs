@@ -25,7 +25,11 @@ use crate::time::Timestamp;
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// Schema v1. Status is stored as text so the table reads well in any SQLite
-/// browser; `(status, seq)` serves the claim query and the per-status counts.
+/// browser. The indexes are partial: pending and dead events are indexed by
+/// `seq` (the claim query, the dead-letter list, their counts), sent events
+/// by nothing, so marking an event sent only removes an index entry, and the
+/// sent rows that pile up until pruning cost the hot paths nothing.
+/// Queries must spell the status as a literal for SQLite to use these indexes.
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS edge_outbox_meta (
     key   TEXT PRIMARY KEY,
@@ -46,7 +50,10 @@ CREATE TABLE IF NOT EXISTS edge_outbox_events (
     last_error      TEXT,
     sent_at         INTEGER
 );
-CREATE INDEX IF NOT EXISTS edge_outbox_events_status ON edge_outbox_events (status, seq);
+CREATE INDEX IF NOT EXISTS edge_outbox_events_pending ON edge_outbox_events (seq)
+    WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS edge_outbox_events_dead ON edge_outbox_events (seq)
+    WHERE status = 'dead';
 ";
 
 const INSERT_EVENT: &str = "INSERT INTO edge_outbox_events \
@@ -283,13 +290,16 @@ impl Inner {
             if batch.is_empty() {
                 return Ok(Claim::Empty);
             }
-            let mut bump = tx
-                .prepare_cached(
-                    "UPDATE edge_outbox_events SET attempts = attempts + 1 WHERE seq = ?1",
-                )
-                .map_err(|e| self.map(e))?;
+            // The batch is exactly the pending events in its seq range, so one
+            // ranged statement counts the attempt on all of them.
+            let (first, last) = (batch[0].seq, batch[batch.len() - 1].seq);
+            tx.prepare_cached(
+                "UPDATE edge_outbox_events SET attempts = attempts + 1 \
+                 WHERE status = 'pending' AND seq BETWEEN ?1 AND ?2",
+            )
+            .and_then(|mut s| s.execute([first, last]))
+            .map_err(|e| self.map(e))?;
             for event in &mut batch {
-                bump.execute([event.seq]).map_err(|e| self.map(e))?;
                 event.attempts += 1;
             }
             Ok(Claim::Batch(batch))
@@ -351,23 +361,23 @@ impl Inner {
 
     pub(crate) fn stats(&self) -> Result<Stats> {
         let conn = self.lock();
-        let mut stats = Stats::default();
-        let mut stmt = conn
-            .prepare_cached("SELECT status, count(*) FROM edge_outbox_events GROUP BY status")
-            .map_err(|e| self.map(e))?;
-        let mut rows = stmt.query([]).map_err(|e| self.map(e))?;
-        while let Some(row) = rows.next().map_err(|e| self.map(e))? {
-            let status: String = row.get(0).map_err(|e| self.map(e))?;
-            let count: i64 = row.get(1).map_err(|e| self.map(e))?;
-            let count = count.max(0) as u64;
-            match EventStatus::parse(&status) {
-                Some(EventStatus::Pending) => stats.pending = count,
-                Some(EventStatus::Sent) => stats.sent = count,
-                Some(EventStatus::Dead) => stats.dead = count,
-                None => {}
-            }
-        }
-        drop(rows);
+        // Pending and dead are counted on their partial indexes; sent is the
+        // rest (sent rows have no index of their own, see the schema).
+        let count = |sql: &str| -> Result<u64> {
+            conn.prepare_cached(sql)
+                .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
+                .map(|n| n.max(0) as u64)
+                .map_err(|e| self.map(e))
+        };
+        let pending = count("SELECT count(*) FROM edge_outbox_events WHERE status = 'pending'")?;
+        let dead = count("SELECT count(*) FROM edge_outbox_events WHERE status = 'dead'")?;
+        let all = count("SELECT count(*) FROM edge_outbox_events")?;
+        let mut stats = Stats {
+            pending,
+            sent: all.saturating_sub(pending + dead),
+            dead,
+            oldest_pending_at: None,
+        };
         stats.oldest_pending_at = conn
             .query_row(
                 "SELECT created_at FROM edge_outbox_events WHERE status = 'pending' \
@@ -383,13 +393,16 @@ impl Inner {
 
     pub(crate) fn list(&self, status: EventStatus, limit: usize) -> Result<Vec<Event>> {
         let conn = self.lock();
+        // The status goes in as a literal (from the enum, never user text) so
+        // the partial index applies.
         let mut stmt = conn
             .prepare_cached(&format!(
-                "{SELECT_EVENT} WHERE status = ?1 ORDER BY seq LIMIT ?2"
+                "{SELECT_EVENT} WHERE status = '{}' ORDER BY seq LIMIT ?1",
+                status.as_str()
             ))
             .map_err(|e| self.map(e))?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        stmt.query_map(params![status.as_str(), limit], row_to_event)
+        stmt.query_map([limit], row_to_event)
             .and_then(|rows| rows.collect())
             .map_err(|e| self.map(e))
     }
