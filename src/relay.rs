@@ -461,8 +461,9 @@ impl<S: Store, T: Transport> Relay<S, T> {
     /// Send a claimed batch and settle the answer.
     async fn deliver(&mut self, events: Vec<Event>) -> Result<Step> {
         let now = Timestamp::now();
-        // The claim counted this attempt; the head event has the most attempts.
-        let attempts = events.iter().map(|e| e.attempts).max().unwrap_or(1).max(1);
+        // This attempt is counted when it is settled; the head event has the
+        // most attempts behind it, and this is attempt number that + 1.
+        let attempts = events.iter().map(|e| e.attempts).max().unwrap_or(0) + 1;
         let mut outcomes: Vec<(EventId, Outcome)> = Vec::with_capacity(events.len());
         // Each event serialized once; sub-batches (413, 400) are re-joined from these.
         let mut wire: Vec<(EventId, Vec<u8>)> = Vec::with_capacity(events.len());

@@ -17,12 +17,15 @@
 //!    `owner` (refusing while another owner's lease is unexpired), then returns
 //!    the pending events with the lowest `seq`, in `seq` order, starting at the
 //!    oldest pending event, up to `max_events` and `max_bytes` (always at least
-//!    one event, however large), and counts one attempt on each of them.
+//!    one event, however large). It writes nothing to the events: a claim that
+//!    is never settled (a crash, a closed tab) leaves no trace on them.
 //! 6. `claim` returns [`Claim::NotBefore`] when the oldest pending event is not
 //!    due yet (`next_attempt_at` in the future): later events never overtake it.
-//! 7. `settle` applies outcomes only to events still pending; a `Sent` event
-//!    records `sent_at`; a `Dead` one its reason; a `Retry` one its error and next
-//!    attempt time. Settling never creates, drops or reorders events.
+//! 7. `settle` applies outcomes only to events still pending, and counts one
+//!    attempt on each event it settles (`attempts` = attempts that reached an
+//!    outcome); a `Sent` event records `sent_at`; a `Dead` one its reason; a
+//!    `Retry` one its error and next attempt time. Settling never creates,
+//!    drops or reorders events.
 //! 8. Sent events stay until `prune_sent`; dead events stay until `retry` or `discard`.
 //! 9. Nothing a crash interrupts is lost: an event claimed but never settled is
 //!    still pending and is claimed again once the lease expires.
@@ -76,7 +79,7 @@ pub struct ClaimRequest<'a> {
 /// The answer of [`Store::claim`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Claim {
-    /// Events to send, in `seq` order; one attempt has been counted on each.
+    /// Events to send, in `seq` order (their `attempts` do not count this one yet).
     Batch(Vec<Event>),
     /// Nothing is pending.
     Empty,

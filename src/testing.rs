@@ -164,7 +164,6 @@ impl Store for MemoryStore {
                 break;
             }
             bytes += e.size();
-            e.attempts += 1;
             batch.push(e.clone());
         }
         Ok(if batch.is_empty() {
@@ -190,6 +189,8 @@ impl Store for MemoryStore {
             if e.status != EventStatus::Pending {
                 continue;
             }
+            // The attempt is counted when it reaches an outcome (store.rs, 7).
+            e.attempts += 1;
             match outcome {
                 Outcome::Sent => {
                     e.status = EventStatus::Sent;

@@ -294,18 +294,6 @@ impl Inner {
             if batch.is_empty() {
                 return Ok(Claim::Empty);
             }
-            // The batch is exactly the pending events in its seq range, so one
-            // ranged statement counts the attempt on all of them.
-            let (first, last) = (batch[0].seq, batch[batch.len() - 1].seq);
-            tx.prepare_cached(
-                "UPDATE edge_outbox_events SET attempts = attempts + 1 \
-                 WHERE status = 'pending' AND seq BETWEEN ?1 AND ?2",
-            )
-            .and_then(|mut s| s.execute([first, last]))
-            .map_err(|e| self.map(e))?;
-            for event in &mut batch {
-                event.attempts += 1;
-            }
             Ok(Claim::Batch(batch))
         })
     }
@@ -357,16 +345,24 @@ impl Inner {
             };
             let now = now.as_millis();
             by_ids(
-                "status = 'sent', sent_at = ?1, last_error = NULL",
+                "status = 'sent', sent_at = ?1, last_error = NULL, attempts = attempts + 1",
                 &[&now],
                 &sent,
             )?;
             for ((at, error), ids) in &retry {
                 let at = at.as_millis();
-                by_ids("next_attempt_at = ?1, last_error = ?2", &[&at, error], ids)?;
+                by_ids(
+                    "next_attempt_at = ?1, last_error = ?2, attempts = attempts + 1",
+                    &[&at, error],
+                    ids,
+                )?;
             }
             for (id, reason) in &dead {
-                by_ids("status = 'dead', last_error = ?1", &[reason], &[*id])?;
+                by_ids(
+                    "status = 'dead', last_error = ?1, attempts = attempts + 1",
+                    &[reason],
+                    &[*id],
+                )?;
             }
             Ok(())
         })

@@ -687,7 +687,7 @@ impl Store for IdbStore {
         let mut batch = Vec::new();
         let mut bytes = 0usize;
         for record in records.iter() {
-            let mut event = parse_record(&record)?;
+            let event = parse_record(&record)?;
             if batch.is_empty() && event.next_attempt_at.as_millis() > now {
                 // Head-of-line: nothing overtakes an event waiting to retry.
                 done.await.idb("claiming")?;
@@ -697,13 +697,6 @@ impl Store for IdbStore {
             if !batch.is_empty() && bytes > request.max_bytes {
                 break;
             }
-            event.attempts += 1;
-            set(
-                record.unchecked_ref(),
-                "attempts",
-                &JsValue::from_f64(f64::from(event.attempts)),
-            );
-            events.put(&record).idb("claiming")?;
             batch.push(event);
         }
         done.await.idb("claiming")?;
@@ -734,6 +727,9 @@ impl Store for IdbStore {
                 continue;
             }
             let o: &Object = record.unchecked_ref();
+            // The attempt is counted when it reaches an outcome (store.rs, 7).
+            let attempts = num(&record, "attempts").unwrap_or(0.0) + 1.0;
+            set(o, "attempts", &JsValue::from_f64(attempts));
             match outcome {
                 Outcome::Sent => {
                     set(o, "status", &JsValue::from_str("sent"));

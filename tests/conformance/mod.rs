@@ -28,7 +28,7 @@ where
     }
     check!(enqueue_assigns_increasing_seq_and_fresh_ids);
     check!(enqueue_is_atomic_and_validates_first);
-    check!(claim_takes_oldest_in_order_and_counts_attempts);
+    check!(claim_takes_oldest_in_order_and_settle_counts_attempts);
     check!(claim_respects_count_and_byte_limits);
     check!(claim_on_empty_store);
     check!(lease_excludes_other_owners_until_expiry_or_release);
@@ -106,19 +106,42 @@ async fn enqueue_is_atomic_and_validates_first<S: Store>(s: &S) {
     assert!(s.pending(10).await.unwrap().is_empty());
 }
 
-async fn claim_takes_oldest_in_order_and_counts_attempts<S: Store>(s: &S) {
+async fn claim_takes_oldest_in_order_and_settle_counts_attempts<S: Store>(s: &S) {
     let stored = s.enqueue((0..5).map(ev).collect()).await.unwrap();
     let batch = claim_batch(s, "a", 3).await;
     let seqs: Vec<i64> = batch.iter().map(|e| e.seq).collect();
     let expected: Vec<i64> = stored[..3].iter().map(|e| e.seq).collect();
     assert_eq!(seqs, expected);
-    assert!(batch.iter().all(|e| e.attempts == 1));
-    assert_eq!(s.get(stored[0].id).await.unwrap().unwrap().attempts, 1);
-    assert_eq!(s.get(stored[4].id).await.unwrap().unwrap().attempts, 0);
-    // Unsettled events are claimed again (a crashed relay loses nothing).
+    // A claim leaves no trace on the events...
+    assert!(batch.iter().all(|e| e.attempts == 0));
+    assert_eq!(s.get(stored[0].id).await.unwrap().unwrap().attempts, 0);
+    // ...so unsettled events are claimed again as they were (a crashed relay
+    // or a closed tab loses nothing and inflates nothing).
     let again = claim_batch(s, "a", 10).await;
     assert_eq!(again.len(), 5);
-    assert_eq!(again[0].attempts, 2);
+    assert_eq!(again[0].attempts, 0);
+    // Settling counts the attempt, whatever the outcome.
+    let now = Timestamp::now();
+    let retry = Outcome::Retry {
+        at: now,
+        error: "HTTP 500".into(),
+    };
+    s.settle(
+        vec![
+            (stored[0].id, Outcome::Sent),
+            (stored[1].id, retry.clone()),
+            (stored[2].id, Outcome::Dead { reason: "r".into() }),
+        ],
+        now,
+    )
+    .await
+    .unwrap();
+    for e in &stored[..3] {
+        assert_eq!(s.get(e.id).await.unwrap().unwrap().attempts, 1);
+    }
+    s.settle(vec![(stored[1].id, retry)], now).await.unwrap();
+    assert_eq!(s.get(stored[1].id).await.unwrap().unwrap().attempts, 2);
+    assert_eq!(s.get(stored[4].id).await.unwrap().unwrap().attempts, 0);
 }
 
 async fn claim_respects_count_and_byte_limits<S: Store>(s: &S) {
