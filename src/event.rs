@@ -175,6 +175,26 @@ impl NewEvent {
         )
     }
 
+    /// The stored form of this event once a store gave it `seq` and `id` at
+    /// `now`: pending, no attempt yet, due at once. The one place every store
+    /// builds a fresh [`Event`].
+    pub fn into_pending(self, seq: i64, id: EventId, now: Timestamp) -> Event {
+        Event {
+            seq,
+            id,
+            event_type: self.event_type,
+            key: self.key,
+            payload: self.payload,
+            headers: self.headers,
+            created_at: now,
+            status: EventStatus::Pending,
+            attempts: 0,
+            next_attempt_at: now,
+            last_error: None,
+            sent_at: None,
+        }
+    }
+
     /// Check everything a store checks before writing: header names and the
     /// size limit. Called by every store on enqueue, so the rule lives here once.
     pub fn validate(&self, max_event_bytes: usize) -> Result<()> {

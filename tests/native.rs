@@ -46,7 +46,7 @@ fn count_events(path: &Path) -> i64 {
         .unwrap()
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, serde::Deserialize)]
 struct Order {
     id: i64,
     amount: i64,
@@ -56,6 +56,21 @@ fn order_created(id: i64, amount: i64) -> NewEvent {
     NewEvent::json("OrderCreated", &Order { id, amount })
         .unwrap()
         .key(format!("order-{id}"))
+}
+
+/// Asserts that the events of writer `tag` (order ids `tag * stride + i`) are
+/// exactly orders 0..count of that writer, in seq order: one writer's commits
+/// keep their commit order among everybody's.
+fn assert_writer_order(events: &[edge_outbox::Event], tag: i64, stride: i64, count: i64) {
+    let mine: Vec<i64> = events
+        .iter()
+        .map(|e| e.payload_as::<Order>().unwrap().id)
+        .filter(|id| id / stride == tag)
+        .collect();
+    assert_eq!(
+        mine,
+        (0..count).map(|i| tag * stride + i).collect::<Vec<_>>()
+    );
 }
 
 fn insert_order(tx: &edge_outbox::OutboxTx<'_>, id: i64, amount: i64) -> edge_outbox::Result<()> {
@@ -331,13 +346,7 @@ fn four_threads_commit_in_strictly_increasing_seq() {
     assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
     // Within one thread, commit order = seq order.
     for t in 0..4 {
-        let mine: Vec<i64> = events
-            .iter()
-            .filter_map(|e| e.payload_as::<serde_json::Value>().ok())
-            .map(|v| v["id"].as_i64().unwrap())
-            .filter(|id| id / 1000 == t)
-            .collect();
-        assert_eq!(mine, (0..250).map(|i| t * 1000 + i).collect::<Vec<_>>());
+        assert_writer_order(&events, t, 1000, 250);
     }
 }
 
@@ -373,21 +382,7 @@ fn writer_commits_tagged_orders() {
             })
             .unwrap();
     }
-    let mine: Vec<i64> = outbox
-        .pending(usize::MAX)
-        .unwrap()
-        .iter()
-        .map(|e| {
-            e.payload_as::<serde_json::Value>().unwrap()["id"]
-                .as_i64()
-                .unwrap()
-        })
-        .filter(|id| id / 100_000 == tag)
-        .collect();
-    assert_eq!(
-        mine,
-        (0..300).map(|i| tag * 100_000 + i).collect::<Vec<_>>()
-    );
+    assert_writer_order(&outbox.pending(usize::MAX).unwrap(), tag, 100_000, 300);
 }
 
 #[test]
@@ -425,19 +420,7 @@ fn two_processes_commit_in_strictly_increasing_seq() {
     assert_eq!(count_orders(&path), 600);
     // Each process's own commits are in its commit order.
     for tag in [1, 2] {
-        let mine: Vec<i64> = events
-            .iter()
-            .map(|e| {
-                e.payload_as::<serde_json::Value>().unwrap()["id"]
-                    .as_i64()
-                    .unwrap()
-            })
-            .filter(|id| id / 100_000 == tag)
-            .collect();
-        assert_eq!(
-            mine,
-            (0..300).map(|i| tag * 100_000 + i).collect::<Vec<_>>()
-        );
+        assert_writer_order(&events, tag, 100_000, 300);
     }
 }
 

@@ -218,20 +218,7 @@ impl Inner {
                 .into_iter()
                 .map(|e| {
                     let (seq, id, now) = self.insert(tx, &e)?;
-                    Ok(Event {
-                        seq,
-                        id,
-                        event_type: e.event_type,
-                        key: e.key,
-                        payload: e.payload,
-                        headers: e.headers,
-                        created_at: now,
-                        status: EventStatus::Pending,
-                        attempts: 0,
-                        next_attempt_at: now,
-                        last_error: None,
-                        sent_at: None,
-                    })
+                    Ok(e.into_pending(seq, id, now))
                 })
                 .collect()
         })?;

@@ -627,20 +627,7 @@ impl Store for IdbStore {
         let mut out = Vec::with_capacity(pending.len());
         for (id, e, req) in pending {
             let seq = req.await.idb("writing events")?.as_f64().unwrap_or(0.0) as i64;
-            out.push(Event {
-                seq,
-                id,
-                event_type: e.event_type,
-                key: e.key,
-                payload: e.payload,
-                headers: e.headers,
-                created_at: now,
-                status: EventStatus::Pending,
-                attempts: 0,
-                next_attempt_at: now,
-                last_error: None,
-                sent_at: None,
-            });
+            out.push(e.into_pending(seq, id, now));
         }
         done.await.idb("committing events")?;
         self.committed();
