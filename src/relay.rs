@@ -37,10 +37,10 @@ use std::pin::pin;
 use std::task::Poll;
 use std::time::Duration;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::event::{Event, EventId};
 use crate::policy::{Jitter, RetryPolicy};
-use crate::protocol::{ErrorBody, PROTOCOL_VERSION, PushResponse, ResultStatus, WireEvent};
+use crate::protocol::{ErrorBody, PROTOCOL_VERSION, PushResponse, ResultStatus, write_wire_event};
 use crate::store::{Claim, ClaimRequest, MaybeSend, MaybeSync, Outcome, Store};
 use crate::time::Timestamp;
 use crate::transport::{Push, Response, Transport};
@@ -478,23 +478,10 @@ impl<S: Store, T: Transport> Relay<S, T> {
                 ));
                 continue;
             }
-            match WireEvent::try_from(event).and_then(|w| {
-                serde_json::to_vec(&w).map_err(|e| Error::Protocol {
-                    message: e.to_string(),
-                })
-            }) {
-                Ok(bytes) => {
-                    wire.push((event.id, bytes));
-                    sizes.push(event.size());
-                }
-                // A stored payload that is not JSON can never be sent: dead, not stuck.
-                Err(e) => outcomes.push((
-                    event.id,
-                    Outcome::Dead {
-                        reason: e.to_string(),
-                    },
-                )),
-            }
+            let mut bytes = Vec::with_capacity(event.payload.len() + 160);
+            write_wire_event(&mut bytes, event);
+            wire.push((event.id, bytes));
+            sizes.push(event.size());
         }
         drop(events);
 
@@ -978,10 +965,11 @@ mod tests {
         let wire: Vec<_> = events
             .iter()
             .map(|e| {
-                (
-                    e.id,
-                    serde_json::to_vec(&WireEvent::try_from(e).unwrap()).unwrap(),
-                )
+                (e.id, {
+                    let mut bytes = Vec::new();
+                    write_wire_event(&mut bytes, e);
+                    bytes
+                })
             })
             .collect();
         let body = relay.body(&wire);
