@@ -4,10 +4,9 @@
 // Run: scripts/build-pkg && (cd benches/browser && npm install && node bench.mjs)
 import http from "node:http";
 import fs from "node:fs";
-import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
+import { launchChromium } from "./chromium.mjs";
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 const rounds = Number(process.env.ROUNDS ?? 6);
@@ -27,13 +26,7 @@ const server = http.createServer((req, res) => {
 await new Promise((r) => server.listen(0, "127.0.0.1", r));
 const origin = `http://127.0.0.1:${server.address().port}`;
 
-const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), "edge-outbox-bench-"));
-const context = await chromium.launchPersistentContext(userDataDir, {
-  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-  headless: true,
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"],
-});
+const context = await launchChromium("edge-outbox-bench-");
 try {
   const page = await context.newPage();
   page.on("pageerror", (e) => console.error("page error:", e));
@@ -62,5 +55,4 @@ try {
 } finally {
   await context.close();
   server.close();
-  fs.rmSync(userDataDir, { recursive: true, force: true });
 }

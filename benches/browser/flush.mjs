@@ -15,7 +15,7 @@ import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import * as esbuild from "esbuild";
-import { chromium } from "playwright-core";
+import { launchChromium } from "./chromium.mjs";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const root = path.resolve(here, "../..");
@@ -68,13 +68,7 @@ async function received(clientId) {
   }
 }
 
-const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), "edge-outbox-flush-chromium-"));
-const context = await chromium.launchPersistentContext(userDataDir, {
-  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-  headless: true,
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"],
-});
+const context = await launchChromium("edge-outbox-flush-chromium-");
 try {
   const page = await context.newPage();
   page.on("pageerror", (e) => console.error("page error:", e));
@@ -127,6 +121,5 @@ try {
 } finally {
   await context.close();
   server.kill();
-  fs.rmSync(userDataDir, { recursive: true, force: true });
   fs.rmSync(tmp, { recursive: true, force: true });
 }
