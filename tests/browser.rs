@@ -287,42 +287,40 @@ async fn closed_outbox_rejects_with_closed_error_and_reopen_keeps_events() {
     assert_eq!(pending_count(&again).await, 1.0);
 }
 
+/// The app's own readwrite transaction over `todos` and the outbox, with
+/// the todo `id` put in it.
+fn app_tx(db: &web_sys::IdbDatabase, id: u32) -> web_sys::IdbTransaction {
+    let tx = db
+        .transaction_with_str_sequence_and_mode(
+            &js(r#"["todos", "edge_outbox_events"]"#),
+            web_sys::IdbTransactionMode::Readwrite,
+        )
+        .unwrap();
+    tx.object_store("todos")
+        .unwrap()
+        .put(&js(&format!("{{ id: {id}, done: 0 }}")))
+        .unwrap();
+    tx
+}
+
 #[wasm_bindgen_test]
 async fn enqueue_in_the_apps_own_transaction() {
     let outbox = open_todos(&fresh_name("enqueue-in"), "").await;
     let db = outbox.db();
     // Commit.
-    let tx = db
-        .transaction_with_str_sequence_and_mode(
-            &js(r#"["todos", "edge_outbox_events"]"#),
-            web_sys::IdbTransactionMode::Readwrite,
-        )
-        .unwrap();
-    tx.object_store("todos")
-        .unwrap()
-        .put(&js("{ id: 3, done: 0 }"))
-        .unwrap();
+    let tx = app_tx(&db, 3);
     outbox
         .enqueue_in(tx.clone(), "A".into(), js("{ n: 3 }"), JsValue::UNDEFINED)
         .unwrap();
-    sleep_ms(50).await;
+    finished(&tx).await.expect("the app's transaction commits");
     assert_eq!(pending_count(&outbox).await, 1.0);
     // An invalid event aborts the app's transaction.
-    let tx = db
-        .transaction_with_str_sequence_and_mode(
-            &js(r#"["todos", "edge_outbox_events"]"#),
-            web_sys::IdbTransactionMode::Readwrite,
-        )
-        .unwrap();
-    tx.object_store("todos")
-        .unwrap()
-        .put(&js("{ id: 4, done: 0 }"))
-        .unwrap();
+    let tx = app_tx(&db, 4);
     let err = outbox
-        .enqueue_in(tx, "A".into(), js("{ n: NaN }"), JsValue::UNDEFINED)
+        .enqueue_in(tx.clone(), "A".into(), js("{ n: NaN }"), JsValue::UNDEFINED)
         .unwrap_err();
     assert_eq!(error_name(&err), "InvalidEventError");
-    sleep_ms(50).await;
+    assert!(finished(&tx).await.is_err(), "the app's transaction aborts");
     assert!(todo(&outbox, 4).await.is_undefined());
     assert_eq!(pending_count(&outbox).await, 1.0);
 }
@@ -332,6 +330,36 @@ async fn enqueue_in_the_apps_own_transaction() {
 /// The reference server, started by scripts/test-browser with
 /// `--cors-origin '*'` (the test page is served from another origin).
 const SERVER: Option<&str> = option_env!("EDGE_OUTBOX_TEST_SERVER");
+
+/// The reference server's URL. A relay test without a server fails loudly:
+/// it never passes by skipping.
+fn server() -> &'static str {
+    SERVER.expect(
+        "EDGE_OUTBOX_TEST_SERVER is not set: run scripts/test-browser, \
+         which starts the reference server and passes its URL",
+    )
+}
+
+/// Wait (up to 2 s) until `outbox` is (or is not) the sending tab.
+async fn leader_is(outbox: &Outbox, want: bool) {
+    for _ in 0..40 {
+        if prop(&outbox.status(), "leader").as_bool() == Some(want) {
+            return;
+        }
+        sleep_ms(50).await;
+    }
+    panic!("status.leader never became {want}: {:?}", outbox.status());
+}
+
+/// Wait until `tx` commits (Ok) or aborts (Err).
+async fn finished(tx: &web_sys::IdbTransaction) -> Result<JsValue, JsValue> {
+    let tx = tx.clone();
+    wait(Promise::new(&mut |resolve, reject| {
+        tx.set_oncomplete(Some(&resolve));
+        tx.set_onabort(Some(&reject));
+    }))
+    .await
+}
 
 async fn http(method: &str, url: &str, body: Option<&str>) -> JsValue {
     let init = web_sys::RequestInit::new();
@@ -423,10 +451,7 @@ async fn commit_todos(outbox: &Outbox, ids: std::ops::Range<u32>) -> Vec<String>
 
 #[wasm_bindgen_test]
 async fn relay_delivers_through_a_500_period_and_an_offline_period() {
-    let Some(server) = SERVER else {
-        console_log!("skipped: EDGE_OUTBOX_TEST_SERVER not set (run scripts/test-browser)");
-        return;
-    };
+    let server = server();
     http("POST", &format!("{server}/__test/reset"), Some("{}")).await;
     let outbox = open_todos(
         &fresh_name("relay"),
@@ -472,6 +497,8 @@ async fn relay_delivers_through_a_500_period_and_an_offline_period() {
     )
     .await;
     expected.extend(commit_todos(&outbox, 5..8).await);
+    // Not a synchronization: a window in which the failing server must not
+    // have let anything through.
     sleep_ms(300).await;
     assert!(pending_count(&outbox).await > 0.0, "the server is failing");
     drained(&outbox, 15).await;
@@ -491,6 +518,8 @@ async fn relay_delivers_through_a_500_period_and_an_offline_period() {
     // An offline period: nothing is attempted, nothing is spent.
     outbox.set_online(Some(false)).unwrap();
     expected.extend(commit_todos(&outbox, 8..11).await);
+    // A window in which an online relay would have tried (its backoff is
+    // 100-400 ms): the assertion is that nothing was.
     sleep_ms(500).await;
     let pending = js_sys::Array::from(&wait(outbox.pending(None)).await.unwrap());
     assert_eq!(pending.length(), 3);
@@ -532,18 +561,14 @@ async fn relay_delivers_through_a_500_period_and_an_offline_period() {
 
 #[wasm_bindgen_test]
 async fn one_sender_per_outbox_and_handover_on_close() {
-    let Some(server) = SERVER else {
-        console_log!("skipped: EDGE_OUTBOX_TEST_SERVER not set (run scripts/test-browser)");
-        return;
-    };
+    let server = server();
     let name = fresh_name("tabs");
     let opts = format!(r#", endpoint: "{server}/v1/events", retry: {{ baseMs: 100, capMs: 400 }}"#);
     let a = open_todos(&name, &opts).await;
-    sleep_ms(100).await;
+    leader_is(&a, true).await;
     let b = open_todos(&name, &opts).await;
-    sleep_ms(100).await;
-    assert!(prop(&a.status(), "leader").as_bool().unwrap());
-    assert!(!prop(&b.status(), "leader").as_bool().unwrap());
+    leader_is(&a, true).await;
+    leader_is(&b, false).await;
     // B commits, A (the sender) is told over the BroadcastChannel and delivers.
     let mut expected = commit_todos(&b, 0..3).await;
     drained(&b, 10).await;
@@ -560,8 +585,7 @@ async fn one_sender_per_outbox_and_handover_on_close() {
     );
     // A closes: B takes over the lock and delivers.
     wait(a.close()).await.unwrap();
-    sleep_ms(100).await;
-    assert!(prop(&b.status(), "leader").as_bool().unwrap());
+    leader_is(&b, true).await;
     expected.extend(commit_todos(&b, 3..6).await);
     drained(&b, 10).await;
     assert_eq!(received(server, &client).await, expected);
@@ -576,8 +600,7 @@ async fn queued_flushes_reject_with_named_errors() {
         r#", endpoint: "http://127.0.0.1:9/v1/events""#,
     )
     .await;
-    sleep_ms(100).await;
-    assert!(prop(&outbox.status(), "leader").as_bool().unwrap());
+    leader_is(&outbox, true).await;
     // Close the connection under the running relay: its next round fails.
     outbox.db().close();
     // Two flushes queue for the same round; both get the error.
