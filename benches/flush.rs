@@ -35,26 +35,51 @@ fn payload(i: usize) -> serde_json::Value {
     serde_json::json!({ "data": "x".repeat(pad), "i": i })
 }
 
+/// Set to a running reference server's base URL (`http://127.0.0.1:PORT`) to
+/// measure against it instead of one spawned in this process. `scripts/bench
+/// flush` uses it to give the server a core of its own, as a server on
+/// another machine would have, so that the client's work does not take CPU
+/// from the server it is measured against.
+const SERVER_ENV: &str = "EDGE_OUTBOX_BENCH_SERVER";
+
 struct Fixture {
     _dir: TempDir,
-    server: RunningServer,
+    /// The in-process server, when no external one is given.
+    _server: Option<RunningServer>,
+    events_url: String,
     client: reqwest::Client,
 }
 
 fn fixture(rt: &Runtime) -> Fixture {
     let dir = TempDir::new().unwrap();
-    let server = rt
-        .block_on(edge_outbox_server::spawn(
-            ServerConfig::new(dir.path().join("server.db")).allow_anonymous(true),
-        ))
-        .unwrap();
+    let (server, events_url) = match std::env::var(SERVER_ENV) {
+        Ok(base) => (None, format!("{}/v1/events", base.trim_end_matches('/'))),
+        Err(_) => {
+            let server = rt
+                .block_on(edge_outbox_server::spawn(
+                    ServerConfig::new(dir.path().join("server.db")).allow_anonymous(true),
+                ))
+                .unwrap();
+            let url = server.events_url();
+            (Some(server), url)
+        }
+    };
+    println!(
+        "server: {}",
+        if server.is_some() {
+            "in this process"
+        } else {
+            "external"
+        }
+    );
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
     Fixture {
         _dir: dir,
-        server,
+        _server: server,
+        events_url,
         client,
     }
 }
@@ -116,7 +141,7 @@ impl Sides {
     fn new(rt: &Runtime, fx: &Fixture, batch: usize) -> Self {
         let dir = TempDir::new().unwrap();
         let outbox = Outbox::open(dir.path().join("app.db"), Config::new("unused")).unwrap();
-        let transport = HttpTransport::builder(fx.server.events_url())
+        let transport = HttpTransport::builder(fx.events_url.clone())
             .client(fx.client.clone())
             .build()
             .unwrap();
@@ -133,7 +158,7 @@ impl Sides {
             outbox,
             relay,
             client: fx.client.clone(),
-            url: fx.server.events_url(),
+            url: fx.events_url.clone(),
             client_id: format!("bare-{batch}"),
             batch,
             seq: 1,
