@@ -18,7 +18,7 @@ pub use event::{
 };
 pub use policy::{Jitter, RetryPolicy};
 pub use relay::{FlushReport, Relay, RelayConfig, RelayStatus};
-pub use store::{Claim, ClaimRequest, Outcome, Stats, Store};
+pub use store::{Claim, ClaimRequest, Outcome, Settlement, Stats, Store};
 pub use time::Timestamp;
 pub use transport::{Credentials, Transport};
 

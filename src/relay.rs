@@ -41,7 +41,7 @@ use crate::error::Result;
 use crate::event::{Event, EventId};
 use crate::policy::{Jitter, RetryPolicy};
 use crate::protocol::{ErrorBody, PROTOCOL_VERSION, PushResponse, ResultStatus, write_wire_event};
-use crate::store::{Claim, ClaimRequest, MaybeSend, MaybeSync, Outcome, Store};
+use crate::store::{Claim, ClaimRequest, MaybeSend, MaybeSync, Outcome, Settlement, Store};
 use crate::time::Timestamp;
 use crate::transport::{Push, Response, Transport};
 
@@ -243,6 +243,8 @@ pub struct Relay<S, T> {
     body_prefix: Vec<u8>,
     /// When the store may be counted again (see `count`).
     count_due: Option<Timestamp>,
+    /// The next group, claimed while the last one was on the wire.
+    ahead: Option<Group>,
 }
 
 impl<S: std::fmt::Debug, T: std::fmt::Debug> std::fmt::Debug for Relay<S, T> {
@@ -292,6 +294,7 @@ impl<S: Store, T: Transport> Relay<S, T> {
             observer: None,
             body_prefix,
             count_due: None,
+            ahead: None,
         }
     }
 
@@ -362,6 +365,8 @@ impl<S: Store, T: Transport> Relay<S, T> {
 
     /// Give up the lease so another relay can start at once (at shutdown).
     pub async fn release_lease(&mut self) -> Result<()> {
+        // Claimed under the lease given up here: claim again after it.
+        self.ahead = None;
         self.store.release_lease(&self.config.owner).await
     }
 
@@ -408,23 +413,15 @@ impl<S: Store, T: Transport> Relay<S, T> {
     /// One claim -> send -> settle cycle (or the reason there was none).
     pub async fn step(&mut self) -> Result<Step> {
         let now = Timestamp::now();
-        let claim = self
-            .store
-            .claim(ClaimRequest {
-                owner: &self.config.owner,
-                lease: self.config.lease,
-                max_events: self
-                    .config
-                    .max_events
-                    .saturating_mul(self.config.claim_batches.max(1)),
-                max_bytes: self
-                    .config
-                    .max_bytes
-                    .saturating_mul(self.config.claim_batches.max(1)),
-                now,
-            })
-            .await;
-        let claim = match claim {
+        if let Some(group) = self.ahead.take()
+            && now < group.claimed_at.add(self.config.lease / 2)
+        {
+            // Claimed while the previous batch was on the wire (see
+            // `deliver`), recently enough that the lease taken then holds.
+            self.status.lease_held_until = None;
+            return self.deliver(group).await;
+        }
+        let claim = match self.store.claim(self.claim_request(now, None)).await {
             Ok(claim) => claim,
             Err(e) => {
                 self.status.last_error = Some(format!("claim failed: {e}"));
@@ -453,38 +450,27 @@ impl<S: Store, T: Transport> Relay<S, T> {
             }
             Claim::Batch(events) => {
                 self.status.lease_held_until = None;
-                self.deliver(events).await
+                let group = Group::prepare(events, now, &self.config);
+                self.deliver(group).await
             }
         }
     }
 
-    /// Send a claimed batch and settle the answer.
-    async fn deliver(&mut self, events: Vec<Event>) -> Result<Step> {
-        let now = Timestamp::now();
-        // This attempt is counted when it is settled; the head event has the
-        // most attempts behind it, and this is attempt number that + 1.
-        let attempts = events.iter().map(|e| e.attempts).max().unwrap_or(0) + 1;
-        let mut outcomes: Vec<(EventId, Outcome)> = Vec::with_capacity(events.len());
-        // Each event serialized once; sub-batches (413, 400) are re-joined from these.
-        let mut wire: Vec<(EventId, Vec<u8>)> = Vec::with_capacity(events.len());
-        let mut sizes: Vec<usize> = Vec::with_capacity(events.len());
-        for event in &events {
-            if self.config.retry.is_expired(event.created_at, now) {
-                outcomes.push((
-                    event.id,
-                    Outcome::Dead {
-                        reason: EXPIRED.to_owned(),
-                    },
-                ));
-                continue;
-            }
-            let mut bytes = Vec::with_capacity(event.payload.len() + 160);
-            write_wire_event(&mut bytes, event);
-            wire.push((event.id, bytes));
-            sizes.push(event.size());
-        }
-        drop(events);
+    /// A claim of `claim_batches` pushes' worth of events.
+    fn claim_request(&self, now: Timestamp, after: Option<i64>) -> ClaimRequest<'_> {
+        claim_request(&self.config, now, after)
+    }
 
+    /// Send a claimed group push by push and settle the answers.
+    async fn deliver(&mut self, group: Group) -> Result<Step> {
+        let Group {
+            claimed_at: now,
+            wire,
+            mut outcomes,
+            last_seq,
+            attempts,
+            full,
+        } = group;
         let mut failed = false;
         // One push per `max_events` / `max_bytes` (the first event of a push
         // always goes, however large: the server's 413 decides).
@@ -492,17 +478,21 @@ impl<S: Store, T: Transport> Relay<S, T> {
         let mut start = 0;
         while start < wire.len() {
             let mut end = start + 1;
-            let mut bytes = sizes[start];
+            let mut bytes = wire[start].size;
             while end < wire.len()
                 && end - start < self.config.max_events
-                && bytes + sizes[end] <= self.config.max_bytes
+                && bytes + wire[end].size <= self.config.max_bytes
             {
-                bytes += sizes[end];
+                bytes += wire[end].size;
                 end += 1;
             }
             queue.push_back(start..end);
             start = end;
         }
+        // When this claim was full, more is probably pending: claim and
+        // serialize the next group while the first push is on the wire, so
+        // the next step starts pushing at once.
+        let mut prefetch_after = full.then_some(last_seq);
         let mut counts = [0usize; 3];
         let mut pushes = 0;
         while let Some(range) = queue.pop_front() {
@@ -512,14 +502,16 @@ impl<S: Store, T: Transport> Relay<S, T> {
                 // claim. The rest goes with the next claim, which renews it.
                 queue.push_front(range);
                 let deferred = "deferred to the next claim (lease renewal)";
-                self.retry_rest(&wire, &mut queue, &mut outcomes, Timestamp::now(), deferred);
+                retry_rest(&wire, &mut queue, &mut outcomes, Timestamp::now(), deferred);
                 break;
             }
             pushes += 1;
             // Settle what is known so far while this push is on the wire.
             let known = std::mem::take(&mut outcomes);
             tally(&known, &mut counts);
-            let verdict = self.send_range(&wire, range.clone(), known).await?;
+            let verdict = self
+                .send_range(&wire, range.clone(), known, prefetch_after.take())
+                .await?;
             match verdict {
                 Verdict::Results(response) => {
                     let mut results: HashMap<EventId, (ResultStatus, Option<String>)> = response
@@ -528,19 +520,18 @@ impl<S: Store, T: Transport> Relay<S, T> {
                         .map(|r| (r.id, (r.status, r.reason)))
                         .collect();
                     let mut unnamed = Vec::new();
-                    for (id, _) in &wire[range.clone()] {
-                        match results.remove(id) {
+                    for w in &wire[range.clone()] {
+                        match results.remove(&w.id) {
                             Some((ResultStatus::Accepted | ResultStatus::Duplicate, _)) => {
-                                outcomes.push((*id, Outcome::Sent))
+                                outcomes.push(w.settlement(Outcome::Sent))
                             }
-                            Some((ResultStatus::Rejected, reason)) => outcomes.push((
-                                *id,
-                                Outcome::Dead {
+                            Some((ResultStatus::Rejected, reason)) => {
+                                outcomes.push(w.settlement(Outcome::Dead {
                                     reason: reason
                                         .unwrap_or_else(|| "rejected by the server".to_owned()),
-                                },
-                            )),
-                            None => unnamed.push(*id),
+                                }))
+                            }
+                            None => unnamed.push(w),
                         }
                     }
                     if !unnamed.is_empty() {
@@ -558,17 +549,14 @@ impl<S: Store, T: Transport> Relay<S, T> {
                                 .retry
                                 .next_attempt(now, attempts, None, &mut self.jitter)
                         };
-                        for id in unnamed {
-                            outcomes.push((
-                                id,
-                                Outcome::Retry {
-                                    at,
-                                    error: error.clone(),
-                                },
-                            ));
+                        for w in unnamed {
+                            outcomes.push(w.settlement(Outcome::Retry {
+                                at,
+                                error: error.clone(),
+                            }));
                         }
                         // Later sub-batches must not overtake the skipped events.
-                        self.retry_rest(
+                        retry_rest(
                             &wire,
                             &mut queue,
                             &mut outcomes,
@@ -578,15 +566,12 @@ impl<S: Store, T: Transport> Relay<S, T> {
                     }
                 }
                 Verdict::TooLarge if range.len() > 1 => split_front(&mut queue, range),
-                Verdict::TooLarge => outcomes.push((
-                    wire[range.start].0,
-                    Outcome::Dead {
-                        reason: "too large for the server (413 Payload Too Large)".to_owned(),
-                    },
-                )),
+                Verdict::TooLarge => outcomes.push(wire[range.start].settlement(Outcome::Dead {
+                    reason: "too large for the server (413 Payload Too Large)".to_owned(),
+                })),
                 Verdict::Poison { .. } if range.len() > 1 => split_front(&mut queue, range),
                 Verdict::Poison { reason } => {
-                    outcomes.push((wire[range.start].0, Outcome::Dead { reason }))
+                    outcomes.push(wire[range.start].settlement(Outcome::Dead { reason }))
                 }
                 Verdict::Retry { retry_after, error } => {
                     failed = true;
@@ -596,16 +581,13 @@ impl<S: Store, T: Transport> Relay<S, T> {
                         retry_after,
                         &mut self.jitter,
                     );
-                    for (id, _) in &wire[range] {
-                        outcomes.push((
-                            *id,
-                            Outcome::Retry {
-                                at,
-                                error: error.clone(),
-                            },
-                        ));
+                    for w in &wire[range] {
+                        outcomes.push(w.settlement(Outcome::Retry {
+                            at,
+                            error: error.clone(),
+                        }));
                     }
-                    self.retry_rest(&wire, &mut queue, &mut outcomes, at, &error);
+                    retry_rest(&wire, &mut queue, &mut outcomes, at, &error);
                     self.status.last_error = Some(error);
                     self.status.next_attempt = Some(at);
                 }
@@ -614,9 +596,15 @@ impl<S: Store, T: Transport> Relay<S, T> {
 
         tally(&outcomes, &mut counts);
         let [sent, dead, retry] = counts;
+        if retry > 0 {
+            // Events of this group stay pending: the next group must not
+            // overtake them, so it is claimed again after them.
+            self.ahead = None;
+        }
         if let Err(e) = self.store.settle(outcomes, Timestamp::now()).await {
             // Nothing is lost: the events stay pending and are claimed (and
             // resent, harmlessly: the server dedupes) again.
+            self.ahead = None;
             self.status.last_error = Some(format!("settle failed: {e}"));
             self.publish();
             return Err(e);
@@ -637,81 +625,75 @@ impl<S: Store, T: Transport> Relay<S, T> {
         })
     }
 
-    /// Mark every range still queued as Retry at `at` (they were not sent).
-    fn retry_rest(
-        &self,
-        wire: &[(EventId, Vec<u8>)],
-        queue: &mut VecDeque<Range<usize>>,
-        outcomes: &mut Vec<(EventId, Outcome)>,
-        at: Timestamp,
-        error: &str,
-    ) {
-        for range in queue.drain(..) {
-            for (id, _) in &wire[range] {
-                outcomes.push((
-                    *id,
-                    Outcome::Retry {
-                        at,
-                        error: error.to_owned(),
-                    },
-                ));
-            }
-        }
-    }
-
-    fn body(&self, wire: &[(EventId, Vec<u8>)]) -> Vec<u8> {
-        let len = self.body_prefix.len() + 2 + wire.iter().map(|(_, b)| b.len() + 1).sum::<usize>();
+    fn body(&self, wire: &[Wire]) -> Vec<u8> {
+        let len = self.body_prefix.len() + 2 + wire.iter().map(|w| w.json.len() + 1).sum::<usize>();
         let mut body = Vec::with_capacity(len);
         body.extend_from_slice(&self.body_prefix);
-        for (i, (_, bytes)) in wire.iter().enumerate() {
+        for (i, w) in wire.iter().enumerate() {
             if i > 0 {
                 body.push(b',');
             }
-            body.extend_from_slice(bytes);
+            body.extend_from_slice(&w.json);
         }
         body.extend_from_slice(b"]}");
         body
     }
 
     /// Send one push and, at the same time, settle `settle` (outcomes of
-    /// earlier pushes of this claim). Only a settle failure is an `Err`.
+    /// earlier pushes of this group) and, with `prefetch_after`, claim and
+    /// serialize the next group into `self.ahead`. Only a settle failure is
+    /// an `Err`; a failed prefetch only means the next step claims itself.
     async fn send_range(
         &mut self,
-        wire: &[(EventId, Vec<u8>)],
+        wire: &[Wire],
         range: Range<usize>,
-        settle: Vec<(EventId, Outcome)>,
+        settle: Vec<Settlement>,
+        prefetch_after: Option<i64>,
     ) -> Result<Verdict> {
         let part = &wire[range];
         let body = self.body(part);
         self.status.in_flight = part.len();
         self.publish();
-        let store = &self.store;
-        let settling = async move {
-            if settle.is_empty() {
-                return Ok(());
-            }
+        let (store, config) = (&self.store, &self.config);
+        let local = async move {
             // Let the executor run the HTTP client's connection task first so
             // the request is on the wire before a store that works
             // synchronously (SQLite) holds this thread.
             yield_once().await;
-            store.settle(settle, Timestamp::now()).await
+            if !settle.is_empty() {
+                store.settle(settle, Timestamp::now()).await?;
+            }
+            let Some(after) = prefetch_after else {
+                return Ok(None);
+            };
+            let now = Timestamp::now();
+            Ok(match store.claim(claim_request(config, now, Some(after))).await {
+                Ok(Claim::Batch(events)) => Some(Group::prepare(events, now, config)),
+                // Nothing more, not due, or a failure: the next step's own
+                // claim finds out again and reports it.
+                Ok(_) | Err(_) => None,
+            })
         };
         // The push is polled first, so the request is handed to the network
-        // before the settle runs.
+        // before the local work runs.
         let sending = send_with_auth(
             &self.transport,
             body,
             part.len(),
             &mut self.refresh_credentials,
         );
-        let (answer, settled) = join(sending, settling).await;
+        let (answer, local) = join(sending, local).await;
         self.status.in_flight = 0;
-        if let Err(e) = settled {
-            // Nothing is lost: unsettled events stay pending and are resent
-            // (the server answers `duplicate`).
-            self.status.last_error = Some(format!("settle failed: {e}"));
-            self.publish();
-            return Err(e);
+        match local {
+            Ok(Some(group)) => self.ahead = Some(group),
+            Ok(None) => {}
+            Err(e) => {
+                // Nothing is lost: unsettled events stay pending and are
+                // resent (the server answers `duplicate`).
+                self.status.last_error = Some(format!("settle failed: {e}"));
+                self.publish();
+                return Err(e);
+            }
         }
         Ok(match answer {
             Ok(response) => classify(response),
@@ -720,6 +702,114 @@ impl<S: Store, T: Transport> Relay<S, T> {
                 error: e.to_string(),
             },
         })
+    }
+}
+
+/// One claimed event, serialized for the wire.
+struct Wire {
+    seq: i64,
+    id: EventId,
+    /// [`Event::size`], for the per-push byte limit.
+    size: usize,
+    /// Its push JSON, written once; sub-batches (413, 400) are re-joined from it.
+    json: Vec<u8>,
+}
+
+impl Wire {
+    fn settlement(&self, outcome: Outcome) -> Settlement {
+        Settlement {
+            seq: self.seq,
+            id: self.id,
+            outcome,
+        }
+    }
+}
+
+/// A claimed group of events, ready to push.
+struct Group {
+    /// When it was claimed: the lease was renewed then.
+    claimed_at: Timestamp,
+    /// The events to send, in seq order (expired ones are not among them).
+    wire: Vec<Wire>,
+    /// Outcomes known before sending (expired events).
+    outcomes: Vec<Settlement>,
+    /// The highest seq claimed: the next group starts after it.
+    last_seq: i64,
+    /// The attempt this is for the head event (it has the most behind it).
+    attempts: u32,
+    /// The claim hit its count limit, or came close to its byte budget: more
+    /// events are probably pending.
+    full: bool,
+}
+
+impl Group {
+    fn prepare(events: Vec<Event>, claimed_at: Timestamp, config: &RelayConfig) -> Group {
+        let request = claim_request(config, claimed_at, None);
+        let bytes: usize = events.iter().map(Event::size).sum();
+        let full = events.len() >= request.max_events || bytes >= request.max_bytes / 2;
+        // This attempt is counted when it is settled, so it is number attempts + 1.
+        let attempts = events.iter().map(|e| e.attempts).max().unwrap_or(0) + 1;
+        let last_seq = events.last().map_or(0, |e| e.seq);
+        let mut wire = Vec::with_capacity(events.len());
+        let mut outcomes = Vec::new();
+        for event in &events {
+            if config.retry.is_expired(event.created_at, claimed_at) {
+                outcomes.push(Settlement::new(
+                    event,
+                    Outcome::Dead {
+                        reason: EXPIRED.to_owned(),
+                    },
+                ));
+                continue;
+            }
+            let mut json = Vec::with_capacity(event.payload.len() + 160);
+            write_wire_event(&mut json, event);
+            wire.push(Wire {
+                seq: event.seq,
+                id: event.id,
+                size: event.size(),
+                json,
+            });
+        }
+        Group {
+            claimed_at,
+            wire,
+            outcomes,
+            last_seq,
+            attempts,
+            full,
+        }
+    }
+}
+
+/// A claim of `claim_batches` pushes' worth of events for `config`'s owner.
+fn claim_request(config: &RelayConfig, now: Timestamp, after: Option<i64>) -> ClaimRequest<'_> {
+    let groups = config.claim_batches.max(1);
+    ClaimRequest {
+        owner: &config.owner,
+        lease: config.lease,
+        max_events: config.max_events.saturating_mul(groups),
+        max_bytes: config.max_bytes.saturating_mul(groups),
+        now,
+        after,
+    }
+}
+
+/// Mark every range still queued as Retry at `at` (they were not sent).
+fn retry_rest(
+    wire: &[Wire],
+    queue: &mut VecDeque<Range<usize>>,
+    outcomes: &mut Vec<Settlement>,
+    at: Timestamp,
+    error: &str,
+) {
+    for range in queue.drain(..) {
+        for w in &wire[range] {
+            outcomes.push(w.settlement(Outcome::Retry {
+                at,
+                error: error.to_owned(),
+            }));
+        }
     }
 }
 
@@ -789,8 +879,8 @@ async fn yield_once() {
 }
 
 /// Add outcomes to [sent, dead, retry] counts.
-fn tally(outcomes: &[(EventId, Outcome)], counts: &mut [usize; 3]) {
-    for (_, outcome) in outcomes {
+fn tally(outcomes: &[Settlement], counts: &mut [usize; 3]) {
+    for Settlement { outcome, .. } in outcomes {
         counts[match outcome {
             Outcome::Sent => 0,
             Outcome::Dead { .. } => 1,
@@ -922,25 +1012,17 @@ mod tests {
 
     /// Make every pending event due now (skip the backoff without sleeping).
     fn make_due(store: &MemoryStore) {
-        let ids: Vec<_> = store.all().iter().map(|e| e.id).collect();
         let now = Timestamp::now().sub(Duration::from_millis(1));
-        block_on(
-            store.settle(
-                ids.into_iter()
-                    .map(|id| {
-                        (
-                            id,
-                            Outcome::Retry {
-                                at: now,
-                                error: "test".into(),
-                            },
-                        )
-                    })
-                    .collect(),
-                now,
-            ),
-        )
-        .unwrap();
+        let retry = Outcome::Retry {
+            at: now,
+            error: "test".into(),
+        };
+        let settlements = store
+            .all()
+            .iter()
+            .map(|e| Settlement::new(e, retry.clone()))
+            .collect();
+        block_on(store.settle(settlements, now)).unwrap();
     }
 
     #[test]
@@ -961,18 +1043,8 @@ mod tests {
     #[test]
     fn body_is_a_valid_push_request() {
         let (relay, store, _) = setup(3);
-        let events = store.all();
-        let wire: Vec<_> = events
-            .iter()
-            .map(|e| {
-                (e.id, {
-                    let mut bytes = Vec::new();
-                    write_wire_event(&mut bytes, e);
-                    bytes
-                })
-            })
-            .collect();
-        let body = relay.body(&wire);
+        let group = Group::prepare(store.all(), Timestamp::now(), relay.config());
+        let body = relay.body(&group.wire);
         let parsed: crate::protocol::PushRequest = serde_json::from_slice(&body).unwrap();
         assert_eq!(parsed.protocol, PROTOCOL_VERSION);
         assert_eq!(parsed.client_id, store.client_id());
@@ -1223,6 +1295,58 @@ mod tests {
         assert_eq!(server.requests().len(), 4);
         assert_eq!(store.claims(), 2);
         assert!(store.all().iter().all(|e| e.attempts == 1));
+    }
+
+    #[test]
+    fn a_full_claim_brings_the_next_group_while_its_first_push_is_out() {
+        let (mut relay, store, server) = setup(100);
+        // 40 events per claim: the first claim is full, so the next 40 are
+        // claimed (and serialized) while its first push is on the wire.
+        let step = block_on(relay.step()).unwrap();
+        assert!(matches!(step, Step::Batch { sent: 40, .. }), "{step:?}");
+        let ahead = relay.ahead.as_ref().expect("the next group was claimed");
+        let seqs_ahead: Vec<i64> = ahead.wire.iter().map(|w| w.seq).collect();
+        assert_eq!(seqs_ahead, (41..=80).collect::<Vec<_>>());
+        assert_eq!(store.claims(), 2);
+        // The next step pushes it without a claim of its own, and brings the
+        // last 20 during its first push.
+        block_on(relay.step()).unwrap();
+        assert_eq!(store.claims(), 3);
+        assert_eq!(relay.ahead.as_ref().map(|g| g.wire.len()), Some(20));
+        // A claim that was not full brings nothing ahead (a trickle of
+        // commits costs one claim per batch, not two).
+        block_on(relay.step()).unwrap();
+        assert!(relay.ahead.is_none());
+        assert_eq!(store.claims(), 3);
+        assert_eq!(block_on(relay.step()).unwrap(), Step::Idle);
+        assert_eq!(seqs(&server), (1..=100).collect::<Vec<_>>());
+        assert!(store.all().iter().all(|e| e.attempts == 1));
+    }
+
+    #[test]
+    fn a_failure_after_the_next_group_was_claimed_keeps_the_order() {
+        let (mut relay, store, server) = setup(100);
+        // The first push goes through (the next group is claimed meanwhile),
+        // the second fails: the group claimed ahead must not overtake it.
+        server.push_fault(Fault::None);
+        server.push_fault(Fault::Network);
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!((report.sent, report.pending), (10, 90));
+        assert!(relay.ahead.is_none());
+        make_due(&store);
+        assert_eq!(block_on(relay.flush()).unwrap().sent, 90);
+        assert_eq!(seqs(&server), (1..=100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn an_event_left_pending_is_not_overtaken_by_the_group_claimed_ahead() {
+        let (mut relay, _store, server) = setup(100);
+        // The server skips event 10 in the first push: it stays pending and
+        // goes first in the next push, before anything claimed ahead.
+        server.push_fault(Fault::SkipLast);
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!((report.sent, report.pending), (100, 0));
+        assert_eq!(seqs(&server), (1..=100).collect::<Vec<_>>());
     }
 
     #[test]

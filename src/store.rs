@@ -16,16 +16,21 @@
 //! 5. `claim` runs in one transaction: it takes or renews the relay lease for
 //!    `owner` (refusing while another owner's lease is unexpired), then returns
 //!    the pending events with the lowest `seq`, in `seq` order, starting at the
-//!    oldest pending event, up to `max_events` and `max_bytes` (always at least
+//!    oldest pending event (or, with `after`, at the oldest pending event whose
+//!    `seq` is greater), up to `max_events` and `max_bytes` (always at least
 //!    one event, however large). It writes nothing to the events: a claim that
 //!    is never settled (a crash, a closed tab) leaves no trace on them.
-//! 6. `claim` returns [`Claim::NotBefore`] when the oldest pending event is not
-//!    due yet (`next_attempt_at` in the future): later events never overtake it.
+//! 6. `claim` returns [`Claim::NotBefore`] when the first event it would take
+//!    is not due yet (`next_attempt_at` in the future): later events never
+//!    overtake it.
 //! 7. `settle` applies outcomes only to events still pending, and counts one
 //!    attempt on each event it settles (`attempts` = attempts that reached an
 //!    outcome); a `Sent` event records `sent_at`; a `Dead` one its reason; a
-//!    `Retry` one its error and next attempt time. Settling never creates,
-//!    drops or reorders events.
+//!    `Retry` one its error and next attempt time. An outcome names its event
+//!    by `seq` and `id` as claimed; both identify the same event (a `seq` is
+//!    never reused), so a store may find it by either, and an outcome whose
+//!    event is gone changes nothing. Settling never creates, drops or
+//!    reorders events.
 //! 8. Sent events stay until `prune_sent`; dead events stay until `retry` or `discard`.
 //! 9. Nothing a crash interrupts is lost: an event claimed but never settled is
 //!    still pending and is claimed again once the lease expires.
@@ -74,6 +79,10 @@ pub struct ClaimRequest<'a> {
     pub max_bytes: usize,
     /// The current time.
     pub now: Timestamp,
+    /// Take only events whose `seq` is greater than this: the relay claims
+    /// the next batches while its previous ones are still on the wire and
+    /// unsettled (still pending). `None` starts at the oldest pending event.
+    pub after: Option<i64>,
 }
 
 /// The answer of [`Store::claim`].
@@ -109,6 +118,28 @@ pub enum Outcome {
         /// What went wrong this time.
         error: String,
     },
+}
+
+/// What happened to one claimed event, as handed to [`Store::settle`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settlement {
+    /// The event's `seq`, as claimed.
+    pub seq: i64,
+    /// The event's id, as claimed (the same event as `seq`).
+    pub id: EventId,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+impl Settlement {
+    /// The outcome of a claimed `event`.
+    pub fn new(event: &Event, outcome: Outcome) -> Self {
+        Settlement {
+            seq: event.seq,
+            id: event.id,
+            outcome,
+        }
+    }
 }
 
 /// Counts over the outbox.
@@ -149,7 +180,7 @@ pub trait Store: MaybeSend + MaybeSync {
     /// Record what happened to claimed events (obligation 7).
     fn settle(
         &self,
-        outcomes: Vec<(EventId, Outcome)>,
+        outcomes: Vec<Settlement>,
         now: Timestamp,
     ) -> impl Future<Output = Result<()>> + MaybeSend;
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventId, EventStatus, NewEvent};
 use crate::protocol::{EventResult, PushRequest, PushResponse, ResultStatus};
-use crate::store::{Claim, ClaimRequest, Outcome, Stats, Store};
+use crate::store::{Claim, ClaimRequest, Outcome, Settlement, Stats, Store};
 use crate::time::Timestamp;
 use crate::transport::{Push, Response, Transport};
 
@@ -151,7 +151,8 @@ impl Store for MemoryStore {
         s.lease = Some((request.owner.to_owned(), request.now.add(request.lease)));
         let mut batch = Vec::new();
         let mut bytes = 0;
-        for e in s.events.values_mut() {
+        let first = request.after.map_or(i64::MIN, |after| after.saturating_add(1));
+        for e in s.events.range(first..).map(|(_, e)| e) {
             if e.status != EventStatus::Pending {
                 continue;
             }
@@ -173,20 +174,18 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn settle(&self, outcomes: Vec<(EventId, Outcome)>, now: Timestamp) -> Result<()> {
+    async fn settle(&self, outcomes: Vec<Settlement>, now: Timestamp) -> Result<()> {
         let mut s = lock(&self.state);
         if s.fail_settles > 0 {
             s.fail_settles -= 1;
             return Err(Error::storage("injected settle failure", None));
         }
-        for (id, outcome) in outcomes {
-            let Some(seq) = s.by_id.get(&id).copied() else {
-                continue;
-            };
+        for Settlement { seq, id, outcome } in outcomes {
             let Some(e) = s.events.get_mut(&seq) else {
                 continue;
             };
-            if e.status != EventStatus::Pending {
+            // The strictest reading of the contract: both must name the event.
+            if e.id != id || e.status != EventStatus::Pending {
                 continue;
             }
             // The attempt is counted when it reaches an outcome (store.rs, 7).
@@ -299,6 +298,8 @@ impl Store for MemoryStore {
 /// A fault the [`MemoryServer`] plays for the next request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fault {
+    /// Answer as usual (queued before another fault to aim it at a later request).
+    None,
     /// No answer at all (connection refused, timeout): `Error::Network`.
     Network,
     /// Answer with this status, optional `Retry-After` and body; nothing is stored.

@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::event::EventId;
 use crate::policy::{Jitter, RetryPolicy};
 use crate::relay::{FlushReport, Relay, RelayConfig, RelayStatus};
-use crate::store::{Claim, ClaimRequest, Outcome, Stats, Store};
+use crate::store::{Claim, ClaimRequest, Settlement, Stats, Store};
 use crate::time::Timestamp;
 use crate::transport::Transport;
 
@@ -395,12 +395,14 @@ impl<S: Store + Clone + 'static> Store for OffThread<S> {
 
     async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim> {
         let owner = request.owner.to_owned();
-        let (lease, max_events, max_bytes, now) = (
-            request.lease,
-            request.max_events,
-            request.max_bytes,
-            request.now,
-        );
+        let ClaimRequest {
+            lease,
+            max_events,
+            max_bytes,
+            now,
+            after,
+            ..
+        } = request;
         self.run(move |store| async move {
             store
                 .claim(ClaimRequest {
@@ -409,13 +411,14 @@ impl<S: Store + Clone + 'static> Store for OffThread<S> {
                     max_events,
                     max_bytes,
                     now,
+                    after,
                 })
                 .await
         })
         .await
     }
 
-    async fn settle(&self, outcomes: Vec<(EventId, Outcome)>, now: Timestamp) -> Result<()> {
+    async fn settle(&self, outcomes: Vec<Settlement>, now: Timestamp) -> Result<()> {
         self.run(move |store| async move { store.settle(outcomes, now).await })
             .await
     }

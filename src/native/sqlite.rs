@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use super::outbox::{Config, Durability};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventId, EventStatus, NewEvent};
-use crate::store::{Claim, ClaimRequest, Outcome, Stats, Store};
+use crate::store::{Claim, ClaimRequest, Outcome, Settlement, Stats, Store};
 use crate::time::Timestamp;
 
 /// The outbox schema version this build writes and understands.
@@ -62,10 +62,6 @@ const INSERT_EVENT: &str = "INSERT INTO edge_outbox_events \
 
 const SELECT_EVENT: &str = "SELECT seq, id, type, key, payload, headers, created_at, status, \
      attempts, next_attempt_at, last_error, sent_at FROM edge_outbox_events";
-
-/// Most ids in one settle statement (SQLite allows 32,766 parameters; the
-/// prepared-statement cache keeps one statement per distinct chunk length).
-const SETTLE_CHUNK: usize = 500;
 
 /// State shared by every clone of an [`Outbox`](super::Outbox) / [`SqliteStore`].
 pub(crate) struct Inner {
@@ -258,11 +254,12 @@ impl Inner {
 
             let mut stmt = tx
                 .prepare_cached(&format!(
-                    "{SELECT_EVENT} WHERE status = 'pending' ORDER BY seq LIMIT ?1"
+                    "{SELECT_EVENT} WHERE status = 'pending' AND seq > ?2 ORDER BY seq LIMIT ?1"
                 ))
                 .map_err(|e| self.map(e))?;
             let limit = i64::try_from(req.max_events.max(1)).unwrap_or(i64::MAX);
-            let mut rows = stmt.query([limit]).map_err(|e| self.map(e))?;
+            let after = req.after.unwrap_or(i64::MIN);
+            let mut rows = stmt.query([limit, after]).map_err(|e| self.map(e))?;
             let mut batch = Vec::new();
             let mut bytes = 0usize;
             while let Some(row) = rows.next().map_err(|e| self.map(e))? {
@@ -285,70 +282,67 @@ impl Inner {
         })
     }
 
-    pub(crate) fn settle(&self, outcomes: &[(EventId, Outcome)], now: Timestamp) -> Result<()> {
-        // Outcomes sharing their new values go in one statement per chunk
-        // (a whole batch is usually all `Sent`, or all `Retry` at one time):
-        // one statement over 100 ids costs about two thirds of 100 statements.
-        let mut sent: Vec<EventId> = Vec::new();
-        let mut retry: Vec<((Timestamp, &str), Vec<EventId>)> = Vec::new();
-        let mut dead: Vec<(EventId, &str)> = Vec::new();
-        for (id, outcome) in outcomes {
-            match outcome {
-                Outcome::Sent => sent.push(*id),
+    pub(crate) fn settle(&self, outcomes: &[Settlement], now: Timestamp) -> Result<()> {
+        // Outcomes sharing their new values go together (a whole batch is
+        // usually all `Sent`, or all `Retry` at one time), and each run of
+        // consecutive seqs among them is ONE ranged UPDATE on the primary key:
+        // a batch claimed in one go is one run, and a ranged statement costs
+        // about half of one statement per event. Only named seqs are ever in
+        // a run, so an event the outcomes do not name is never touched.
+        let mut sent: Vec<i64> = Vec::new();
+        let mut retry: Vec<((Timestamp, &str), Vec<i64>)> = Vec::new();
+        let mut dead: Vec<(i64, &str)> = Vec::new();
+        for settlement in outcomes {
+            let seq = settlement.seq;
+            match &settlement.outcome {
+                Outcome::Sent => sent.push(seq),
                 Outcome::Retry { at, error } => {
                     match retry.iter_mut().find(|(k, _)| *k == (*at, error.as_str())) {
-                        Some((_, ids)) => ids.push(*id),
-                        None => retry.push(((*at, error), vec![*id])),
+                        Some((_, seqs)) => seqs.push(seq),
+                        None => retry.push(((*at, error), vec![seq])),
                     }
                 }
-                Outcome::Dead { reason } => dead.push((*id, reason)),
+                Outcome::Dead { reason } => dead.push((seq, reason)),
             }
         }
         // Every statement has `status = 'pending'`: a late answer never
         // resurrects an event the app has since discarded, nor undoes a dead
         // or sent state.
         self.write(|tx| {
-            let by_ids = |set: &str, values: &[&dyn rusqlite::ToSql], ids: &[EventId]| {
-                for chunk in ids.chunks(SETTLE_CHUNK) {
-                    let first = values.len() + 1;
-                    let placeholders: Vec<String> = (first..first + chunk.len())
-                        .map(|i| format!("?{i}"))
-                        .collect();
-                    let sql = format!(
-                        "UPDATE edge_outbox_events SET {set} \
-                         WHERE status = 'pending' AND id IN ({})",
-                        placeholders.join(",")
-                    );
-                    let ids = chunk
-                        .iter()
-                        .map(|id| id.as_uuid().as_bytes() as &dyn rusqlite::ToSql);
+            let by_seqs = |set: &str, values: &[&dyn rusqlite::ToSql], seqs: &mut [i64]| {
+                let sql = format!(
+                    "UPDATE edge_outbox_events SET {set} \
+                     WHERE seq BETWEEN ?{} AND ?{} AND status = 'pending'",
+                    values.len() + 1,
+                    values.len() + 2
+                );
+                let mut stmt = tx.prepare_cached(&sql).map_err(|e| self.map(e))?;
+                for (lo, hi) in runs(seqs) {
                     let params: Vec<&dyn rusqlite::ToSql> =
-                        values.iter().copied().chain(ids).collect();
-                    tx.prepare_cached(&sql)
-                        .and_then(|mut s| s.execute(params.as_slice()))
-                        .map_err(|e| self.map(e))?;
+                        values.iter().copied().chain([&lo as _, &hi as _]).collect();
+                    stmt.execute(params.as_slice()).map_err(|e| self.map(e))?;
                 }
                 Ok::<_, Error>(())
             };
             let now = now.as_millis();
-            by_ids(
+            by_seqs(
                 "status = 'sent', sent_at = ?1, last_error = NULL, attempts = attempts + 1",
                 &[&now],
-                &sent,
+                &mut sent,
             )?;
-            for ((at, error), ids) in &retry {
+            for ((at, error), seqs) in &mut retry {
                 let at = at.as_millis();
-                by_ids(
+                by_seqs(
                     "next_attempt_at = ?1, last_error = ?2, attempts = attempts + 1",
                     &[&at, error],
-                    ids,
+                    seqs,
                 )?;
             }
-            for (id, reason) in &dead {
-                by_ids(
+            for (seq, reason) in dead {
+                by_seqs(
                     "status = 'dead', last_error = ?1, attempts = attempts + 1",
-                    &[reason],
-                    &[*id],
+                    &[&reason],
+                    &mut [seq],
                 )?;
             }
             Ok(())
@@ -602,7 +596,7 @@ impl Store for SqliteStore {
         self.inner.claim(&request)
     }
 
-    async fn settle(&self, outcomes: Vec<(EventId, Outcome)>, now: Timestamp) -> Result<()> {
+    async fn settle(&self, outcomes: Vec<Settlement>, now: Timestamp) -> Result<()> {
         self.inner.settle(&outcomes, now)
     }
 
@@ -636,5 +630,32 @@ impl Store for SqliteStore {
 
     async fn prune_sent(&self, before: Timestamp) -> Result<u64> {
         self.inner.prune_sent(before)
+    }
+}
+
+/// `seqs` (sorted in place) as inclusive runs of consecutive integers:
+/// `[1, 2, 3, 7]` -> `(1, 3), (7, 7)`. Duplicates fold into their run.
+fn runs(seqs: &mut [i64]) -> Vec<(i64, i64)> {
+    seqs.sort_unstable();
+    let mut runs: Vec<(i64, i64)> = Vec::new();
+    for &seq in seqs.iter() {
+        match runs.last_mut() {
+            Some((_, hi)) if seq <= *hi + 1 => *hi = (*hi).max(seq),
+            _ => runs.push((seq, seq)),
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs;
+
+    #[test]
+    fn runs_cover_exactly_the_named_seqs() {
+        assert_eq!(runs(&mut []), []);
+        assert_eq!(runs(&mut [5]), [(5, 5)]);
+        assert_eq!(runs(&mut [3, 1, 2, 7, 9, 8, 7]), [(1, 3), (7, 9)]);
+        assert_eq!(runs(&mut [10, 12, 14]), [(10, 10), (12, 12), (14, 14)]);
     }
 }

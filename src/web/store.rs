@@ -23,7 +23,7 @@ use web_sys::{IdbDatabase, IdbKeyRange, IdbObjectStore, IdbTransaction};
 use super::idb::{self, BY_ID, BY_SENT_AT, BY_STATUS, EVENTS, IdbResult, META, SCHEMA_VERSION};
 use crate::error::{Error, Result};
 use crate::event::{DEFAULT_MAX_EVENT_BYTES, Event, EventId, EventStatus, NewEvent};
-use crate::store::{Claim, ClaimRequest, Outcome, Stats, Store};
+use crate::store::{Claim, ClaimRequest, Outcome, Settlement, Stats, Store};
 use crate::time::Timestamp;
 
 /// How hard IndexedDB works to make a commit durable before reporting it
@@ -80,10 +80,6 @@ struct Inner {
     closed: Cell<bool>,
     /// Called after every local commit that added events (wakes the relay).
     on_commit: RefCell<Option<Rc<dyn Fn()>>>,
-    /// `id -> seq` of the last claimed batch: lets `settle` read the batch's
-    /// records by primary key in one request (a hint only; it re-reads and
-    /// re-checks every record).
-    claimed: RefCell<Vec<(EventId, i64)>>,
 }
 
 impl std::fmt::Debug for IdbStore {
@@ -139,7 +135,6 @@ impl IdbStore {
                 max_event_bytes,
                 closed: Cell::new(false),
                 on_commit: RefCell::new(None),
-                claimed: RefCell::new(Vec::new()),
             }),
         })
     }
@@ -502,6 +497,15 @@ fn status_range(status: &str) -> Result<JsValue> {
         .idb("building a key range")
 }
 
+/// The `[status, seq]` index range of pending events whose seq is above `after`.
+fn pending_after(after: i64) -> Result<JsValue> {
+    let lo = Array::of2(&JsValue::from_str("pending"), &JsValue::from_f64(after as f64));
+    let hi = Array::of2(&JsValue::from_str("pending"), &JsValue::from_f64(f64::INFINITY));
+    IdbKeyRange::bound_with_lower_open_and_upper_open(&lo, &hi, true, false)
+        .map(JsValue::from)
+        .idb("building a key range")
+}
+
 fn count_arg(limit: usize) -> u32 {
     u32::try_from(limit).unwrap_or(u32::MAX)
 }
@@ -524,70 +528,62 @@ impl IdbStore {
         all.iter().map(|r| parse_record(&r)).collect()
     }
 
-    /// Read the record of `id` inside `tx`.
-    /// The current records of `ids`' events (undefined for a missing one),
-    /// in order, all requested before any is awaited: IndexedDB serves queued
-    /// requests back to back, while one request per await costs a trip
-    /// through the event loop each. When the events are the last claimed
-    /// batch (the usual case) ONE `getAll` over their primary-key range
-    /// replaces the index lookups; settling a batch of 100 took about half as
-    /// long that way.
+    /// The current records of the settled events (undefined for one that is
+    /// gone, or whose `seq` now holds another id), in order, all requested
+    /// before any is awaited: IndexedDB serves queued requests back to back,
+    /// while one request per await costs a trip through the event loop each.
+    /// A claimed batch is usually one short run of seqs, so ONE `getAll` over
+    /// its primary-key range replaces the per-event reads; settling a batch of
+    /// 100 took about half as long that way.
     async fn records_for_settle(
-        &self,
         store: &IdbObjectStore,
-        ids: &[EventId],
+        settled: &[Settlement],
     ) -> Result<Vec<JsValue>> {
-        let seqs: Option<Vec<i64>> = {
-            let claimed = self.inner.claimed.borrow();
-            // Linear lookups over at most one batch: no map type, whose code
-            // would cost the package several KB.
-            ids.iter()
-                .map(|id| claimed.iter().find(|(c, _)| c == id).map(|(_, seq)| *seq))
-                .collect()
+        let same_event = |record: &JsValue, s: &Settlement| {
+            // A seq is never reused, but check the id anyway: it is cheap.
+            record.is_object() && opt_str(get(record, "id")) == Some(s.id.to_string())
         };
-        if let Some(seqs) = seqs {
-            let lo = seqs.iter().copied().min().unwrap_or(0);
-            let hi = seqs.iter().copied().max().unwrap_or(0);
-            // Only when the range holds little besides the batch.
-            if (hi - lo) as usize <= 2 * seqs.len() + 16 {
-                let range =
-                    IdbKeyRange::bound(&(lo as f64).into(), &(hi as f64).into()).idb("settling")?;
-                let all: Array = idb::wait(store.get_all_with_key(&range).idb("settling")?)
-                    .await
-                    .idb("settling")?
-                    .unchecked_into();
-                // getAll answers in primary-key (seq) order.
-                let by_seq: Vec<(i64, JsValue)> = all
-                    .iter()
-                    .filter_map(|r| num(&r, "seq").map(|n| (n as i64, r)))
-                    .collect();
-                return Ok(ids
-                    .iter()
-                    .zip(seqs)
-                    .map(|(id, seq)| {
-                        by_seq
-                            .binary_search_by_key(&seq, |(s, _)| *s)
-                            .ok()
-                            .map(|i| &by_seq[i].1)
-                            // Same event (ids are unique): anything else is gone.
-                            .filter(|r| opt_str(get(r, "id")) == Some(id.to_string()))
-                            .cloned()
-                            .unwrap_or(JsValue::UNDEFINED)
-                    })
-                    .collect());
-            }
+        let lo = settled.iter().map(|s| s.seq).min().unwrap_or(0);
+        let hi = settled.iter().map(|s| s.seq).max().unwrap_or(0);
+        // Only when the range holds little besides the settled events.
+        if (hi - lo) as usize <= 2 * settled.len() + 16 {
+            let range =
+                IdbKeyRange::bound(&(lo as f64).into(), &(hi as f64).into()).idb("settling")?;
+            let all: Array = idb::wait(store.get_all_with_key(&range).idb("settling")?)
+                .await
+                .idb("settling")?
+                .unchecked_into();
+            // getAll answers in primary-key (seq) order.
+            let by_seq: Vec<(i64, JsValue)> = all
+                .iter()
+                .filter_map(|r| num(&r, "seq").map(|n| (n as i64, r)))
+                .collect();
+            return Ok(settled
+                .iter()
+                .map(|s| {
+                    by_seq
+                        .binary_search_by_key(&s.seq, |(seq, _)| *seq)
+                        .ok()
+                        .map(|i| &by_seq[i].1)
+                        .filter(|r| same_event(r, s))
+                        .cloned()
+                        .unwrap_or(JsValue::UNDEFINED)
+                })
+                .collect());
         }
-        let index = store.index(BY_ID).idb("settling")?;
-        let mut reads = Vec::with_capacity(ids.len());
-        for id in ids {
-            let req = index
-                .get(&JsValue::from_str(&id.to_string()))
-                .idb("settling")?;
+        let mut reads = Vec::with_capacity(settled.len());
+        for s in settled {
+            let req = store.get(&(s.seq as f64).into()).idb("settling")?;
             reads.push(idb::wait(req));
         }
-        let mut records = Vec::with_capacity(ids.len());
-        for read in reads {
-            records.push(read.await.idb("settling")?);
+        let mut records = Vec::with_capacity(settled.len());
+        for (read, s) in reads.into_iter().zip(settled) {
+            let record = read.await.idb("settling")?;
+            records.push(if same_event(&record, s) {
+                record
+            } else {
+                JsValue::UNDEFINED
+            });
         }
         Ok(records)
     }
@@ -664,11 +660,12 @@ impl Store for IdbStore {
             .idb("claiming")?;
 
         let index = events.index(BY_STATUS).idb("claiming")?;
+        let range = match request.after {
+            None => status_range("pending")?,
+            Some(after) => pending_after(after)?,
+        };
         let req = index
-            .get_all_with_key_and_limit(
-                &status_range("pending")?,
-                count_arg(request.max_events.max(1)),
-            )
+            .get_all_with_key_and_limit(&range, count_arg(request.max_events.max(1)))
             .idb("claiming")?;
         let records: Array = idb::wait(req).await.idb("claiming")?.unchecked_into();
         let mut batch = Vec::new();
@@ -687,7 +684,6 @@ impl Store for IdbStore {
             batch.push(event);
         }
         done.await.idb("claiming")?;
-        *self.inner.claimed.borrow_mut() = batch.iter().map(|e| (e.id, e.seq)).collect();
         Ok(if batch.is_empty() {
             Claim::Empty
         } else {
@@ -695,16 +691,15 @@ impl Store for IdbStore {
         })
     }
 
-    async fn settle(&self, outcomes: Vec<(EventId, Outcome)>, now: Timestamp) -> Result<()> {
+    async fn settle(&self, outcomes: Vec<Settlement>, now: Timestamp) -> Result<()> {
         if outcomes.is_empty() {
             return Ok(());
         }
         let tx = self.tx(&[EVENTS], "readwrite")?;
         let done = idb::done(&tx);
         let store = tx.object_store(EVENTS).idb("settling")?;
-        let ids: Vec<EventId> = outcomes.iter().map(|(id, _)| *id).collect();
-        let records = self.records_for_settle(&store, &ids).await?;
-        for (record, (_, outcome)) in records.into_iter().zip(outcomes) {
+        let records = Self::records_for_settle(&store, &outcomes).await?;
+        for (record, Settlement { outcome, .. }) in records.into_iter().zip(outcomes) {
             if record.is_undefined() {
                 continue;
             }

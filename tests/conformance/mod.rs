@@ -9,7 +9,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use edge_outbox::{
-    Claim, ClaimRequest, Error, EventId, EventStatus, NewEvent, Outcome, Store, Timestamp,
+    Claim, ClaimRequest, Error, EventId, EventStatus, NewEvent, Outcome, Settlement, Store,
+    Timestamp,
 };
 
 /// Run every check, each on a fresh store from `make`.
@@ -31,10 +32,12 @@ where
     check!(claim_takes_oldest_in_order_and_settle_counts_attempts);
     check!(claim_respects_count_and_byte_limits);
     check!(claim_on_empty_store);
+    check!(claim_after_a_seq_starts_past_it);
     check!(lease_excludes_other_owners_until_expiry_or_release);
     check!(settle_sent_dead_and_retry);
     check!(retry_time_blocks_later_events);
     check!(settle_touches_only_pending_events);
+    check!(settle_touches_only_the_named_events);
     check!(stats_count_each_status);
     check!(retry_and_discard_dead_letters);
     check!(prune_sent_removes_only_old_sent_events);
@@ -58,6 +61,7 @@ fn request(owner: &str, max_events: usize, max_bytes: usize, now: Timestamp) -> 
         max_events,
         max_bytes,
         now,
+        after: None,
     }
 }
 
@@ -128,9 +132,9 @@ async fn claim_takes_oldest_in_order_and_settle_counts_attempts<S: Store>(s: &S)
     };
     s.settle(
         vec![
-            (stored[0].id, Outcome::Sent),
-            (stored[1].id, retry.clone()),
-            (stored[2].id, Outcome::Dead { reason: "r".into() }),
+            Settlement::new(&stored[0], Outcome::Sent),
+            Settlement::new(&stored[1], retry.clone()),
+            Settlement::new(&stored[2], Outcome::Dead { reason: "r".into() }),
         ],
         now,
     )
@@ -139,7 +143,7 @@ async fn claim_takes_oldest_in_order_and_settle_counts_attempts<S: Store>(s: &S)
     for e in &stored[..3] {
         assert_eq!(s.get(e.id).await.unwrap().unwrap().attempts, 1);
     }
-    s.settle(vec![(stored[1].id, retry)], now).await.unwrap();
+    s.settle(vec![Settlement::new(&stored[1], retry)], now).await.unwrap();
     assert_eq!(s.get(stored[1].id).await.unwrap().unwrap().attempts, 2);
     assert_eq!(s.get(stored[4].id).await.unwrap().unwrap().attempts, 0);
 }
@@ -165,6 +169,43 @@ async fn claim_on_empty_store<S: Store>(s: &S) {
         .await
         .unwrap();
     assert_eq!(claim, Claim::Empty);
+}
+
+async fn claim_after_a_seq_starts_past_it<S: Store>(s: &S) {
+    let e = s.enqueue((0..5).map(ev).collect()).await.unwrap();
+    let now = Timestamp::now();
+    let after = |seq: i64| ClaimRequest {
+        after: Some(seq),
+        ..request("a", 10, usize::MAX, now)
+    };
+    let Claim::Batch(b) = s.claim(after(e[1].seq)).await.unwrap() else {
+        panic!("expected a batch");
+    };
+    assert_eq!(
+        b.iter().map(|x| x.seq).collect::<Vec<_>>(),
+        [e[2].seq, e[3].seq, e[4].seq]
+    );
+    assert_eq!(s.claim(after(e[4].seq)).await.unwrap(), Claim::Empty);
+    // Head-of-line applies to the first event past `after`...
+    let at = now.add(Duration::from_secs(60));
+    let retry = Outcome::Retry {
+        at,
+        error: "HTTP 500".into(),
+    };
+    s.settle(vec![Settlement::new(&e[3], retry)], now)
+        .await
+        .unwrap();
+    assert_eq!(s.claim(after(e[2].seq)).await.unwrap(), Claim::NotBefore(at));
+    // ...and only to it.
+    let Claim::Batch(b) = s.claim(after(e[3].seq)).await.unwrap() else {
+        panic!("expected a batch");
+    };
+    assert_eq!(b.iter().map(|x| x.seq).collect::<Vec<_>>(), [e[4].seq]);
+    // Without `after`, the claim still starts at the oldest pending event.
+    let Claim::Batch(b) = s.claim(request("a", 1, usize::MAX, now)).await.unwrap() else {
+        panic!("expected a batch");
+    };
+    assert_eq!(b[0].seq, e[0].seq);
 }
 
 async fn lease_excludes_other_owners_until_expiry_or_release<S: Store>(s: &S) {
@@ -209,15 +250,15 @@ async fn settle_sent_dead_and_retry<S: Store>(s: &S) {
     let retry_at = now.add(Duration::from_secs(60));
     s.settle(
         vec![
-            (e[0].id, Outcome::Sent),
-            (
-                e[1].id,
+            Settlement::new(&e[0], Outcome::Sent),
+            Settlement::new(
+                &e[1],
                 Outcome::Dead {
                     reason: "rejected: bad".into(),
                 },
             ),
-            (
-                e[2].id,
+            Settlement::new(
+                &e[2],
                 Outcome::Retry {
                     at: retry_at,
                     error: "HTTP 500".into(),
@@ -247,8 +288,8 @@ async fn retry_time_blocks_later_events<S: Store>(s: &S) {
     let now = Timestamp::now();
     let at = now.add(Duration::from_secs(60));
     s.settle(
-        vec![(
-            e[0].id,
+        vec![Settlement::new(
+            &e[0],
             Outcome::Retry {
                 at,
                 error: "timeout".into(),
@@ -278,8 +319,8 @@ async fn settle_touches_only_pending_events<S: Store>(s: &S) {
     let now = Timestamp::now();
     s.settle(
         vec![
-            (e[0].id, Outcome::Dead { reason: "r".into() }),
-            (e[1].id, Outcome::Sent),
+            Settlement::new(&e[0], Outcome::Dead { reason: "r".into() }),
+            Settlement::new(&e[1], Outcome::Sent),
         ],
         now,
     )
@@ -288,15 +329,19 @@ async fn settle_touches_only_pending_events<S: Store>(s: &S) {
     // A late answer for the same events changes nothing.
     s.settle(
         vec![
-            (e[0].id, Outcome::Sent),
-            (
-                e[1].id,
+            Settlement::new(&e[0], Outcome::Sent),
+            Settlement::new(
+                &e[1],
                 Outcome::Retry {
                     at: now,
                     error: "late".into(),
                 },
             ),
-            (EventId::new(), Outcome::Sent),
+            Settlement {
+                seq: i64::MAX,
+                id: EventId::new(),
+                outcome: Outcome::Sent,
+            },
         ],
         now.add(Duration::from_secs(1)),
     )
@@ -313,6 +358,22 @@ async fn settle_touches_only_pending_events<S: Store>(s: &S) {
     assert_eq!((stats.pending, stats.sent, stats.dead), (0, 1, 1));
 }
 
+async fn settle_touches_only_the_named_events<S: Store>(s: &S) {
+    // A gap in the middle of a claimed run (an event left pending, as when a
+    // server skips one) must stay exactly as it was.
+    let e = s.enqueue((0..5).map(ev).collect()).await.unwrap();
+    claim_batch(s, "a", 5).await;
+    let now = Timestamp::now();
+    let named = [0, 1, 3, 4].map(|i| Settlement::new(&e[i], Outcome::Sent));
+    s.settle(named.to_vec(), now).await.unwrap();
+    let skipped = s.get(e[2].id).await.unwrap().unwrap();
+    assert_eq!(skipped.status, EventStatus::Pending);
+    assert_eq!(skipped.attempts, 0);
+    assert_eq!(skipped.last_error, None);
+    let stats = s.stats().await.unwrap();
+    assert_eq!((stats.pending, stats.sent, stats.dead), (1, 4, 0));
+}
+
 async fn stats_count_each_status<S: Store>(s: &S) {
     let empty = s.stats().await.unwrap();
     assert_eq!((empty.pending, empty.sent, empty.dead), (0, 0, 0));
@@ -322,8 +383,8 @@ async fn stats_count_each_status<S: Store>(s: &S) {
     let now = Timestamp::now();
     s.settle(
         vec![
-            (e[0].id, Outcome::Sent),
-            (e[1].id, Outcome::Dead { reason: "x".into() }),
+            Settlement::new(&e[0], Outcome::Sent),
+            Settlement::new(&e[1], Outcome::Dead { reason: "x".into() }),
         ],
         now,
     )
@@ -340,8 +401,8 @@ async fn retry_and_discard_dead_letters<S: Store>(s: &S) {
     let now = Timestamp::now();
     s.settle(
         vec![
-            (e[0].id, Outcome::Dead { reason: "a".into() }),
-            (e[1].id, Outcome::Dead { reason: "b".into() }),
+            Settlement::new(&e[0], Outcome::Dead { reason: "a".into() }),
+            Settlement::new(&e[1], Outcome::Dead { reason: "b".into() }),
         ],
         now,
     )
@@ -369,9 +430,9 @@ async fn prune_sent_removes_only_old_sent_events<S: Store>(s: &S) {
     let e = s.enqueue(vec![ev(0), ev(1), ev(2)]).await.unwrap();
     claim_batch(s, "a", 2).await;
     let t0 = Timestamp::now();
-    s.settle(vec![(e[0].id, Outcome::Sent)], t0).await.unwrap();
+    s.settle(vec![Settlement::new(&e[0], Outcome::Sent)], t0).await.unwrap();
     let t1 = t0.add(Duration::from_secs(10));
-    s.settle(vec![(e[1].id, Outcome::Sent)], t1).await.unwrap();
+    s.settle(vec![Settlement::new(&e[1], Outcome::Sent)], t1).await.unwrap();
     assert_eq!(s.prune_sent(t1).await.unwrap(), 1);
     assert_eq!(s.get(e[0].id).await.unwrap(), None);
     assert!(s.get(e[1].id).await.unwrap().is_some());
@@ -394,8 +455,8 @@ async fn lists_are_ordered_and_limited<S: Store>(s: &S) {
     let now = Timestamp::now();
     s.settle(
         vec![
-            (e[4].id, Outcome::Dead { reason: "x".into() }),
-            (e[1].id, Outcome::Dead { reason: "y".into() }),
+            Settlement::new(&e[4], Outcome::Dead { reason: "x".into() }),
+            Settlement::new(&e[1], Outcome::Dead { reason: "y".into() }),
         ],
         now,
     )
