@@ -198,6 +198,22 @@ impl Sides {
     }
 }
 
+/// CPU time used so far by this whole process (all threads: the relay, the
+/// HTTP client and, when it runs in this process, the server), from
+/// `/proc/self/stat` (Linux), in clock ticks of 10 ms.
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ")".
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    // utime and stime are fields 14 and 15, so 11 and 12 after ")".
+    let ticks: u64 = fields
+        .get(11..13)
+        .map_or(0, |f| f.iter().filter_map(|x| x.parse::<u64>().ok()).sum());
+    Duration::from_millis(ticks * 10)
+}
+
 /// Relay and bare rounds alternated, so a machine whose load drifts (other
 /// builds on a shared box) hits both sides alike; prints the median ratio.
 fn paired(rt: &Runtime, fx: &Fixture, batch: usize, rounds: usize) {
@@ -208,22 +224,42 @@ fn paired(rt: &Runtime, fx: &Fixture, batch: usize, rounds: usize) {
     }
     let mut ratios = Vec::new();
     let (mut relay_total, mut bare_total) = (Duration::ZERO, Duration::ZERO);
+    let (mut relay_cpu, mut bare_cpu) = (Duration::ZERO, Duration::ZERO);
     for _ in 0..rounds {
+        // The relay round's CPU includes committing its events (untimed);
+        // `commit_cpu` below measures that part alone to subtract it.
+        let cpu = process_cpu();
         let relay = sides.relay_round(rt);
+        relay_cpu += process_cpu() - cpu;
+        let cpu = process_cpu();
         let bare = sides.bare_round(rt);
+        bare_cpu += process_cpu() - cpu;
         relay_total += relay;
         bare_total += bare;
         ratios.push(bare.as_secs_f64() / relay.as_secs_f64());
     }
+    let commit_cpu = {
+        let cpu = process_cpu();
+        for _ in 0..rounds {
+            enqueue(&sides.outbox, EVENTS);
+        }
+        let used = process_cpu() - cpu;
+        // Deliver them so that nothing is left pending.
+        rt.block_on(sides.relay.flush()).unwrap();
+        used
+    };
     ratios.sort_by(f64::total_cmp);
     let rate = |d: Duration| (rounds * EVENTS) as f64 / d.as_secs_f64();
+    let per_event = |d: Duration| d.as_secs_f64() * 1e6 / (rounds * EVENTS) as f64;
     println!(
-        "paired batch={batch}: relay {:.0} events/s, bare {:.0} events/s, ratio median {:.2} (min {:.2}, max {:.2}, {rounds} rounds of {EVENTS})",
+        "paired batch={batch}: relay {:.0} events/s, bare {:.0} events/s, ratio median {:.2} (min {:.2}, max {:.2}, {rounds} rounds of {EVENTS}); CPU per event, all threads: relay {:.1} us, bare {:.1} us",
         rate(relay_total),
         rate(bare_total),
         ratios[rounds / 2],
         ratios[0],
         ratios[rounds - 1],
+        per_event(relay_cpu.saturating_sub(commit_cpu)),
+        per_event(bare_cpu),
     );
 }
 

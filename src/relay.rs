@@ -245,6 +245,10 @@ pub struct Relay<S, T> {
     count_due: Option<Timestamp>,
     /// The next group, claimed while the last one was on the wire.
     ahead: Option<Group>,
+    /// Outcomes of a group's last push, when the next group is `ahead`:
+    /// inside [`Relay::flush`] they are settled beside the next group's
+    /// first push instead of between the two groups.
+    carried: Vec<Settlement>,
 }
 
 impl<S: std::fmt::Debug, T: std::fmt::Debug> std::fmt::Debug for Relay<S, T> {
@@ -295,6 +299,7 @@ impl<S: Store, T: Transport> Relay<S, T> {
             body_prefix,
             count_due: None,
             ahead: None,
+            carried: Vec::new(),
         }
     }
 
@@ -365,6 +370,7 @@ impl<S: Store, T: Transport> Relay<S, T> {
 
     /// Give up the lease so another relay can start at once (at shutdown).
     pub async fn release_lease(&mut self) -> Result<()> {
+        self.settle_carried().await?;
         // Claimed under the lease given up here: claim again after it.
         self.ahead = None;
         self.store.release_lease(&self.config.owner).await
@@ -380,12 +386,33 @@ impl<S: Store, T: Transport> Relay<S, T> {
     /// [`Relay::flush`], asking `go_on` before each batch and stopping early
     /// when it says no. Drivers use it to take a shutdown request between
     /// batches, never in the middle of one.
-    pub async fn flush_while(&mut self, mut go_on: impl FnMut() -> bool) -> Result<FlushReport> {
+    pub async fn flush_while(&mut self, go_on: impl FnMut() -> bool) -> Result<FlushReport> {
+        let stepped = self.steps_while(go_on).await;
+        // Whatever happened, record what the server already acknowledged.
+        let settled = self.settle_carried().await;
+        let (mut report, idle) = stepped?;
+        settled?;
+        if !idle {
+            self.count(true).await?;
+        }
+        report.pending = self.status.pending;
+        report.next_attempt = self.status.next_attempt;
+        report.last_error = self.status.last_error.clone();
+        Ok(report)
+    }
+
+    /// The loop of [`Relay::flush_while`]; also says whether it ended on an
+    /// empty claim (then the pending count is exact). May leave outcomes in
+    /// `carried`.
+    async fn steps_while(
+        &mut self,
+        mut go_on: impl FnMut() -> bool,
+    ) -> Result<(FlushReport, bool)> {
         self.count(false).await?;
         let mut report = FlushReport::default();
         let mut idle = false;
         while go_on() {
-            let step = self.step().await?;
+            let step = self.step_carrying().await?;
             report.add(&step);
             match step {
                 Step::Batch { failed: false, .. } => continue,
@@ -401,17 +428,38 @@ impl<S: Store, T: Transport> Relay<S, T> {
                 Step::Batch { failed: true, .. } | Step::NotBefore(_) => break,
             }
         }
-        if !idle {
-            self.count(true).await?;
+        Ok((report, idle))
+    }
+
+    /// Settle the outcomes carried over from the last step, if any.
+    async fn settle_carried(&mut self) -> Result<()> {
+        if self.carried.is_empty() {
+            return Ok(());
         }
-        report.pending = self.status.pending;
-        report.next_attempt = self.status.next_attempt;
-        report.last_error = self.status.last_error.clone();
-        Ok(report)
+        let carried = std::mem::take(&mut self.carried);
+        if let Err(e) = self.store.settle(carried, Timestamp::now()).await {
+            // Nothing is lost: the events stay pending and are resent (the
+            // server answers `duplicate`).
+            self.ahead = None;
+            self.status.last_error = Some(format!("settle failed: {e}"));
+            self.publish();
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// One claim -> send -> settle cycle (or the reason there was none).
+    /// Everything it learnt is settled in the store when it returns.
     pub async fn step(&mut self) -> Result<Step> {
+        let step = self.step_carrying().await;
+        let settled = self.settle_carried().await;
+        let step = step?;
+        settled?;
+        Ok(step)
+    }
+
+    /// [`Relay::step`], possibly leaving the last push's outcomes in `carried`.
+    async fn step_carrying(&mut self) -> Result<Step> {
         let now = Timestamp::now();
         if let Some(group) = self.ahead.take()
             && now < group.claimed_at.add(self.config.lease / 2)
@@ -450,7 +498,7 @@ impl<S: Store, T: Transport> Relay<S, T> {
             }
             Claim::Batch(events) => {
                 self.status.lease_held_until = None;
-                let group = Group::prepare(events, now, &self.config);
+                let group = Group::prepare(events, &self.claim_request(now, None), &self.config);
                 self.deliver(group).await
             }
         }
@@ -489,9 +537,10 @@ impl<S: Store, T: Transport> Relay<S, T> {
             queue.push_back(start..end);
             start = end;
         }
-        // When this claim was full, more is probably pending: claim and
-        // serialize the next group while the first push is on the wire, so
-        // the next step starts pushing at once.
+        // When this claim was full, more is probably pending: while each push
+        // is on the wire, claim and serialize one more push's worth into
+        // `self.ahead`, so the next step starts pushing at once and the local
+        // work per push stays small beside the push itself.
         let mut prefetch_after = full.then_some(last_seq);
         let mut counts = [0usize; 3];
         let mut pushes = 0;
@@ -506,11 +555,13 @@ impl<S: Store, T: Transport> Relay<S, T> {
                 break;
             }
             pushes += 1;
-            // Settle what is known so far while this push is on the wire.
-            let known = std::mem::take(&mut outcomes);
+            // Settle what is known so far while this push is on the wire
+            // (with what the previous group's last push carried over).
+            let mut known = std::mem::take(&mut outcomes);
             tally(&known, &mut counts);
+            known.append(&mut self.carried);
             let verdict = self
-                .send_range(&wire, range.clone(), known, prefetch_after.take())
+                .send_range(&wire, range.clone(), known, &mut prefetch_after)
                 .await?;
             match verdict {
                 Verdict::Results(response) => {
@@ -525,12 +576,12 @@ impl<S: Store, T: Transport> Relay<S, T> {
                             Some((ResultStatus::Accepted | ResultStatus::Duplicate, _)) => {
                                 outcomes.push(w.settlement(Outcome::Sent))
                             }
-                            Some((ResultStatus::Rejected, reason)) => {
-                                outcomes.push(w.settlement(Outcome::Dead {
+                            Some((ResultStatus::Rejected, reason)) => outcomes.push(
+                                w.settlement(Outcome::Dead {
                                     reason: reason
                                         .unwrap_or_else(|| "rejected by the server".to_owned()),
-                                }))
-                            }
+                                }),
+                            ),
                             None => unnamed.push(w),
                         }
                     }
@@ -601,13 +652,12 @@ impl<S: Store, T: Transport> Relay<S, T> {
             // overtake them, so it is claimed again after them.
             self.ahead = None;
         }
-        if let Err(e) = self.store.settle(outcomes, Timestamp::now()).await {
-            // Nothing is lost: the events stay pending and are claimed (and
-            // resent, harmlessly: the server dedupes) again.
-            self.ahead = None;
-            self.status.last_error = Some(format!("settle failed: {e}"));
-            self.publish();
-            return Err(e);
+        // With the next group ahead, the next step pushes at once: these are
+        // settled beside its first push (or when the flush ends), so no
+        // store transaction sits between two pushes.
+        self.carried.append(&mut outcomes);
+        if self.ahead.is_none() {
+            self.settle_carried().await?;
         }
         self.status.pending = self.status.pending.saturating_sub((sent + dead) as u64);
         self.status.sent += sent as u64;
@@ -641,15 +691,23 @@ impl<S: Store, T: Transport> Relay<S, T> {
 
     /// Send one push and, at the same time, settle `settle` (outcomes of
     /// earlier pushes of this group) and, with `prefetch_after`, claim and
-    /// serialize the next group into `self.ahead`. Only a settle failure is
-    /// an `Err`; a failed prefetch only means the next step claims itself.
+    /// serialize one more push's worth of events past it into `self.ahead`
+    /// (`prefetch_after` then moves past them, or becomes `None` when no more
+    /// are pending). Only a settle failure is an `Err`; a failed prefetch
+    /// only means the next step claims itself.
     async fn send_range(
         &mut self,
         wire: &[Wire],
         range: Range<usize>,
         settle: Vec<Settlement>,
-        prefetch_after: Option<i64>,
+        prefetch_after: &mut Option<i64>,
     ) -> Result<Verdict> {
+        let ahead_len = self.ahead.as_ref().map_or(0, |g| g.wire.len());
+        let ahead_cap = self
+            .config
+            .max_events
+            .saturating_mul(self.config.claim_batches.max(1));
+        let prefetch = prefetch_after.take().filter(|_| ahead_len < ahead_cap);
         let part = &wire[range];
         let body = self.body(part);
         self.status.in_flight = part.len();
@@ -663,12 +721,18 @@ impl<S: Store, T: Transport> Relay<S, T> {
             if !settle.is_empty() {
                 store.settle(settle, Timestamp::now()).await?;
             }
-            let Some(after) = prefetch_after else {
+            let Some(after) = prefetch else {
                 return Ok(None);
             };
             let now = Timestamp::now();
-            Ok(match store.claim(claim_request(config, now, Some(after))).await {
-                Ok(Claim::Batch(events)) => Some(Group::prepare(events, now, config)),
+            let request = ClaimRequest {
+                after: Some(after),
+                max_events: config.max_events,
+                max_bytes: config.max_bytes,
+                ..claim_request(config, now, None)
+            };
+            Ok(match store.claim(request.clone()).await {
+                Ok(Claim::Batch(events)) => Some(Group::prepare(events, &request, config)),
                 // Nothing more, not due, or a failure: the next step's own
                 // claim finds out again and reports it.
                 Ok(_) | Err(_) => None,
@@ -685,7 +749,13 @@ impl<S: Store, T: Transport> Relay<S, T> {
         let (answer, local) = join(sending, local).await;
         self.status.in_flight = 0;
         match local {
-            Ok(Some(group)) => self.ahead = Some(group),
+            Ok(Some(piece)) => {
+                *prefetch_after = piece.full.then_some(piece.last_seq);
+                match &mut self.ahead {
+                    Some(ahead) => ahead.append(piece),
+                    None => self.ahead = Some(piece),
+                }
+            }
             Ok(None) => {}
             Err(e) => {
                 // Nothing is lost: unsettled events stay pending and are
@@ -727,7 +797,8 @@ impl Wire {
 
 /// A claimed group of events, ready to push.
 struct Group {
-    /// When it was claimed: the lease was renewed then.
+    /// When it was claimed (its first part, when claimed in parts): the
+    /// lease was renewed then.
     claimed_at: Timestamp,
     /// The events to send, in seq order (expired ones are not among them).
     wire: Vec<Wire>,
@@ -737,14 +808,15 @@ struct Group {
     last_seq: i64,
     /// The attempt this is for the head event (it has the most behind it).
     attempts: u32,
-    /// The claim hit its count limit, or came close to its byte budget: more
-    /// events are probably pending.
+    /// The (last) claim hit its count limit, or came close to its byte
+    /// budget: more events are probably pending.
     full: bool,
 }
 
 impl Group {
-    fn prepare(events: Vec<Event>, claimed_at: Timestamp, config: &RelayConfig) -> Group {
-        let request = claim_request(config, claimed_at, None);
+    /// Serialize the events `request` claimed (expired ones become outcomes).
+    fn prepare(events: Vec<Event>, request: &ClaimRequest<'_>, config: &RelayConfig) -> Group {
+        let claimed_at = request.now;
         let bytes: usize = events.iter().map(Event::size).sum();
         let full = events.len() >= request.max_events || bytes >= request.max_bytes / 2;
         // This attempt is counted when it is settled, so it is number attempts + 1.
@@ -779,6 +851,15 @@ impl Group {
             attempts,
             full,
         }
+    }
+
+    /// Add the next part of a group claimed in parts (`next` follows `self`).
+    fn append(&mut self, next: Group) {
+        self.wire.extend(next.wire);
+        self.outcomes.extend(next.outcomes);
+        self.last_seq = next.last_seq;
+        self.attempts = self.attempts.max(next.attempts);
+        self.full = next.full;
     }
 }
 
@@ -1043,7 +1124,8 @@ mod tests {
     #[test]
     fn body_is_a_valid_push_request() {
         let (relay, store, _) = setup(3);
-        let group = Group::prepare(store.all(), Timestamp::now(), relay.config());
+        let request = claim_request(relay.config(), Timestamp::now(), None);
+        let group = Group::prepare(store.all(), &request, relay.config());
         let body = relay.body(&group.wire);
         let parsed: crate::protocol::PushRequest = serde_json::from_slice(&body).unwrap();
         assert_eq!(parsed.protocol, PROTOCOL_VERSION);
@@ -1288,6 +1370,22 @@ mod tests {
     }
 
     #[test]
+    fn outcomes_carried_to_the_next_group_are_not_lost_when_their_settle_fails() {
+        let (mut relay, store, server) = setup(100);
+        // A group whose successor is ahead leaves its last push's outcomes
+        // to be settled beside the next push.
+        block_on(relay.step_carrying()).unwrap();
+        assert_eq!(relay.carried.len(), 10);
+        assert_eq!(count(&store, EventStatus::Sent), 30);
+        store.fail_next_settles(1);
+        assert!(block_on(relay.flush()).is_err());
+        assert_eq!(count(&store, EventStatus::Pending), 70);
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!((report.sent, report.pending), (70, 0));
+        assert_eq!(seqs(&server), (1..=100).collect::<Vec<_>>());
+    }
+
+    #[test]
     fn one_claim_feeds_several_pushes() {
         let (mut relay, store, server) = setup(35);
         block_on(relay.flush()).unwrap();
@@ -1298,29 +1396,44 @@ mod tests {
     }
 
     #[test]
-    fn a_full_claim_brings_the_next_group_while_its_first_push_is_out() {
+    fn a_full_claim_brings_the_next_group_while_its_pushes_are_out() {
         let (mut relay, store, server) = setup(100);
-        // 40 events per claim: the first claim is full, so the next 40 are
-        // claimed (and serialized) while its first push is on the wire.
+        let ahead_seqs = |relay: &Relay<MemoryStore, MemoryServer>| -> Vec<i64> {
+            relay
+                .ahead
+                .iter()
+                .flat_map(|g| g.wire.iter().map(|w| w.seq))
+                .collect()
+        };
+        // 40 events per claim, 10 per push: the first claim is full, so each
+        // of its 4 pushes brings one more push's worth (claimed and
+        // serialized while the push is on the wire).
         let step = block_on(relay.step()).unwrap();
         assert!(matches!(step, Step::Batch { sent: 40, .. }), "{step:?}");
-        let ahead = relay.ahead.as_ref().expect("the next group was claimed");
-        let seqs_ahead: Vec<i64> = ahead.wire.iter().map(|w| w.seq).collect();
-        assert_eq!(seqs_ahead, (41..=80).collect::<Vec<_>>());
-        assert_eq!(store.claims(), 2);
-        // The next step pushes it without a claim of its own, and brings the
-        // last 20 during its first push.
+        assert_eq!(ahead_seqs(&relay), (41..=80).collect::<Vec<_>>());
+        assert_eq!(store.claims(), 5);
+        // A step leaves nothing unsettled behind it (only a flush carries a
+        // group's last outcomes over to the next group's first push).
+        assert_eq!(count(&store, EventStatus::Sent), 40);
+        // The next step pushes them without a claim first.
         block_on(relay.step()).unwrap();
-        assert_eq!(store.claims(), 3);
-        assert_eq!(relay.ahead.as_ref().map(|g| g.wire.len()), Some(20));
-        // A claim that was not full brings nothing ahead (a trickle of
-        // commits costs one claim per batch, not two).
-        block_on(relay.step()).unwrap();
-        assert!(relay.ahead.is_none());
-        assert_eq!(store.claims(), 3);
+        assert_eq!(ahead_seqs(&relay), (81..=100).collect::<Vec<_>>());
+        assert!(matches!(
+            block_on(relay.step()).unwrap(),
+            Step::Batch { sent: 20, .. }
+        ));
         assert_eq!(block_on(relay.step()).unwrap(), Step::Idle);
         assert_eq!(seqs(&server), (1..=100).collect::<Vec<_>>());
         assert!(store.all().iter().all(|e| e.attempts == 1));
+    }
+
+    #[test]
+    fn a_claim_that_is_not_full_brings_nothing_ahead() {
+        // A trickle of commits costs one claim per batch, not two.
+        let (mut relay, store, _server) = setup(5);
+        block_on(relay.step()).unwrap();
+        assert!(relay.ahead.is_none());
+        assert_eq!(store.claims(), 1);
     }
 
     #[test]

@@ -151,7 +151,9 @@ impl Store for MemoryStore {
         s.lease = Some((request.owner.to_owned(), request.now.add(request.lease)));
         let mut batch = Vec::new();
         let mut bytes = 0;
-        let first = request.after.map_or(i64::MIN, |after| after.saturating_add(1));
+        let first = request
+            .after
+            .map_or(i64::MIN, |after| after.saturating_add(1));
         for e in s.events.range(first..).map(|(_, e)| e) {
             if e.status != EventStatus::Pending {
                 continue;

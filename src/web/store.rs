@@ -499,8 +499,14 @@ fn status_range(status: &str) -> Result<JsValue> {
 
 /// The `[status, seq]` index range of pending events whose seq is above `after`.
 fn pending_after(after: i64) -> Result<JsValue> {
-    let lo = Array::of2(&JsValue::from_str("pending"), &JsValue::from_f64(after as f64));
-    let hi = Array::of2(&JsValue::from_str("pending"), &JsValue::from_f64(f64::INFINITY));
+    let lo = Array::of2(
+        &JsValue::from_str("pending"),
+        &JsValue::from_f64(after as f64),
+    );
+    let hi = Array::of2(
+        &JsValue::from_str("pending"),
+        &JsValue::from_f64(f64::INFINITY),
+    );
     IdbKeyRange::bound_with_lower_open_and_upper_open(&lo, &hi, true, false)
         .map(JsValue::from)
         .idb("building a key range")

@@ -143,7 +143,9 @@ async fn claim_takes_oldest_in_order_and_settle_counts_attempts<S: Store>(s: &S)
     for e in &stored[..3] {
         assert_eq!(s.get(e.id).await.unwrap().unwrap().attempts, 1);
     }
-    s.settle(vec![Settlement::new(&stored[1], retry)], now).await.unwrap();
+    s.settle(vec![Settlement::new(&stored[1], retry)], now)
+        .await
+        .unwrap();
     assert_eq!(s.get(stored[1].id).await.unwrap().unwrap().attempts, 2);
     assert_eq!(s.get(stored[4].id).await.unwrap().unwrap().attempts, 0);
 }
@@ -195,7 +197,10 @@ async fn claim_after_a_seq_starts_past_it<S: Store>(s: &S) {
     s.settle(vec![Settlement::new(&e[3], retry)], now)
         .await
         .unwrap();
-    assert_eq!(s.claim(after(e[2].seq)).await.unwrap(), Claim::NotBefore(at));
+    assert_eq!(
+        s.claim(after(e[2].seq)).await.unwrap(),
+        Claim::NotBefore(at)
+    );
     // ...and only to it.
     let Claim::Batch(b) = s.claim(after(e[3].seq)).await.unwrap() else {
         panic!("expected a batch");
@@ -430,9 +435,13 @@ async fn prune_sent_removes_only_old_sent_events<S: Store>(s: &S) {
     let e = s.enqueue(vec![ev(0), ev(1), ev(2)]).await.unwrap();
     claim_batch(s, "a", 2).await;
     let t0 = Timestamp::now();
-    s.settle(vec![Settlement::new(&e[0], Outcome::Sent)], t0).await.unwrap();
+    s.settle(vec![Settlement::new(&e[0], Outcome::Sent)], t0)
+        .await
+        .unwrap();
     let t1 = t0.add(Duration::from_secs(10));
-    s.settle(vec![Settlement::new(&e[1], Outcome::Sent)], t1).await.unwrap();
+    s.settle(vec![Settlement::new(&e[1], Outcome::Sent)], t1)
+        .await
+        .unwrap();
     assert_eq!(s.prune_sent(t1).await.unwrap(), 1);
     assert_eq!(s.get(e[0].id).await.unwrap(), None);
     assert!(s.get(e[1].id).await.unwrap().is_some());
