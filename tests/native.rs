@@ -285,6 +285,67 @@ fn a_newer_schema_is_refused_and_the_file_untouched() {
 }
 
 #[test]
+fn a_schema_v1_file_is_migrated_in_place() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("v1.db");
+    {
+        // The v1 layout, as an earlier release left it: pending events on an
+        // index of their own.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE edge_outbox_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+             CREATE TABLE edge_outbox_events (
+                 seq INTEGER PRIMARY KEY AUTOINCREMENT, id BLOB NOT NULL UNIQUE,
+                 type TEXT NOT NULL, key TEXT, payload TEXT NOT NULL, headers TEXT,
+                 created_at INTEGER NOT NULL,
+                 status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'dead')),
+                 attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at INTEGER NOT NULL,
+                 last_error TEXT, sent_at INTEGER);
+             CREATE INDEX edge_outbox_events_pending ON edge_outbox_events (seq) WHERE status = 'pending';
+             CREATE INDEX edge_outbox_events_dead ON edge_outbox_events (seq) WHERE status = 'dead';
+             INSERT INTO edge_outbox_meta VALUES ('schema_version', '1'),
+                 ('client_id', '0191d3a4-0000-7000-8000-000000000001');
+             INSERT INTO edge_outbox_events (id, type, payload, created_at, status, next_attempt_at, sent_at)
+                 VALUES (randomblob(16), 'T', '{}', 1, 'sent', 1, 2),
+                        (randomblob(16), 'T', '{}', 1, 'dead', 1, NULL),
+                        (randomblob(16), 'T', '{}', 1, 'pending', 1, NULL),
+                        (randomblob(16), 'T', '{}', 1, 'pending', 1, NULL);",
+        )
+        .unwrap();
+    }
+    let outbox = Outbox::open(&path, config()).unwrap();
+    assert_eq!(outbox.client_id(), "0191d3a4-0000-7000-8000-000000000001");
+    let stats = outbox.stats().unwrap();
+    assert_eq!((stats.pending, stats.sent, stats.dead), (2, 1, 1));
+    let seqs = |events: Vec<edge_outbox::Event>| events.iter().map(|e| e.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(outbox.pending(10).unwrap()), [3, 4]);
+    // A dead letter made pending again goes first, below the old floor.
+    let dead = outbox.dead_letters().unwrap();
+    assert!(outbox.retry(dead[0].id).unwrap());
+    assert_eq!(seqs(outbox.pending(10).unwrap()), [2, 3, 4]);
+    let conn = Connection::open(&path).unwrap();
+    let version: String = conn
+        .query_row(
+            "SELECT value FROM edge_outbox_meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION.to_string());
+    let old_index: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'edge_outbox_events_pending'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        old_index, 0,
+        "v2 finds pending events from the pending floor"
+    );
+}
+
+#[test]
 fn a_read_only_database_is_refused() {
     let (_dir, path, outbox) = open_new();
     drop(outbox);

@@ -22,15 +22,24 @@ use crate::store::{Claim, ClaimRequest, Outcome, Settlement, Stats, Store};
 use crate::time::Timestamp;
 
 /// The outbox schema version this build writes and understands.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
-/// Schema v1. Status is stored as text so the table reads well in any SQLite
-/// browser. The indexes are partial: pending and dead events are indexed by
-/// `seq` (the claim query, the dead-letter list, their counts), sent events
-/// by nothing, so marking an event sent only removes an index entry, and the
-/// sent rows that pile up until pruning cost the hot paths nothing.
-/// Queries must spell the status as a literal for SQLite to use these indexes.
-const SCHEMA_V1: &str = "
+/// Schema v2. Status is stored as text so the table reads well in any SQLite
+/// browser.
+///
+/// Pending events are found from the **pending floor** (meta key
+/// `pending_floor`): a `seq` at or below every pending event's. New events
+/// always get a higher `seq`; settling moves the floor up to the first event
+/// still pending; `retry` moves it down to the event made pending again. So
+/// the claim, the pending list and the pending count walk the primary key
+/// from the floor and never see the sent rows that pile up below it until
+/// pruning. Marking an event sent then only rewrites its row: with an index
+/// of pending events (schema v1), every commit added an entry and every
+/// settle removed one, and the settle cost about twice as much.
+///
+/// Dead events are few and may sit anywhere, so they keep a partial index.
+/// Queries must spell `status = 'dead'` as a literal for SQLite to use it.
+const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS edge_outbox_meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -50,8 +59,6 @@ CREATE TABLE IF NOT EXISTS edge_outbox_events (
     last_error      TEXT,
     sent_at         INTEGER
 );
-CREATE INDEX IF NOT EXISTS edge_outbox_events_pending ON edge_outbox_events (seq)
-    WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS edge_outbox_events_dead ON edge_outbox_events (seq)
     WHERE status = 'dead';
 ";
@@ -62,6 +69,23 @@ const INSERT_EVENT: &str = "INSERT INTO edge_outbox_events \
 
 const SELECT_EVENT: &str = "SELECT seq, id, type, key, payload, headers, created_at, status, \
      attempts, next_attempt_at, last_error, sent_at FROM edge_outbox_events";
+
+/// Up to `?1` pending events whose seq is `op` (`>` or `>=`) `?2`, in order.
+fn pending_from_sql(op: &str) -> String {
+    format!("{SELECT_EVENT} WHERE seq {op} ?2 AND status = 'pending' ORDER BY seq LIMIT ?1")
+}
+
+/// Pending events from the floor `?1` on.
+const COUNT_PENDING: &str =
+    "SELECT count(*) FROM edge_outbox_events WHERE seq >= ?1 AND status = 'pending'";
+
+/// When the first pending event from the floor `?1` on was committed.
+const FIRST_PENDING_CREATED_AT: &str = "SELECT created_at FROM edge_outbox_events \
+     WHERE seq >= ?1 AND status = 'pending' ORDER BY seq LIMIT 1";
+
+/// The first pending event's seq from the floor `?1` on.
+const FIRST_PENDING_SEQ: &str = "SELECT seq FROM edge_outbox_events \
+     WHERE seq >= ?1 AND status = 'pending' ORDER BY seq LIMIT 1";
 
 /// State shared by every clone of an [`Outbox`](super::Outbox) / [`SqliteStore`].
 pub(crate) struct Inner {
@@ -253,12 +277,11 @@ impl Inner {
             .map_err(|e| self.map(e))?;
 
             let mut stmt = tx
-                .prepare_cached(&format!(
-                    "{SELECT_EVENT} WHERE status = 'pending' AND seq > ?2 ORDER BY seq LIMIT ?1"
-                ))
+                .prepare_cached(&pending_from_sql(">"))
                 .map_err(|e| self.map(e))?;
             let limit = i64::try_from(req.max_events.max(1)).unwrap_or(i64::MAX);
-            let after = req.after.unwrap_or(i64::MIN);
+            let floor = pending_floor(tx).map_err(|e| self.map(e))?;
+            let after = req.after.unwrap_or(i64::MIN).max(floor - 1);
             let mut rows = stmt.query([limit, after]).map_err(|e| self.map(e))?;
             let mut batch = Vec::new();
             let mut bytes = 0usize;
@@ -345,7 +368,7 @@ impl Inner {
                     &mut [seq],
                 )?;
             }
-            Ok(())
+            raise_pending_floor(tx).map_err(|e| self.map(e))
         })
     }
 
@@ -372,15 +395,20 @@ impl Inner {
 
     pub(crate) fn stats(&self) -> Result<Stats> {
         let conn = self.lock();
-        // Pending and dead are counted on their partial indexes; sent is the
-        // rest (sent rows have no index of their own, see the schema).
+        // Pending events are counted from the pending floor, dead ones on
+        // their partial index; sent is the rest (see the schema).
         let count = |sql: &str| -> Result<u64> {
             conn.prepare_cached(sql)
                 .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
                 .map(|n| n.max(0) as u64)
                 .map_err(|e| self.map(e))
         };
-        let pending = count("SELECT count(*) FROM edge_outbox_events WHERE status = 'pending'")?;
+        let floor = pending_floor(&conn).map_err(|e| self.map(e))?;
+        let pending = conn
+            .prepare_cached(COUNT_PENDING)
+            .and_then(|mut s| s.query_row([floor], |r| r.get::<_, i64>(0)))
+            .map(|n| n.max(0) as u64)
+            .map_err(|e| self.map(e))?;
         let dead = count("SELECT count(*) FROM edge_outbox_events WHERE status = 'dead'")?;
         let all = count("SELECT count(*) FROM edge_outbox_events")?;
         let mut stats = Stats {
@@ -390,12 +418,7 @@ impl Inner {
             oldest_pending_at: None,
         };
         stats.oldest_pending_at = conn
-            .query_row(
-                "SELECT created_at FROM edge_outbox_events WHERE status = 'pending' \
-                 ORDER BY seq LIMIT 1",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
+            .query_row(FIRST_PENDING_CREATED_AT, [floor], |r| r.get::<_, i64>(0))
             .optional()
             .map_err(|e| self.map(e))?
             .map(Timestamp::from_millis);
@@ -404,16 +427,26 @@ impl Inner {
 
     pub(crate) fn list(&self, status: EventStatus, limit: usize) -> Result<Vec<Event>> {
         let conn = self.lock();
-        // The status goes in as a literal (from the enum, never user text) so
-        // the partial index applies.
-        let mut stmt = conn
-            .prepare_cached(&format!(
-                "{SELECT_EVENT} WHERE status = '{}' ORDER BY seq LIMIT ?1",
-                status.as_str()
-            ))
-            .map_err(|e| self.map(e))?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        stmt.query_map([limit], row_to_event)
+        // Pending events from the pending floor. Dead ones on their partial
+        // index, which SQLite uses only with the status as a literal (it
+        // comes from the enum, never from user text) and no bound on `seq`
+        // that could make a walk of the whole table look cheaper.
+        let (sql, from) = match status {
+            EventStatus::Pending => (
+                pending_from_sql(">="),
+                pending_floor(&conn).map_err(|e| self.map(e))?,
+            ),
+            _ => (
+                format!(
+                    "{SELECT_EVENT} WHERE status = '{}' AND ?2 = ?2 ORDER BY seq LIMIT ?1",
+                    status.as_str()
+                ),
+                0,
+            ),
+        };
+        let mut stmt = conn.prepare_cached(&sql).map_err(|e| self.map(e))?;
+        stmt.query_map([limit, from], row_to_event)
             .and_then(|rows| rows.collect())
             .map_err(|e| self.map(e))
     }
@@ -431,12 +464,26 @@ impl Inner {
 
     pub(crate) fn retry(&self, id: EventId, now: Timestamp) -> Result<bool> {
         let changed = self.write(|tx| {
-            tx.execute(
-                "UPDATE edge_outbox_events SET status = 'pending', attempts = 0, \
-                 next_attempt_at = ?2, last_error = NULL WHERE id = ?1 AND status = 'dead'",
-                params![id.as_uuid().as_bytes(), now.as_millis()],
-            )
-            .map_err(|e| self.map(e))
+            let seq: Option<i64> = tx
+                .query_row(
+                    "UPDATE edge_outbox_events SET status = 'pending', attempts = 0, \
+                     next_attempt_at = ?2, last_error = NULL WHERE id = ?1 AND status = 'dead' \
+                     RETURNING seq",
+                    params![id.as_uuid().as_bytes(), now.as_millis()],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(|e| self.map(e))?;
+            if let Some(seq) = seq {
+                // Pending again below the floor, maybe: the floor follows it down.
+                tx.execute(
+                    "UPDATE edge_outbox_meta SET value = ?1 \
+                     WHERE key = 'pending_floor' AND CAST(value AS INTEGER) > ?1",
+                    [seq],
+                )
+                .map_err(|e| self.map(e))?;
+            }
+            Ok(usize::from(seq.is_some()))
         })?;
         if changed > 0 {
             self.commits.notify_one();
@@ -514,9 +561,19 @@ fn migrate(conn: &Connection) -> std::result::Result<String, MigrateError> {
                 supported: SCHEMA_VERSION,
             }));
         }
-        conn.execute_batch(SCHEMA_V1)?;
+        conn.execute_batch(SCHEMA)?;
+        // v1 -> v2: pending events were found on an index of their own; the
+        // pending floor replaces it (see `SCHEMA`). The floor is computed
+        // before the index goes, while it still makes finding it cheap.
         conn.execute(
-            "INSERT OR IGNORE INTO edge_outbox_meta (key, value) VALUES ('schema_version', ?1)",
+            "INSERT OR IGNORE INTO edge_outbox_meta (key, value) VALUES ('pending_floor', \
+             coalesce((SELECT min(seq) FROM edge_outbox_events WHERE status = 'pending'), \
+                      (SELECT coalesce(max(seq), 0) + 1 FROM edge_outbox_events)))",
+            [],
+        )?;
+        conn.execute_batch("DROP INDEX IF EXISTS edge_outbox_events_pending")?;
+        conn.execute(
+            "INSERT OR REPLACE INTO edge_outbox_meta (key, value) VALUES ('schema_version', ?1)",
             [SCHEMA_VERSION.to_string()],
         )?;
         conn.execute(
@@ -540,6 +597,43 @@ fn migrate(conn: &Connection) -> std::result::Result<String, MigrateError> {
             Err(e)
         }
     }
+}
+
+/// The pending floor: every pending event's `seq` is at least this (see
+/// `SCHEMA`). 0 (scan everything) if it is missing, which is always correct.
+fn pending_floor(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached(
+        "SELECT CAST(value AS INTEGER) FROM edge_outbox_meta WHERE key = 'pending_floor'",
+    )?
+    .query_row([], |r| r.get(0))
+    .optional()
+    .map(|floor| floor.unwrap_or(0))
+}
+
+/// Move the pending floor up to the first event still pending (or past the
+/// last event when none is). Walks only the rows between the old floor and
+/// that event: after a settle, the ones just settled.
+fn raise_pending_floor(conn: &Connection) -> rusqlite::Result<()> {
+    let floor = pending_floor(conn)?;
+    let first_pending: Option<i64> = conn
+        .prepare_cached(FIRST_PENDING_SEQ)?
+        .query_row([floor], |r| r.get(0))
+        .optional()?;
+    let new_floor = match first_pending {
+        Some(seq) => seq,
+        // The next event gets a higher seq than any row here (AUTOINCREMENT).
+        None => conn
+            .prepare_cached("SELECT coalesce(max(seq), 0) + 1 FROM edge_outbox_events")?
+            .query_row([], |r| r.get::<_, i64>(0))?
+            .max(floor),
+    };
+    if new_floor != floor {
+        conn.prepare_cached(
+            "INSERT OR REPLACE INTO edge_outbox_meta (key, value) VALUES ('pending_floor', ?1)",
+        )?
+        .execute([new_floor.to_string()])?;
+    }
+    Ok(())
 }
 
 fn encode_headers(headers: &BTreeMap<String, String>) -> Option<String> {
@@ -649,7 +743,42 @@ fn runs(seqs: &mut [i64]) -> Vec<(i64, i64)> {
 
 #[cfg(test)]
 mod tests {
-    use super::runs;
+    use super::*;
+
+    /// The hot queries walk the primary key from a bound, or the dead index:
+    /// never the whole table (sent rows pile up until pruning).
+    #[test]
+    fn hot_queries_never_walk_the_whole_table() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("plan.db");
+        let _inner = Inner::open(path.to_str().unwrap(), &Config::new("unused")).unwrap();
+        let conn = Connection::open(&path).unwrap();
+        let by_key = "USING INTEGER PRIMARY KEY (rowid>?)";
+        let cases = [
+            (pending_from_sql(">"), by_key),
+            (pending_from_sql(">="), by_key),
+            (COUNT_PENDING.to_owned(), by_key),
+            (FIRST_PENDING_CREATED_AT.to_owned(), by_key),
+            (FIRST_PENDING_SEQ.to_owned(), by_key),
+            (
+                format!("{SELECT_EVENT} WHERE status = 'dead' AND ?2 = ?2 ORDER BY seq LIMIT ?1"),
+                "USING INDEX edge_outbox_events_dead",
+            ),
+        ];
+        for (sql, expected) in cases {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            for i in 1..=stmt.parameter_count() {
+                stmt.raw_bind_parameter(i, 1).unwrap();
+            }
+            let mut rows = stmt.raw_query();
+            let mut plan = Vec::new();
+            while let Some(row) = rows.next().unwrap() {
+                plan.push(row.get::<_, String>(3).unwrap());
+            }
+            let plan = plan.join("; ");
+            assert!(plan.contains(expected), "{sql}: {plan}");
+        }
+    }
 
     #[test]
     fn runs_cover_exactly_the_named_seqs() {

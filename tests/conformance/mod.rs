@@ -418,6 +418,12 @@ async fn retry_and_discard_dead_letters<S: Store>(s: &S) {
     assert_eq!(back.status, EventStatus::Pending);
     assert_eq!(back.attempts, 0);
     assert_eq!(back.seq, e[0].seq, "a retried event keeps its seq");
+    // It is claimed again, first: it is the oldest pending event.
+    let again = claim_batch(s, "a", 10).await;
+    assert_eq!(
+        again.iter().map(|x| x.seq).collect::<Vec<_>>(),
+        [e[0].seq, e[2].seq]
+    );
     assert!(!s.retry(e[0].id, now).await.unwrap(), "no longer dead");
     assert!(!s.retry(EventId::new(), now).await.unwrap());
 
