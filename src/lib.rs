@@ -20,7 +20,7 @@ pub use policy::{Jitter, RetryPolicy};
 pub use relay::{FlushReport, Relay, RelayConfig, RelayStatus};
 pub use store::{Claim, ClaimRequest, Outcome, Settlement, Stats, Store};
 pub use time::Timestamp;
-pub use transport::{Credentials, Transport};
+pub use transport::{Credentials, RequestSent, Transport};
 
 // The backend is chosen here and nowhere else (see build.rs for the aliases).
 #[cfg(native)]

@@ -43,7 +43,7 @@ use crate::policy::{Jitter, RetryPolicy};
 use crate::protocol::{ErrorBody, PROTOCOL_VERSION, PushResponse, ResultStatus, write_wire_event};
 use crate::store::{Claim, ClaimRequest, MaybeSend, MaybeSync, Outcome, Settlement, Store};
 use crate::time::Timestamp;
-use crate::transport::{Push, Response, Transport};
+use crate::transport::{Push, RequestSent, Response, Transport};
 
 /// Default most events in one push.
 pub const DEFAULT_MAX_EVENTS: usize = 100;
@@ -713,11 +713,12 @@ impl<S: Store, T: Transport> Relay<S, T> {
         self.status.in_flight = part.len();
         self.publish();
         let (store, config) = (&self.store, &self.config);
-        let local = async move {
-            // Let the executor run the HTTP client's connection task first so
-            // the request is on the wire before a store that works
-            // synchronously (SQLite) holds this thread.
-            yield_once().await;
+        let sent = RequestSent::new();
+        let local = async {
+            // Only once the request is on its way: on a busy machine this
+            // work must fill the time the push spends at the server, not
+            // hold up the push (see `RequestSent`).
+            sent.wait().await;
             if !settle.is_empty() {
                 store.settle(settle, Timestamp::now()).await?;
             }
@@ -738,14 +739,14 @@ impl<S: Store, T: Transport> Relay<S, T> {
                 Ok(_) | Err(_) => None,
             })
         };
-        // The push is polled first, so the request is handed to the network
-        // before the local work runs.
-        let sending = send_with_auth(
-            &self.transport,
-            body,
-            part.len(),
-            &mut self.refresh_credentials,
-        );
+        let refresh = &mut self.refresh_credentials;
+        let transport = &self.transport;
+        let sending = async {
+            let answer = send_with_auth(transport, body, part.len(), refresh, &sent).await;
+            // A transport that never said: the local work goes now.
+            sent.notify();
+            answer
+        };
         let (answer, local) = join(sending, local).await;
         self.status.in_flight = 0;
         match local {
@@ -902,11 +903,13 @@ async fn send_with_auth<T: Transport>(
     body: Vec<u8>,
     events: usize,
     refresh: &mut bool,
+    sent: &RequestSent,
 ) -> Result<Response> {
     let push = |body, refresh_credentials| Push {
         body,
         events,
         refresh_credentials,
+        sent: sent.clone(),
     };
     let mut answer = transport.send(push(body.clone(), *refresh)).await;
     if matches!(&answer, Ok(r) if is_auth(r.status)) && !*refresh {
@@ -938,21 +941,6 @@ async fn join<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
         if ra.is_some() && rb.is_some() {
             Poll::Ready((ra.take().expect("set"), rb.take().expect("set")))
         } else {
-            Poll::Pending
-        }
-    })
-    .await
-}
-
-/// Return `Pending` once (after waking itself), so other ready tasks run first.
-async fn yield_once() {
-    let mut yielded = false;
-    std::future::poll_fn(move |cx| {
-        if yielded {
-            Poll::Ready(())
-        } else {
-            yielded = true;
-            cx.waker().wake_by_ref();
             Poll::Pending
         }
     })

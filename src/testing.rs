@@ -389,6 +389,8 @@ impl MemoryServer {
     }
 
     fn handle(&self, push: Push) -> Result<Response> {
+        // In memory, the request is "on the wire" at once.
+        push.sent.notify();
         let mut s = lock(&self.state);
         s.requests.push((push.events, push.refresh_credentials));
         let network = |m: &str| Error::Network {

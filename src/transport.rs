@@ -21,8 +21,13 @@
 //!    (30 s by default) outlives a stuck request.
 //! 6. `Retry-After` is returned as a duration ([`parse_retry_after`] reads both
 //!    the seconds and the HTTP-date forms).
+//! 7. `push.sent` is notified as soon as the request has been handed to the
+//!    network (see [`RequestSent`]); a transport that cannot tell may skip
+//!    it, at the cost of some overlap between the network and local work.
 
 use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use crate::error::Result;
@@ -42,6 +47,69 @@ pub struct Push {
     /// True when the previous attempt was answered 401 or 403: the transport
     /// must ask its [`Credentials`] provider for fresh ones.
     pub refresh_credentials: bool,
+    /// To notify once the request has been handed to the network.
+    pub sent: RequestSent,
+}
+
+/// A one-way signal from the transport to the relay: "this push's request
+/// has been handed to the network".
+///
+/// While a push is on the wire the relay settles the previous push and
+/// claims the next one. That local work waits for this signal, so that on a
+/// busy machine (a phone, or two cores shared with a server) it never holds
+/// up the request itself: it fills the time the request spends at the
+/// server instead. Natively the reqwest transport notifies when hyper has
+/// taken the whole body; in the browser the fetch transport notifies once
+/// `fetch()` was called. A transport that never notifies loses only that
+/// overlap: the relay notifies the signal itself when `send` returns.
+/// Clones share one signal; notifying twice is harmless.
+#[derive(Clone, Debug, Default)]
+pub struct RequestSent(Arc<Mutex<SentState>>);
+
+#[derive(Debug, Default)]
+struct SentState {
+    sent: bool,
+    waiters: Vec<Waker>,
+}
+
+impl RequestSent {
+    /// A signal not notified yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Mark the request as handed to the network and wake whoever waits.
+    pub fn notify(&self) {
+        let waiters = {
+            let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            state.sent = true;
+            std::mem::take(&mut state.waiters)
+        };
+        for waker in waiters {
+            waker.wake();
+        }
+    }
+
+    /// True once [`RequestSent::notify`] was called.
+    pub fn is_sent(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).sent
+    }
+
+    /// Resolves once [`RequestSent::notify`] was called.
+    pub async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            if state.sent {
+                Poll::Ready(())
+            } else {
+                if !state.waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                    state.waiters.push(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        })
+        .await
+    }
 }
 
 /// A server's answer, whatever its status.
@@ -163,6 +231,31 @@ pub fn parse_retry_after(value: &str, now: Timestamp) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_sent_wakes_its_waiter_once_notified() {
+        let signal = RequestSent::new();
+        let waiter = signal.clone();
+        let mut wait = std::pin::pin!(waiter.wait());
+        let woken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        struct Flag(Arc<std::sync::atomic::AtomicBool>);
+        impl std::task::Wake for Flag {
+            fn wake(self: Arc<Self>) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let waker = Waker::from(Arc::new(Flag(woken.clone())));
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+        assert!(!signal.is_sent());
+        signal.notify();
+        assert!(woken.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(wait.as_mut().poll(&mut cx).is_ready());
+        // Notifying again, or waiting after the fact, is fine.
+        signal.notify();
+        let mut again = std::pin::pin!(signal.wait());
+        assert!(again.as_mut().poll(&mut cx).is_ready());
+    }
 
     #[test]
     fn retry_after_forms() {

@@ -12,7 +12,9 @@ use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderName, HeaderValue, R
 
 use crate::error::{Error, Result};
 use crate::time::Timestamp;
-use crate::transport::{Credentials, NoCredentials, Push, Response, Transport, parse_retry_after};
+use crate::transport::{
+    Credentials, NoCredentials, Push, RequestSent, Response, Transport, parse_retry_after,
+};
 
 /// Default time allowed to open a connection.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -192,7 +194,10 @@ impl<C: Credentials> Transport for HttpTransport<C> {
             push.body
         };
         let response = request
-            .body(body)
+            .body(reqwest::Body::wrap(SignallingBody {
+                data: Some(body.into()),
+                sent: push.sent,
+            }))
             .send()
             .await
             .map_err(|e| Error::Network {
@@ -217,6 +222,47 @@ impl<C: Credentials> Transport for HttpTransport<C> {
     }
 }
 
+/// A request body of known length (so it goes with a `Content-Length`, as a
+/// plain body would) that notifies [`RequestSent`] once hyper has taken all
+/// of it, or dropped it.
+struct SignallingBody {
+    data: Option<bytes::Bytes>,
+    sent: RequestSent,
+}
+
+impl http_body::Body for SignallingBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<std::result::Result<http_body::Frame<Self::Data>, Self::Error>>>
+    {
+        std::task::Poll::Ready(match self.data.take() {
+            Some(data) => Some(Ok(http_body::Frame::data(data))),
+            None => {
+                self.sent.notify();
+                None
+            }
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
+impl Drop for SignallingBody {
+    fn drop(&mut self) {
+        self.sent.notify();
+    }
+}
+
 /// A short description: what failed, and the innermost cause (for example
 /// "cannot connect: Connection refused (os error 111)"), instead of reqwest's
 /// generic "error sending request for url (...)".
@@ -236,5 +282,77 @@ fn describe(e: &reqwest::Error) -> String {
         what.to_owned()
     } else {
         format!("{what}: {root}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Read, Write};
+
+    use super::*;
+
+    /// The request goes with a Content-Length (like a plain body, never
+    /// chunked), and `sent` is notified before the answer is back: the server
+    /// here only answers after checking that it was.
+    #[tokio::test]
+    async fn the_body_has_a_length_and_sent_fires_before_the_answer() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1/events", listener.local_addr().unwrap());
+        let sent = RequestSent::new();
+        let seen_by_server = sent.clone();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut head = Vec::new();
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if line == "\r\n" {
+                    break;
+                }
+                head.push(line.trim_end().to_ascii_lowercase());
+            }
+            let length: usize = head
+                .iter()
+                .find_map(|h| h.strip_prefix("content-length: "))
+                .expect("a content-length header")
+                .parse()
+                .unwrap();
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            // Whole body received: the client must have said so by now.
+            let start = std::time::Instant::now();
+            while !seen_by_server.is_sent() && start.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let answer = br#"{"results":[]}"#;
+            write!(
+                &stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                answer.len()
+            )
+            .unwrap();
+            (&stream).write_all(answer).unwrap();
+            (head, body, seen_by_server.is_sent())
+        });
+        let transport = HttpTransport::new(url).unwrap();
+        let payload = br#"{"protocol":1,"client_id":"c","events":[]}"#.to_vec();
+        let response = transport
+            .send(Push {
+                body: payload.clone(),
+                events: 0,
+                refresh_credentials: false,
+                sent,
+            })
+            .await
+            .unwrap();
+        assert_eq!(response.status, 200);
+        let (head, body, was_sent) = server.join().unwrap();
+        assert_eq!(body, payload);
+        assert!(
+            !head.iter().any(|h| h.starts_with("transfer-encoding")),
+            "{head:?}"
+        );
+        assert!(was_sent, "sent was not notified before the answer");
     }
 }

@@ -120,7 +120,10 @@ impl Transport for FetchTransport {
         let abort = Closure::once_into_js(move || controller.abort());
         let timer = set_timeout(abort.unchecked_ref(), self.timeout.as_millis() as f64);
         let result = async {
-            let response: FetchResponse = JsFuture::from(global_fetch(&request))
+            let fetching = global_fetch(&request);
+            // The browser sends it from here on, off this thread.
+            push.sent.notify();
+            let response: FetchResponse = JsFuture::from(fetching)
                 .await
                 .map_err(|e| network("sending the push", e))?
                 .unchecked_into();
