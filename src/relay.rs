@@ -40,7 +40,9 @@ use std::time::Duration;
 use crate::error::Result;
 use crate::event::{Event, EventId};
 use crate::policy::{Jitter, RetryPolicy};
-use crate::protocol::{ErrorBody, PROTOCOL_VERSION, PushResponse, ResultStatus, write_wire_event};
+use crate::protocol::{
+    ErrorBody, EventResult, PROTOCOL_VERSION, PushResponse, ResultStatus, write_wire_event,
+};
 use crate::store::{Claim, ClaimRequest, MaybeSend, MaybeSync, Outcome, Settlement, Store};
 use crate::time::Timestamp;
 use crate::transport::{Push, RequestSent, Response, Transport};
@@ -565,14 +567,10 @@ impl<S: Store, T: Transport> Relay<S, T> {
                 .await?;
             match verdict {
                 Verdict::Results(response) => {
-                    let mut results: HashMap<EventId, (ResultStatus, Option<String>)> = response
-                        .results
-                        .into_iter()
-                        .map(|r| (r.id, (r.status, r.reason)))
-                        .collect();
+                    let part = &wire[range.clone()];
                     let mut unnamed = Vec::new();
-                    for w in &wire[range.clone()] {
-                        match results.remove(&w.id) {
+                    for (w, result) in part.iter().zip(match_results(part, response.results)) {
+                        match result {
                             Some((ResultStatus::Accepted | ResultStatus::Duplicate, _)) => {
                                 outcomes.push(w.settlement(Outcome::Sent))
                             }
@@ -675,20 +673,6 @@ impl<S: Store, T: Transport> Relay<S, T> {
         })
     }
 
-    fn body(&self, wire: &[Wire]) -> Vec<u8> {
-        let len = self.body_prefix.len() + 2 + wire.iter().map(|w| w.json.len() + 1).sum::<usize>();
-        let mut body = Vec::with_capacity(len);
-        body.extend_from_slice(&self.body_prefix);
-        for (i, w) in wire.iter().enumerate() {
-            if i > 0 {
-                body.push(b',');
-            }
-            body.extend_from_slice(&w.json);
-        }
-        body.extend_from_slice(b"]}");
-        body
-    }
-
     /// Send one push and, at the same time, settle `settle` (outcomes of
     /// earlier pushes of this group) and, with `prefetch_after`, claim and
     /// serialize one more push's worth of events past it into `self.ahead`
@@ -709,7 +693,6 @@ impl<S: Store, T: Transport> Relay<S, T> {
             .saturating_mul(self.config.claim_batches.max(1));
         let prefetch = prefetch_after.take().filter(|_| ahead_len < ahead_cap);
         let part = &wire[range];
-        let body = self.body(part);
         self.status.in_flight = part.len();
         self.publish();
         let (store, config) = (&self.store, &self.config);
@@ -740,8 +723,9 @@ impl<S: Store, T: Transport> Relay<S, T> {
             })
         };
         let refresh = &mut self.refresh_credentials;
-        let transport = &self.transport;
+        let (transport, prefix) = (&self.transport, &self.body_prefix);
         let sending = async {
+            let body = || push_body(prefix, part);
             let answer = send_with_auth(transport, body, part.len(), refresh, &sent).await;
             // A transport that never said: the local work goes now.
             sent.notify();
@@ -877,6 +861,22 @@ fn claim_request(config: &RelayConfig, now: Timestamp, after: Option<i64>) -> Cl
     }
 }
 
+/// The push body for `wire`: `prefix` (`{"protocol":1,"client_id":"…","events":[`),
+/// the events' JSON joined by commas, and `]}`.
+fn push_body(prefix: &[u8], wire: &[Wire]) -> Vec<u8> {
+    let len = prefix.len() + 2 + wire.iter().map(|w| w.json.len() + 1).sum::<usize>();
+    let mut body = Vec::with_capacity(len);
+    body.extend_from_slice(prefix);
+    for (i, w) in wire.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(&w.json);
+    }
+    body.extend_from_slice(b"]}");
+    body
+}
+
 /// Mark every range still queued as Retry at `at` (they were not sent).
 fn retry_rest(
     wire: &[Wire],
@@ -900,7 +900,7 @@ fn retry_rest(
 /// `refresh` stays set while answers are 401/403.
 async fn send_with_auth<T: Transport>(
     transport: &T,
-    body: Vec<u8>,
+    body: impl Fn() -> Vec<u8>,
     events: usize,
     refresh: &mut bool,
     sent: &RequestSent,
@@ -911,10 +911,11 @@ async fn send_with_auth<T: Transport>(
         refresh_credentials,
         sent: sent.clone(),
     };
-    let mut answer = transport.send(push(body.clone(), *refresh)).await;
+    let mut answer = transport.send(push(body(), *refresh)).await;
     if matches!(&answer, Ok(r) if is_auth(r.status)) && !*refresh {
         *refresh = true;
-        answer = transport.send(push(body, true)).await;
+        // Built again rather than kept: this is rare, the copy would not be.
+        answer = transport.send(push(body(), true)).await;
     }
     if let Ok(response) = &answer {
         *refresh = is_auth(response.status);
@@ -945,6 +946,28 @@ async fn join<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
         }
     })
     .await
+}
+
+/// Each event's result, in the order of `part` (`None`: not named). A server
+/// usually answers in request order, so the results are first matched by
+/// position; only when that fails are they looked up by id.
+fn match_results(
+    part: &[Wire],
+    results: Vec<EventResult>,
+) -> Vec<Option<(ResultStatus, Option<String>)>> {
+    let in_order =
+        results.len() == part.len() && results.iter().zip(part).all(|(r, w)| r.id == w.id);
+    if in_order {
+        return results
+            .into_iter()
+            .map(|r| Some((r.status, r.reason)))
+            .collect();
+    }
+    let mut by_id: HashMap<EventId, (ResultStatus, Option<String>)> = results
+        .into_iter()
+        .map(|r| (r.id, (r.status, r.reason)))
+        .collect();
+    part.iter().map(|w| by_id.remove(&w.id)).collect()
 }
 
 /// Add outcomes to [sent, dead, retry] counts.
@@ -1110,11 +1133,66 @@ mod tests {
     }
 
     #[test]
+    fn results_are_matched_by_id_whatever_their_order() {
+        let wire: Vec<Wire> = (1..=3)
+            .map(|seq| Wire {
+                seq,
+                id: EventId::new(),
+                size: 0,
+                json: Vec::new(),
+            })
+            .collect();
+        let result = |w: &Wire, status| EventResult {
+            id: w.id,
+            status,
+            reason: None,
+        };
+        let statuses = |results| -> Vec<Option<ResultStatus>> {
+            match_results(&wire, results)
+                .into_iter()
+                .map(|r| r.map(|(status, _)| status))
+                .collect()
+        };
+        // In request order (the usual case).
+        let in_order = vec![
+            result(&wire[0], ResultStatus::Accepted),
+            result(&wire[1], ResultStatus::Duplicate),
+            result(&wire[2], ResultStatus::Rejected),
+        ];
+        assert_eq!(
+            statuses(in_order),
+            [
+                Some(ResultStatus::Accepted),
+                Some(ResultStatus::Duplicate),
+                Some(ResultStatus::Rejected)
+            ]
+        );
+        // Shuffled, one missing, one the request never had.
+        let shuffled = vec![
+            result(&wire[2], ResultStatus::Rejected),
+            EventResult {
+                id: EventId::new(),
+                status: ResultStatus::Accepted,
+                reason: None,
+            },
+            result(&wire[0], ResultStatus::Accepted),
+        ];
+        assert_eq!(
+            statuses(shuffled),
+            [
+                Some(ResultStatus::Accepted),
+                None,
+                Some(ResultStatus::Rejected)
+            ]
+        );
+    }
+
+    #[test]
     fn body_is_a_valid_push_request() {
         let (relay, store, _) = setup(3);
         let request = claim_request(relay.config(), Timestamp::now(), None);
         let group = Group::prepare(store.all(), &request, relay.config());
-        let body = relay.body(&group.wire);
+        let body = push_body(&relay.body_prefix, &group.wire);
         let parsed: crate::protocol::PushRequest = serde_json::from_slice(&body).unwrap();
         assert_eq!(parsed.protocol, PROTOCOL_VERSION);
         assert_eq!(parsed.client_id, store.client_id());
