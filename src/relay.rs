@@ -25,6 +25,21 @@
 //! | 400 `unsupported_protocol` | retry with backoff (a deployment mismatch, not poison) |
 //! | older than the policy's max age | dead ("expired"), not sent |
 //!
+//! # Pipelining
+//!
+//! Pushes go out one at a time, each after the previous answer (that is what
+//! keeps `seq` order at the server), but the relay's local work overlaps the
+//! network. While push *k* is on the wire, from the moment the transport says
+//! its request has left ([`RequestSent`]), the relay settles the answer to
+//! push *k − 1* and, when the last claim was full, claims and serializes one
+//! more push's worth of events past the last claimed `seq`
+//! ([`ClaimRequest::after`]) into the group *ahead*. Inside a flush, a group's
+//! last answer is settled beside the next group's first push. Anything that
+//! leaves an event of a group pending (a failure, an event the answer did not
+//! name, a lease running short) drops the group claimed ahead, so nothing
+//! overtakes that event; and [`Relay::step`] / [`Relay::flush`] return only
+//! once everything they learnt is settled.
+//!
 //! The core never sleeps and never spawns: the driver (tokio natively, the
 //! browser's event loop on wasm) decides when to call [`Relay::step`] or
 //! [`Relay::flush`] again, using [`RelayStatus::next_attempt`]. That keeps

@@ -6,7 +6,7 @@
 //! - the retry time of the oldest pending event, or the expiry of another
 //!   relay's lease,
 //! - the poll interval (default 1 s), so events committed by *another process*
-//!   on the same file are noticed too (an idle poll is one indexed read; it
+//!   on the same file are noticed too (an idle poll is one small read; it
 //!   claims, and so writes the lease, only when something is pending),
 //! - an explicit [`RelayHandle::flush`], or [`RelayHandle::shutdown`].
 //!
@@ -260,7 +260,7 @@ impl<S: Store + Clone + 'static, T: Transport> Driver<S, T> {
         loop {
             // A poll with nothing pending before and nothing pending now: skip
             // the claim, which would write the lease to the file every second
-            // of an idle app's life. One indexed read instead.
+            // of an idle app's life. One small read instead.
             let idle = timer_only
                 && !failed
                 && self.waiters.is_empty()
