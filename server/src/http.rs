@@ -4,7 +4,6 @@
 // once on the failure path and returned as is, so boxing it buys nothing.
 #![allow(clippy::result_large_err)]
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +23,7 @@ use edge_outbox::protocol::{
 use edge_outbox::{MAX_EVENT_TYPE_LEN, Timestamp};
 use http_body_util::BodyExt;
 use serde::Deserialize;
+use subtle::ConstantTimeEq;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::services::ServeDir;
@@ -47,8 +47,8 @@ pub struct AppState {
 
 struct Inner {
     store: Arc<dyn EventStore>,
-    /// token -> client id it may push for.
-    tokens: HashMap<String, String>,
+    /// (token, client id it may push for), compared in constant time.
+    tokens: Vec<(String, String)>,
     allow_anonymous: bool,
     body_limit: usize,
     /// Faults are consulted (and pushes logged) only when this is set, so a
@@ -90,7 +90,7 @@ impl AppState {
         Ok(AppState {
             inner: Arc::new(Inner {
                 store,
-                tokens: config.tokens,
+                tokens: config.tokens.into_iter().collect(),
                 allow_anonymous: config.allow_anonymous,
                 body_limit: config.body_limit,
                 faults_active: in_process || config.test_controls,
@@ -210,6 +210,19 @@ fn unauthorized(message: &str) -> Response {
     error_response(StatusCode::UNAUTHORIZED, "unauthorized", message)
 }
 
+/// The client id `token` is bound to. Every configured token is compared,
+/// each in constant time, so the time taken tells nothing about how much of
+/// a guess was right (only, as with any comparison, its length).
+fn client_of<'a>(state: &'a AppState, token: &str) -> Option<&'a String> {
+    let mut found = None;
+    for (known, client_id) in &state.inner.tokens {
+        if bool::from(known.as_bytes().ct_eq(token.as_bytes())) {
+            found = Some(client_id);
+        }
+    }
+    found
+}
+
 /// May this request push into `client_id`'s stream?
 fn authorize_push(state: &AppState, headers: &HeaderMap, client_id: &str) -> Result<(), Response> {
     match bearer(headers) {
@@ -218,7 +231,7 @@ fn authorize_push(state: &AppState, headers: &HeaderMap, client_id: &str) -> Res
         Some(Err(())) => Err(unauthorized(
             "the Authorization header is not a bearer token",
         )),
-        Some(Ok(token)) => match state.inner.tokens.get(token) {
+        Some(Ok(token)) => match client_of(state, token) {
             None => Err(unauthorized("unknown token")),
             Some(bound) if bound == client_id => Ok(()),
             Some(_) => Err(error_response(
@@ -238,7 +251,7 @@ fn authorize_read(state: &AppState, headers: &HeaderMap) -> Result<(), Response>
         Some(Err(())) => Err(unauthorized(
             "the Authorization header is not a bearer token",
         )),
-        Some(Ok(token)) if state.inner.tokens.contains_key(token) => Ok(()),
+        Some(Ok(token)) if client_of(state, token).is_some() => Ok(()),
         Some(Ok(_)) => Err(unauthorized("unknown token")),
     }
 }

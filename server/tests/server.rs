@@ -347,6 +347,11 @@ async fn auth_401_403_and_anonymous() {
     let unknown = push(&server, "nope", CLIENT_A, &batch).await;
     assert_eq!(unknown.status, StatusCode::UNAUTHORIZED);
     assert!(unknown.headers.contains_key("www-authenticate"));
+    // Only the whole token: a prefix of it, or more than it, is unknown.
+    for near in [&TOKEN_A[..TOKEN_A.len() - 1], &format!("{TOKEN_A}x")] {
+        let answer = push(&server, near, CLIENT_A, &batch).await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{near}");
+    }
 
     let wrong_scheme = client()
         .post(server.events_url())
