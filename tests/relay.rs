@@ -239,6 +239,36 @@ async fn server_errors_for_a_while() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_in_the_middle_of_a_pipelined_flush_keeps_the_order() {
+    // A backlog keeps claims full, so while each push is out the relay has
+    // already claimed the pushes after it: a failure in the middle must not
+    // let any of those overtake the failed push, nor lose or repeat one.
+    let dir = TempDir::new().unwrap();
+    let outbox = open(&dir);
+    let server = server(anonymous()).await;
+    // Slow answers, so the failure lands in the middle of the flush.
+    server.faults().delay(Duration::from_millis(5));
+    enqueue(&outbox, "T", 3000);
+    let relay = relay(&outbox, http(&server.events_url())).spawn();
+    eventually("the first pushes to arrive", || {
+        server.events(outbox.client_id()).unwrap().len() >= 500
+    })
+    .await;
+    server
+        .faults()
+        .fail_for(Duration::from_millis(300), Failure::status(500));
+    drained(&outbox).await;
+    assert_delivered_once_in_order(&server, &outbox, 3000);
+    let statuses: Vec<u16> = server.requests().iter().map(|r| r.status).collect();
+    let failed = statuses.iter().position(|&s| s == 500);
+    assert!(
+        failed.is_some_and(|i| i > 0 && statuses[i..].contains(&200)),
+        "a push failed midway, and delivery resumed: {statuses:?}"
+    );
+    stop(relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_of_a_503_is_honoured() {
     let dir = TempDir::new().unwrap();
     let outbox = open(&dir);
