@@ -365,10 +365,13 @@ impl<S: Store, T: Transport> Relay<S, T> {
     }
 
     /// Count pending/sent/dead in the store, unless `force` is false and the
-    /// last count was recent. Counting sent rows costs time proportional to
-    /// the table, so between counts the relay keeps the numbers itself (from
-    /// what it settles) and counts at most once per [`MIN_COUNT_INTERVAL`], or
-    /// less often when a count is slow (at most ~5% of the time goes to counting).
+    /// last count was recent. A count may cost time proportional to the
+    /// events it counts (IndexedDB counts each status on an index; SQLite
+    /// walks the pending and dead events, and keeps the sent count in its
+    /// meta table), so between counts the relay keeps the numbers itself
+    /// (from what it settles) and counts at most once per
+    /// [`MIN_COUNT_INTERVAL`], or less often when a count is slow (at most ~5%
+    /// of the time goes to counting).
     async fn count(&mut self, force: bool) -> Result<()> {
         let started = Timestamp::now();
         if !force && self.count_due.is_some_and(|due| started < due) {

@@ -551,6 +551,59 @@ fn management_calls_on_a_real_file() {
 }
 
 #[test]
+fn the_sent_count_follows_settles_and_prunes_and_survives_reopen() {
+    use edge_outbox::{Outcome, Settlement, Store, Timestamp};
+    let (_dir, path, outbox) = open_new();
+    let e = outbox.enqueue((0..8).map(|i| order_created(i, 1))).unwrap();
+    let store = outbox.store().clone();
+    let settle = |events: &[edge_outbox::Event], outcome: Outcome, at: Timestamp| {
+        let all = events
+            .iter()
+            .map(|e| Settlement::new(e, outcome.clone()))
+            .collect();
+        block_on(store.settle(all, at)).unwrap();
+    };
+    let t0 = Timestamp::from_millis(1_000);
+    let t1 = Timestamp::from_millis(2_000);
+    settle(&e[0..3], Outcome::Sent, t0);
+    // A late second answer for the same events counts nothing twice.
+    settle(&e[0..3], Outcome::Sent, t1);
+    settle(&e[3..5], Outcome::Sent, t1);
+    settle(&e[5..6], Outcome::Dead { reason: "r".into() }, t1);
+    let sent_rows = |path: &Path| -> u64 {
+        let n: i64 = Connection::open(path)
+            .unwrap()
+            .query_row(
+                "SELECT count(*) FROM edge_outbox_events WHERE status = 'sent'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        n as u64
+    };
+    let stats = outbox.stats().unwrap();
+    assert_eq!((stats.pending, stats.sent, stats.dead), (2, 5, 1));
+    assert_eq!(stats.sent, sent_rows(&path));
+    // Pruning the ones sent before t1 takes them off the count.
+    let pruned = block_on(store.prune_sent(t1)).unwrap();
+    assert_eq!(pruned, 3);
+    assert_eq!(outbox.stats().unwrap().sent, 2);
+    drop((store, outbox));
+    let reopened = Outbox::open(&path, config()).unwrap();
+    let stats = reopened.stats().unwrap();
+    assert_eq!((stats.pending, stats.sent, stats.dead), (2, 2, 1));
+    assert_eq!(stats.sent, sent_rows(&path));
+}
+
+/// Run a store future to completion (the SQLite store never really waits).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+#[test]
 fn a_hundred_thousand_events_survive_reopen() {
     let (_dir, path, outbox) = open_new();
     for chunk in 0..100 {

@@ -39,6 +39,10 @@ pub const SCHEMA_VERSION: u32 = 2;
 ///
 /// Dead events are few and may sit anywhere, so they keep a partial index.
 /// Queries must spell `status = 'dead'` as a literal for SQLite to use it.
+///
+/// Sent events are counted in meta (`sent_count`), kept by the only two
+/// statements that change it (settling as sent, pruning), so `stats` never
+/// walks the sent rows either.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS edge_outbox_meta (
     key   TEXT PRIMARY KEY,
@@ -332,7 +336,9 @@ impl Inner {
         // resurrects an event the app has since discarded, nor undoes a dead
         // or sent state.
         self.write(|tx| {
+            // Returns how many events changed.
             let by_seqs = |set: &str, values: &[&dyn rusqlite::ToSql], seqs: &mut [i64]| {
+                let mut changed = 0;
                 let sql = format!(
                     "UPDATE edge_outbox_events SET {set} \
                      WHERE seq BETWEEN ?{} AND ?{} AND status = 'pending'",
@@ -343,16 +349,17 @@ impl Inner {
                 for (lo, hi) in runs(seqs) {
                     let params: Vec<&dyn rusqlite::ToSql> =
                         values.iter().copied().chain([&lo as _, &hi as _]).collect();
-                    stmt.execute(params.as_slice()).map_err(|e| self.map(e))?;
+                    changed += stmt.execute(params.as_slice()).map_err(|e| self.map(e))?;
                 }
-                Ok::<_, Error>(())
+                Ok::<_, Error>(changed)
             };
             let now = now.as_millis();
-            by_seqs(
+            let newly_sent = by_seqs(
                 "status = 'sent', sent_at = ?1, last_error = NULL, attempts = attempts + 1",
                 &[&now],
                 &mut sent,
             )?;
+            add_to_sent_count(tx, newly_sent as i64).map_err(|e| self.map(e))?;
             for ((at, error), seqs) in &mut retry {
                 let at = at.as_millis();
                 by_seqs(
@@ -394,9 +401,12 @@ impl Inner {
     }
 
     pub(crate) fn stats(&self) -> Result<Stats> {
-        let conn = self.lock();
+        let mut conn = self.lock();
+        // One read transaction: the counts come from one snapshot even while
+        // another process writes.
+        let conn = conn.transaction().map_err(|e| self.map(e))?;
         // Pending events are counted from the pending floor, dead ones on
-        // their partial index; sent is the rest (see the schema).
+        // their partial index, sent ones in meta (see the schema).
         let count = |sql: &str| -> Result<u64> {
             conn.prepare_cached(sql)
                 .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
@@ -410,10 +420,14 @@ impl Inner {
             .map(|n| n.max(0) as u64)
             .map_err(|e| self.map(e))?;
         let dead = count("SELECT count(*) FROM edge_outbox_events WHERE status = 'dead'")?;
-        let all = count("SELECT count(*) FROM edge_outbox_events")?;
+        let sent = count(
+            "SELECT coalesce((SELECT CAST(value AS INTEGER) FROM edge_outbox_meta \
+             WHERE key = 'sent_count'), \
+             (SELECT count(*) FROM edge_outbox_events WHERE status = 'sent'))",
+        )?;
         let mut stats = Stats {
             pending,
-            sent: all.saturating_sub(pending + dead),
+            sent,
             dead,
             oldest_pending_at: None,
         };
@@ -422,6 +436,7 @@ impl Inner {
             .optional()
             .map_err(|e| self.map(e))?
             .map(Timestamp::from_millis);
+        conn.finish().map_err(|e| self.map(e))?;
         Ok(stats)
     }
 
@@ -504,12 +519,14 @@ impl Inner {
 
     pub(crate) fn prune_sent(&self, before: Timestamp) -> Result<u64> {
         self.write(|tx| {
-            tx.execute(
-                "DELETE FROM edge_outbox_events WHERE status = 'sent' AND sent_at < ?1",
-                [before.as_millis()],
-            )
-            .map(|n| n as u64)
-            .map_err(|e| self.map(e))
+            let pruned = tx
+                .execute(
+                    "DELETE FROM edge_outbox_events WHERE status = 'sent' AND sent_at < ?1",
+                    [before.as_millis()],
+                )
+                .map_err(|e| self.map(e))?;
+            add_to_sent_count(tx, -(pruned as i64)).map_err(|e| self.map(e))?;
+            Ok(pruned as u64)
         })
     }
 }
@@ -573,6 +590,11 @@ fn migrate(conn: &Connection) -> std::result::Result<String, MigrateError> {
         )?;
         conn.execute_batch("DROP INDEX IF EXISTS edge_outbox_events_pending")?;
         conn.execute(
+            "INSERT OR IGNORE INTO edge_outbox_meta (key, value) VALUES ('sent_count', \
+             (SELECT count(*) FROM edge_outbox_events WHERE status = 'sent'))",
+            [],
+        )?;
+        conn.execute(
             "INSERT OR REPLACE INTO edge_outbox_meta (key, value) VALUES ('schema_version', ?1)",
             [SCHEMA_VERSION.to_string()],
         )?;
@@ -608,6 +630,18 @@ fn pending_floor(conn: &Connection) -> rusqlite::Result<i64> {
     .query_row([], |r| r.get(0))
     .optional()
     .map(|floor| floor.unwrap_or(0))
+}
+
+/// Add `delta` (negative when pruning) to the count of sent events in meta.
+fn add_to_sent_count(conn: &Connection, delta: i64) -> rusqlite::Result<()> {
+    if delta != 0 {
+        conn.prepare_cached(
+            "UPDATE edge_outbox_meta SET value = CAST(value AS INTEGER) + ?1 \
+             WHERE key = 'sent_count'",
+        )?
+        .execute([delta])?;
+    }
+    Ok(())
 }
 
 /// Move the pending floor up to the first event still pending (or past the
