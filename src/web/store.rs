@@ -101,7 +101,7 @@ impl IdbStore {
 
     /// Wrap an open database that already has the outbox stores (created with
     /// `createOutboxStores` in the app's upgrade handler, or by
-    /// [`open_database`]): checks the schema version and reads or makes the
+    /// [`IdbStore::open`]): checks the schema version and reads or makes the
     /// client id.
     pub async fn from_database(
         db: IdbDatabase,
