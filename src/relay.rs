@@ -390,7 +390,6 @@ impl<S: Store, T: Transport> Relay<S, T> {
 
     /// Give up the lease so another relay can start at once (at shutdown).
     pub async fn release_lease(&mut self) -> Result<()> {
-        self.settle_carried().await?;
         // Claimed under the lease given up here: claim again after it.
         self.ahead = None;
         self.store.release_lease(&self.config.owner).await
@@ -489,7 +488,8 @@ impl<S: Store, T: Transport> Relay<S, T> {
             self.status.lease_held_until = None;
             return self.deliver(group).await;
         }
-        let claim = match self.store.claim(self.claim_request(now, None)).await {
+        let request = claim_request(&self.config, now, None);
+        let claim = match self.store.claim(request.clone()).await {
             Ok(claim) => claim,
             Err(e) => {
                 self.status.last_error = Some(format!("claim failed: {e}"));
@@ -518,15 +518,10 @@ impl<S: Store, T: Transport> Relay<S, T> {
             }
             Claim::Batch(events) => {
                 self.status.lease_held_until = None;
-                let group = Group::prepare(events, &self.claim_request(now, None), &self.config);
+                let group = Group::prepare(events, &request, &self.config);
                 self.deliver(group).await
             }
         }
-    }
-
-    /// A claim of `claim_batches` pushes' worth of events.
-    fn claim_request(&self, now: Timestamp, after: Option<i64>) -> ClaimRequest<'_> {
-        claim_request(&self.config, now, after)
     }
 
     /// Send a claimed group push by push and settle the answers.
@@ -648,12 +643,8 @@ impl<S: Store, T: Transport> Relay<S, T> {
                         retry_after,
                         &mut self.jitter,
                     );
-                    for w in &wire[range] {
-                        outcomes.push(w.settlement(Outcome::Retry {
-                            at,
-                            error: error.clone(),
-                        }));
-                    }
+                    // This push and every one after it.
+                    queue.push_front(range);
                     retry_rest(&wire, &mut queue, &mut outcomes, at, &error);
                     self.status.last_error = Some(error);
                     self.status.next_attempt = Some(at);
@@ -705,10 +696,7 @@ impl<S: Store, T: Transport> Relay<S, T> {
         prefetch_after: &mut Option<i64>,
     ) -> Result<Verdict> {
         let ahead_len = self.ahead.as_ref().map_or(0, |g| g.wire.len());
-        let ahead_cap = self
-            .config
-            .max_events
-            .saturating_mul(self.config.claim_batches.max(1));
+        let (ahead_cap, _) = group_limits(&self.config);
         let prefetch = prefetch_after.take().filter(|_| ahead_len < ahead_cap);
         let part = &wire[range];
         self.status.in_flight = part.len();
@@ -820,14 +808,14 @@ impl Group {
     /// Serialize the events `request` claimed (expired ones become outcomes).
     fn prepare(events: Vec<Event>, request: &ClaimRequest<'_>, config: &RelayConfig) -> Group {
         let claimed_at = request.now;
-        let bytes: usize = events.iter().map(Event::size).sum();
-        let full = events.len() >= request.max_events || bytes >= request.max_bytes / 2;
         // This attempt is counted when it is settled, so it is number attempts + 1.
         let attempts = events.iter().map(|e| e.attempts).max().unwrap_or(0) + 1;
         let last_seq = events.last().map_or(0, |e| e.seq);
         let mut wire = Vec::with_capacity(events.len());
         let mut outcomes = Vec::new();
+        let mut bytes = 0;
         for event in &events {
+            bytes += event.size();
             if config.retry.is_expired(event.created_at, claimed_at) {
                 outcomes.push(Settlement::new(
                     event,
@@ -852,7 +840,7 @@ impl Group {
             outcomes,
             last_seq,
             attempts,
-            full,
+            full: events.len() >= request.max_events || bytes >= request.max_bytes / 2,
         }
     }
 
@@ -866,14 +854,23 @@ impl Group {
     }
 }
 
-/// A claim of `claim_batches` pushes' worth of events for `config`'s owner.
+/// Most events and bytes in one group: `claim_batches` pushes' worth.
+fn group_limits(config: &RelayConfig) -> (usize, usize) {
+    let pushes = config.claim_batches.max(1);
+    (
+        config.max_events.saturating_mul(pushes),
+        config.max_bytes.saturating_mul(pushes),
+    )
+}
+
+/// A claim of one group for `config`'s owner.
 fn claim_request(config: &RelayConfig, now: Timestamp, after: Option<i64>) -> ClaimRequest<'_> {
-    let groups = config.claim_batches.max(1);
+    let (max_events, max_bytes) = group_limits(config);
     ClaimRequest {
         owner: &config.owner,
         lease: config.lease,
-        max_events: config.max_events.saturating_mul(groups),
-        max_bytes: config.max_bytes.saturating_mul(groups),
+        max_events,
+        max_bytes,
         now,
         after,
     }

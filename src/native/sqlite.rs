@@ -79,6 +79,16 @@ fn pending_from_sql(op: &str) -> String {
     format!("{SELECT_EVENT} WHERE seq {op} ?2 AND status = 'pending' ORDER BY seq LIMIT ?1")
 }
 
+/// Up to `?1` events of a status other than pending, in order. Dead ones
+/// come from their partial index, which SQLite uses only with the status as
+/// a literal (it comes from the enum, never from user text).
+fn status_sql(status: EventStatus) -> String {
+    format!(
+        "{SELECT_EVENT} WHERE status = '{}' ORDER BY seq LIMIT ?1",
+        status.as_str()
+    )
+}
+
 /// Pending events from the floor `?1` on.
 const COUNT_PENDING: &str =
     "SELECT count(*) FROM edge_outbox_events WHERE seq >= ?1 AND status = 'pending'";
@@ -407,23 +417,25 @@ impl Inner {
         let conn = conn.transaction().map_err(|e| self.map(e))?;
         // Pending events are counted from the pending floor, dead ones on
         // their partial index, sent ones in meta (see the schema).
-        let count = |sql: &str| -> Result<u64> {
+        let count = |sql: &str, params: &[i64]| -> Result<u64> {
             conn.prepare_cached(sql)
-                .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
+                .and_then(|mut s| {
+                    s.query_row(rusqlite::params_from_iter(params), |r| r.get::<_, i64>(0))
+                })
                 .map(|n| n.max(0) as u64)
                 .map_err(|e| self.map(e))
         };
         let floor = pending_floor(&conn).map_err(|e| self.map(e))?;
-        let pending = conn
-            .prepare_cached(COUNT_PENDING)
-            .and_then(|mut s| s.query_row([floor], |r| r.get::<_, i64>(0)))
-            .map(|n| n.max(0) as u64)
-            .map_err(|e| self.map(e))?;
-        let dead = count("SELECT count(*) FROM edge_outbox_events WHERE status = 'dead'")?;
+        let pending = count(COUNT_PENDING, &[floor])?;
+        let dead = count(
+            "SELECT count(*) FROM edge_outbox_events WHERE status = 'dead'",
+            &[],
+        )?;
         let sent = count(
             "SELECT coalesce((SELECT CAST(value AS INTEGER) FROM edge_outbox_meta \
              WHERE key = 'sent_count'), \
              (SELECT count(*) FROM edge_outbox_events WHERE status = 'sent'))",
+            &[],
         )?;
         let mut stats = Stats {
             pending,
@@ -443,27 +455,17 @@ impl Inner {
     pub(crate) fn list(&self, status: EventStatus, limit: usize) -> Result<Vec<Event>> {
         let conn = self.lock();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        // Pending events from the pending floor. Dead ones on their partial
-        // index, which SQLite uses only with the status as a literal (it
-        // comes from the enum, never from user text) and no bound on `seq`
-        // that could make a walk of the whole table look cheaper.
-        let (sql, from) = match status {
-            EventStatus::Pending => (
-                pending_from_sql(">="),
-                pending_floor(&conn).map_err(|e| self.map(e))?,
-            ),
-            _ => (
-                format!(
-                    "{SELECT_EVENT} WHERE status = '{}' AND ?2 = ?2 ORDER BY seq LIMIT ?1",
-                    status.as_str()
-                ),
-                0,
-            ),
+        let rows = match status {
+            EventStatus::Pending => {
+                let floor = pending_floor(&conn).map_err(|e| self.map(e))?;
+                conn.prepare_cached(&pending_from_sql(">="))
+                    .and_then(|mut s| s.query_map([limit, floor], row_to_event)?.collect())
+            }
+            _ => conn
+                .prepare_cached(&status_sql(status))
+                .and_then(|mut s| s.query_map([limit], row_to_event)?.collect()),
         };
-        let mut stmt = conn.prepare_cached(&sql).map_err(|e| self.map(e))?;
-        stmt.query_map([limit, from], row_to_event)
-            .and_then(|rows| rows.collect())
-            .map_err(|e| self.map(e))
+        rows.map_err(|e| self.map(e))
     }
 
     pub(crate) fn get(&self, id: EventId) -> Result<Option<Event>> {
@@ -795,7 +797,7 @@ mod tests {
             (FIRST_PENDING_CREATED_AT.to_owned(), by_key),
             (FIRST_PENDING_SEQ.to_owned(), by_key),
             (
-                format!("{SELECT_EVENT} WHERE status = 'dead' AND ?2 = ?2 ORDER BY seq LIMIT ?1"),
+                status_sql(EventStatus::Dead),
                 "USING INDEX edge_outbox_events_dead",
             ),
         ];

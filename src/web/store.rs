@@ -482,31 +482,18 @@ pub(crate) fn parse_record(r: &JsValue) -> Result<Event> {
     })
 }
 
-/// All records of one status, in `seq` order.
-fn status_range(status: &str) -> Result<JsValue> {
+/// The `[status, seq]` index range of events with `status` (and, with
+/// `after`, a seq above it).
+fn status_range(status: &str, after: Option<i64>) -> Result<JsValue> {
     let lo = Array::of2(
         &JsValue::from_str(status),
-        &JsValue::from_f64(f64::NEG_INFINITY),
+        &JsValue::from_f64(after.map_or(f64::NEG_INFINITY, |a| a as f64)),
     );
     let hi = Array::of2(
         &JsValue::from_str(status),
         &JsValue::from_f64(f64::INFINITY),
     );
-    IdbKeyRange::bound(&lo, &hi)
-        .map(JsValue::from)
-        .idb("building a key range")
-}
-
-/// The `[status, seq]` index range of pending events whose seq is above `after`.
-fn pending_after(after: i64) -> Result<JsValue> {
-    let lo = Array::of2(
-        &JsValue::from_str("pending"),
-        &JsValue::from_f64(after as f64),
-    );
-    let hi = Array::of2(
-        &JsValue::from_str("pending"),
-        &JsValue::from_f64(f64::INFINITY),
-    );
+    // Open below: no seq is -infinity, and `after` itself is excluded.
     IdbKeyRange::bound_with_lower_open_and_upper_open(&lo, &hi, true, false)
         .map(JsValue::from)
         .idb("building a key range")
@@ -528,7 +515,7 @@ impl IdbStore {
             .and_then(|s| s.index(BY_STATUS))
             .idb("listing events")?;
         let req = index
-            .get_all_with_key_and_limit(&status_range(status.as_str())?, count_arg(limit))
+            .get_all_with_key_and_limit(&status_range(status.as_str(), None)?, count_arg(limit))
             .idb("listing events")?;
         let all: Array = idb::wait(req).await.idb("listing events")?.unchecked_into();
         all.iter().map(|r| parse_record(&r)).collect()
@@ -666,10 +653,7 @@ impl Store for IdbStore {
             .idb("claiming")?;
 
         let index = events.index(BY_STATUS).idb("claiming")?;
-        let range = match request.after {
-            None => status_range("pending")?,
-            Some(after) => pending_after(after)?,
-        };
+        let range = status_range("pending", request.after)?;
         let req = index
             .get_all_with_key_and_limit(&range, count_arg(request.max_events.max(1)))
             .idb("claiming")?;
@@ -765,14 +749,14 @@ impl Store for IdbStore {
         let count = |status: &str| -> Result<idb::Request> {
             Ok(idb::wait(
                 index
-                    .count_with_key(&status_range(status)?)
+                    .count_with_key(&status_range(status, None)?)
                     .idb("counting events")?,
             ))
         };
         let (pending, sent, dead) = (count("pending")?, count("sent")?, count("dead")?);
         let oldest = idb::wait(
             index
-                .get_all_with_key_and_limit(&status_range("pending")?, 1)
+                .get_all_with_key_and_limit(&status_range("pending", None)?, 1)
                 .idb("counting events")?,
         );
         let n = |v: JsValue| v.as_f64().unwrap_or(0.0) as u64;
