@@ -192,6 +192,7 @@ impl NewEvent {
             next_attempt_at: now,
             last_error: None,
             sent_at: None,
+            retried_at: None,
         }
     }
 
@@ -300,9 +301,21 @@ pub struct Event {
     pub last_error: Option<String>,
     /// When the server acknowledged it.
     pub sent_at: Option<Timestamp>,
+    /// When the app last made this dead letter pending again
+    /// ([`Store::retry`](crate::store::Store::retry)); the retry policy's max
+    /// age counts from here instead of `created_at`, so a retried expired
+    /// event is sent, not expired again. Never sent to the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retried_at: Option<Timestamp>,
 }
 
 impl Event {
+    /// The time the retry policy's max age counts from: the app's last
+    /// retry of this event, or else its commit.
+    pub fn age_base(&self) -> Timestamp {
+        self.retried_at.unwrap_or(self.created_at)
+    }
+
     /// Deserialize the payload into `T`.
     pub fn payload_as<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
         serde_json::from_str(&self.payload).map_err(|e| Error::InvalidPayload {

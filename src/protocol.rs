@@ -269,6 +269,7 @@ mod tests {
             next_attempt_at: Timestamp::from_millis(0),
             last_error: None,
             sent_at: None,
+            retried_at: None,
         }
     }
 

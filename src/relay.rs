@@ -816,7 +816,7 @@ impl Group {
         let mut bytes = 0;
         for event in &events {
             bytes += event.size();
-            if config.retry.is_expired(event.created_at, claimed_at) {
+            if config.retry.is_expired(event.age_base(), claimed_at) {
                 outcomes.push(Settlement::new(
                     event,
                     Outcome::Dead {
@@ -873,6 +873,7 @@ fn claim_request(config: &RelayConfig, now: Timestamp, after: Option<i64>) -> Cl
         max_bytes,
         now,
         after,
+        max_wait: config.retry.cap(),
     }
 }
 

@@ -14,15 +14,22 @@
 //! 3. Every event gets a fresh UUIDv7 `id` at enqueue; ids are never reused.
 //! 4. An event is validated ([`NewEvent::validate`]) before anything is written.
 //! 5. `claim` runs in one transaction: it takes or renews the relay lease for
-//!    `owner` (refusing while another owner's lease is unexpired), then returns
-//!    the pending events with the lowest `seq`, in `seq` order, starting at the
-//!    oldest pending event (or, with `after`, at the oldest pending event whose
-//!    `seq` is greater), up to `max_events` and `max_bytes` (always at least
-//!    one event, however large). It writes nothing to the events: a claim that
-//!    is never settled (a crash, a closed tab) leaves no trace on them.
+//!    `owner` (refusing while another owner holds an unexpired lease), then
+//!    returns the pending events with the lowest `seq`, in `seq` order,
+//!    starting at the oldest pending event (or, with `after`, at the oldest
+//!    pending event whose `seq` is greater), up to `max_events` and
+//!    `max_bytes` (always at least one event, however large). It writes
+//!    nothing to the events: a claim that is never settled (a crash, a closed
+//!    tab) leaves no trace on them. A store may keep the lease outside the
+//!    database (SQLite: an OS file lock that the kernel drops when the process
+//!    dies); where it keeps an expiry time, an expiry further than `lease`
+//!    past `now` is not believed (it was written under a clock that ran
+//!    ahead) and counts as expired.
 //! 6. `claim` returns [`Claim::NotBefore`] when the first event it would take
 //!    is not due yet (`next_attempt_at` in the future): later events never
-//!    overtake it.
+//!    overtake it. A `next_attempt_at` further than `max_wait` past `now` is
+//!    not believed (a clock that ran ahead, a `Retry-After` from before its
+//!    ceiling): the event is due now.
 //! 7. `settle` applies outcomes only to events still pending, and counts one
 //!    attempt on each event it settles (`attempts` = attempts that reached an
 //!    outcome); a `Sent` event records `sent_at`; a `Dead` one its reason; a
@@ -31,7 +38,10 @@
 //!    never reused), so a store may find it by either, and an outcome whose
 //!    event is gone changes nothing. Settling never creates, drops or
 //!    reorders events.
-//! 8. Sent events stay until `prune_sent`; dead events stay until `retry` or `discard`.
+//! 8. Sent events stay until `prune_sent`; dead events stay until `retry` or
+//!    `discard`. `retry` records `retried_at` (the retry policy's max age
+//!    counts from it); `retry_now` makes waiting pending events due and
+//!    touches nothing else.
 //! 9. Nothing a crash interrupts is lost: an event claimed but never settled is
 //!    still pending and is claimed again once the lease expires.
 
@@ -83,6 +93,29 @@ pub struct ClaimRequest<'a> {
     /// the next batches while its previous ones are still on the wire and
     /// unsettled (still pending). `None` starts at the oldest pending event.
     pub after: Option<i64>,
+    /// The longest wait a retry time can legitimately ask for (the retry
+    /// policy's [`cap`](crate::RetryPolicy::cap), which also bounds
+    /// `Retry-After`): a `next_attempt_at` further than this past `now` is
+    /// not believed and the event is due (obligation 6).
+    pub max_wait: Duration,
+}
+
+impl ClaimRequest<'_> {
+    /// Obligation 5, the one copy of the rule every store uses: does a lease
+    /// of another owner, stored as expiring at `until`, still hold? Not once
+    /// it has expired, and not when it claims to last longer than a lease can
+    /// (written under a clock that ran ahead, then corrected).
+    pub fn lease_holds(&self, until: Timestamp) -> bool {
+        until > self.now && until <= self.now.add(self.lease)
+    }
+
+    /// Obligation 6, the one copy of the rule every store uses: is an event
+    /// whose stored retry time is `next_attempt_at` due now? Yes once that
+    /// time has come, and also when it lies further ahead than `max_wait`
+    /// (such a time is not believed).
+    pub fn is_due(&self, next_attempt_at: Timestamp) -> bool {
+        next_attempt_at <= self.now || next_attempt_at > self.now.add(self.max_wait)
+    }
 }
 
 /// The answer of [`Store::claim`].
@@ -199,9 +232,14 @@ pub trait Store: MaybeSend + MaybeSync {
     /// One event by id, whatever its status.
     fn get(&self, id: EventId) -> impl Future<Output = Result<Option<Event>>> + MaybeSend;
 
-    /// Make a dead event pending again (attempts reset, due now). Returns false
-    /// when no dead event has this id.
+    /// Make a dead event pending again (attempts reset, due now, `retried_at`
+    /// set to `now`). Returns false when no dead event has this id.
     fn retry(&self, id: EventId, now: Timestamp) -> impl Future<Output = Result<bool>> + MaybeSend;
+
+    /// The app's "try now": every pending event whose `next_attempt_at` is
+    /// after `now` becomes due at `now` (attempts, errors and order are kept).
+    /// Returns how many events were waiting.
+    fn retry_now(&self, now: Timestamp) -> impl Future<Output = Result<u64>> + MaybeSend;
 
     /// Delete a dead event for good. Returns false when no dead event has this
     /// id (pending events cannot be discarded: that would lose them).

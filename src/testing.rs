@@ -102,6 +102,7 @@ impl MemoryStore {
             next_attempt_at: created_at,
             last_error: None,
             sent_at: None,
+            retried_at: None,
         };
         s.by_id.insert(stored.id, stored.seq);
         s.events.insert(stored.seq, stored.clone());
@@ -144,7 +145,7 @@ impl Store for MemoryStore {
         }
         if let Some((owner, until)) = &s.lease
             && owner != request.owner
-            && *until > request.now
+            && request.lease_holds(*until)
         {
             return Ok(Claim::LeaseHeld { until: *until });
         }
@@ -158,7 +159,7 @@ impl Store for MemoryStore {
             if e.status != EventStatus::Pending {
                 continue;
             }
-            if batch.is_empty() && e.next_attempt_at > request.now {
+            if batch.is_empty() && !request.is_due(e.next_attempt_at) {
                 return Ok(Claim::NotBefore(e.next_attempt_at));
             }
             if !batch.is_empty()
@@ -259,10 +260,23 @@ impl Store for MemoryStore {
                 e.status = EventStatus::Pending;
                 e.attempts = 0;
                 e.next_attempt_at = now;
+                e.retried_at = Some(now);
                 Ok(true)
             }
             _ => Ok(false),
         }
+    }
+
+    async fn retry_now(&self, now: Timestamp) -> Result<u64> {
+        let mut s = lock(&self.state);
+        let mut waiting = 0;
+        for e in s.events.values_mut() {
+            if e.status == EventStatus::Pending && e.next_attempt_at > now {
+                e.next_attempt_at = now;
+                waiting += 1;
+            }
+        }
+        Ok(waiting)
     }
 
     async fn discard(&self, id: EventId) -> Result<bool> {

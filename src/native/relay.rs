@@ -401,6 +401,7 @@ impl<S: Store + Clone + 'static> Store for OffThread<S> {
             max_bytes,
             now,
             after,
+            max_wait,
             ..
         } = request;
         self.run(move |store| async move {
@@ -412,6 +413,7 @@ impl<S: Store + Clone + 'static> Store for OffThread<S> {
                     max_bytes,
                     now,
                     after,
+                    max_wait,
                 })
                 .await
         })
@@ -447,6 +449,10 @@ impl<S: Store + Clone + 'static> Store for OffThread<S> {
 
     async fn retry(&self, id: EventId, now: Timestamp) -> Result<bool> {
         self.0.retry(id, now).await
+    }
+
+    async fn retry_now(&self, now: Timestamp) -> Result<u64> {
+        self.0.retry_now(now).await
     }
 
     async fn discard(&self, id: EventId) -> Result<bool> {

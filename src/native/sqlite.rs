@@ -264,7 +264,6 @@ impl Inner {
 
     pub(crate) fn claim(&self, req: &ClaimRequest<'_>) -> Result<Claim> {
         self.write(|tx| {
-            let now = req.now.as_millis();
             let lease: Option<(String, i64)> = tx
                 .query_row(
                     "SELECT o.value, CAST(u.value AS INTEGER) FROM edge_outbox_meta o \
@@ -276,7 +275,7 @@ impl Inner {
                 .map_err(|e| self.map(e))?;
             if let Some((owner, until)) = lease
                 && owner != req.owner
-                && until > now
+                && req.lease_holds(Timestamp::from_millis(until))
             {
                 return Ok(Claim::LeaseHeld {
                     until: Timestamp::from_millis(until),
@@ -301,7 +300,7 @@ impl Inner {
             let mut bytes = 0usize;
             while let Some(row) = rows.next().map_err(|e| self.map(e))? {
                 let event = row_to_event(row).map_err(|e| self.map(e))?;
-                if batch.is_empty() && event.next_attempt_at.as_millis() > now {
+                if batch.is_empty() && !req.is_due(event.next_attempt_at) {
                     // Head-of-line: nothing overtakes an event waiting to retry.
                     return Ok(Claim::NotBefore(event.next_attempt_at));
                 }
@@ -508,6 +507,23 @@ impl Inner {
         Ok(changed > 0)
     }
 
+    pub(crate) fn retry_now(&self, now: Timestamp) -> Result<u64> {
+        // Pending events are all at or above the floor.
+        let waiting = self.write(|tx| {
+            let floor = pending_floor(tx).map_err(|e| self.map(e))?;
+            tx.execute(
+                "UPDATE edge_outbox_events SET next_attempt_at = ?1 \
+                 WHERE seq >= ?2 AND status = 'pending' AND next_attempt_at > ?1",
+                [now.as_millis(), floor],
+            )
+            .map_err(|e| self.map(e))
+        })?;
+        if waiting > 0 {
+            self.commits.notify_one();
+        }
+        Ok(waiting as u64)
+    }
+
     pub(crate) fn discard(&self, id: EventId) -> Result<bool> {
         self.write(|tx| {
             tx.execute(
@@ -707,6 +723,8 @@ fn row_to_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
         next_attempt_at: Timestamp::from_millis(row.get(9)?),
         last_error: row.get(10)?,
         sent_at: row.get::<_, Option<i64>>(11)?.map(Timestamp::from_millis),
+        // Not stored yet: schema v3 adds the column.
+        retried_at: None,
     })
 }
 
@@ -752,6 +770,10 @@ impl Store for SqliteStore {
 
     async fn retry(&self, id: EventId, now: Timestamp) -> Result<bool> {
         self.inner.retry(id, now)
+    }
+
+    async fn retry_now(&self, now: Timestamp) -> Result<u64> {
+        self.inner.retry_now(now)
     }
 
     async fn discard(&self, id: EventId) -> Result<bool> {

@@ -479,6 +479,7 @@ pub(crate) fn parse_record(r: &JsValue) -> Result<Event> {
         next_attempt_at: ts("next_attempt_at").unwrap_or(Timestamp::from_millis(0)),
         last_error: opt_str(get(r, "last_error")),
         sent_at: ts("sent_at"),
+        retried_at: ts("retried_at"),
     })
 }
 
@@ -628,18 +629,15 @@ impl Store for IdbStore {
         let done = idb::done(&tx);
         let meta = tx.object_store(META).idb("claiming")?;
         let events = tx.object_store(EVENTS).idb("claiming")?;
-        let now = request.now.as_millis();
         let lease = idb::wait(meta.get(&"lease".into()).idb("claiming")?)
             .await
             .idb("claiming")?;
         if lease.is_object() {
             let owner = opt_str(get(&lease, "owner")).unwrap_or_default();
-            let until = num(&lease, "until").unwrap_or(0.0) as i64;
-            if owner != request.owner && until > now {
+            let until = Timestamp::from_millis(num(&lease, "until").unwrap_or(0.0) as i64);
+            if owner != request.owner && request.lease_holds(until) {
                 let _ = done.await;
-                return Ok(Claim::LeaseHeld {
-                    until: Timestamp::from_millis(until),
-                });
+                return Ok(Claim::LeaseHeld { until });
             }
         }
         let new_lease = Object::new();
@@ -662,7 +660,7 @@ impl Store for IdbStore {
         let mut bytes = 0usize;
         for record in records.iter() {
             let event = parse_record(&record)?;
-            if batch.is_empty() && event.next_attempt_at.as_millis() > now {
+            if batch.is_empty() && !request.is_due(event.next_attempt_at) {
                 // Head-of-line: nothing overtakes an event waiting to retry.
                 done.await.idb("claiming")?;
                 return Ok(Claim::NotBefore(event.next_attempt_at));
@@ -808,6 +806,7 @@ impl Store for IdbStore {
                     "next_attempt_at",
                     &JsValue::from_f64(now.as_millis() as f64),
                 );
+                set(o, "retried_at", &JsValue::from_f64(now.as_millis() as f64));
                 let _ = Reflect::delete_property(o, &"last_error".into());
                 store.put(&r).idb("retrying an event")?;
                 true
@@ -819,6 +818,35 @@ impl Store for IdbStore {
             self.committed();
         }
         Ok(changed)
+    }
+
+    async fn retry_now(&self, now: Timestamp) -> Result<u64> {
+        let tx = self.tx(&[EVENTS], "readwrite")?;
+        let done = idb::done(&tx);
+        let store = tx.object_store(EVENTS).idb("retrying now")?;
+        let index = store.index(BY_STATUS).idb("retrying now")?;
+        let req = index
+            .get_all_with_key(&status_range("pending", None)?)
+            .idb("retrying now")?;
+        let records: Array = idb::wait(req).await.idb("retrying now")?.unchecked_into();
+        let at = now.as_millis() as f64;
+        let mut waiting = 0;
+        for record in records.iter() {
+            if num(&record, "next_attempt_at").is_some_and(|t| t > at) {
+                set(
+                    record.unchecked_ref(),
+                    "next_attempt_at",
+                    &JsValue::from_f64(at),
+                );
+                store.put(&record).idb("retrying now")?;
+                waiting += 1;
+            }
+        }
+        done.await.idb("retrying now")?;
+        if waiting > 0 {
+            self.committed();
+        }
+        Ok(waiting)
     }
 
     async fn discard(&self, id: EventId) -> Result<bool> {

@@ -62,6 +62,7 @@ fn request(owner: &str, max_events: usize, max_bytes: usize, now: Timestamp) -> 
         max_bytes,
         now,
         after: None,
+        max_wait: edge_outbox::RetryPolicy::DEFAULT_CAP,
     }
 }
 
