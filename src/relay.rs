@@ -54,10 +54,8 @@ use std::time::Duration;
 
 use crate::error::Result;
 use crate::event::{Event, EventId};
-use crate::policy::{Jitter, RetryPolicy};
-use crate::protocol::{
-    ErrorBody, EventResult, PROTOCOL_VERSION, PushResponse, ResultStatus, write_wire_event,
-};
+use crate::policy::{Jitter, PushWindow, RetryPolicy, Verdict, classify, network_failure};
+use crate::protocol::{EventResult, PROTOCOL_VERSION, ResultStatus, write_wire_event};
 use crate::store::{Claim, ClaimRequest, MaybeSend, MaybeSync, Outcome, Settlement, Store};
 use crate::time::Timestamp;
 use crate::transport::{Push, RequestSent, Response, Transport};
@@ -254,6 +252,8 @@ pub struct Relay<S, T> {
     /// True after a 401/403, until an answer that is neither: every push asks
     /// the credentials provider for fresh ones meanwhile.
     refresh_credentials: bool,
+    /// Most events in the next push: narrowed by repeated channel failures.
+    window: PushWindow,
     status: RelayStatus,
     observer: Option<Box<dyn StatusObserver>>,
     /// `{"protocol":1,"client_id":"…","events":[`, built once.
@@ -279,21 +279,6 @@ impl<S: std::fmt::Debug, T: std::fmt::Debug> std::fmt::Debug for Relay<S, T> {
     }
 }
 
-/// The answer to one push, classified.
-enum Verdict {
-    /// 200 with a readable body.
-    Results(PushResponse),
-    /// Retry the rest of the batch later.
-    Retry {
-        retry_after: Option<Duration>,
-        error: String,
-    },
-    /// 413: split.
-    TooLarge,
-    /// 400/422: bisect; the reason is used when the range is a single event.
-    Poison { reason: String },
-}
-
 impl<S: Store, T: Transport> Relay<S, T> {
     /// A relay over `store` and `transport`.
     pub fn new(store: S, transport: T, config: RelayConfig) -> Self {
@@ -308,9 +293,10 @@ impl<S: Store, T: Transport> Relay<S, T> {
         Relay {
             store,
             transport,
-            config,
             jitter: Jitter::from_entropy(),
             refresh_credentials: false,
+            window: PushWindow::new(config.max_events),
+            config,
             status: RelayStatus::default(),
             observer: None,
             body_prefix,
@@ -386,6 +372,16 @@ impl<S: Store, T: Transport> Relay<S, T> {
         self.status.dead = stats.dead;
         self.publish();
         Ok(())
+    }
+
+    /// The app's "try now": every pending event waiting for a retry time
+    /// (backoff, `Retry-After`) becomes due, and the next step or flush sends
+    /// it. Returns how many events were waiting. Attempts and order are kept.
+    pub async fn retry_now(&mut self) -> Result<u64> {
+        let waiting = self.store.retry_now(Timestamp::now()).await?;
+        self.status.next_attempt = None;
+        self.publish();
+        Ok(waiting)
     }
 
     /// Give up the lease so another relay can start at once (at shutdown).
@@ -531,42 +527,27 @@ impl<S: Store, T: Transport> Relay<S, T> {
             wire,
             mut outcomes,
             last_seq,
-            attempts,
             full,
         } = group;
         let mut failed = false;
-        // One push per `max_events` / `max_bytes` (the first event of a push
-        // always goes, however large: the server's 413 decides).
-        let mut queue: VecDeque<Range<usize>> = VecDeque::new();
-        let mut start = 0;
-        while start < wire.len() {
-            let mut end = start + 1;
-            let mut bytes = wire[start].size;
-            while end < wire.len()
-                && end - start < self.config.max_events
-                && bytes + wire[end].size <= self.config.max_bytes
-            {
-                bytes += wire[end].size;
-                end += 1;
-            }
-            queue.push_back(start..end);
-            start = end;
-        }
+        let mut queue = self.pushes(&wire);
         // When this claim was full, more is probably pending: while each push
         // is on the wire, claim and serialize one more push's worth into
         // `self.ahead`, so the next step starts pushing at once and the local
         // work per push stays small beside the push itself.
         let mut prefetch_after = full.then_some(last_seq);
         let mut counts = [0usize; 3];
+        // Events of this group never pushed: left as they are (pending, not
+        // counted as attempted); the first event left pending blocks them.
+        let mut unsent = 0;
         let mut pushes = 0;
+        let mut trial = Trial::default();
         while let Some(range) = queue.pop_front() {
             if pushes > 0 && Timestamp::now() >= now.add(self.config.lease / 2) {
                 // The lease was renewed at the claim; pushing on past half of
                 // it risks another relay taking over in the middle of this
                 // claim. The rest goes with the next claim, which renews it.
                 queue.push_front(range);
-                let deferred = "deferred to the next claim (lease renewal)";
-                retry_rest(&wire, &mut queue, &mut outcomes, Timestamp::now(), deferred);
                 break;
             }
             pushes += 1;
@@ -580,6 +561,9 @@ impl<S: Store, T: Transport> Relay<S, T> {
                 .await?;
             match verdict {
                 Verdict::Results(response) => {
+                    self.window.passed();
+                    // The channel carries pushes: lone refusals were the events'.
+                    trial.convict(&wire, &mut outcomes);
                     let part = &wire[range.clone()];
                     let mut unnamed = Vec::new();
                     for (w, result) in part.iter().zip(match_results(part, response.results)) {
@@ -607,6 +591,7 @@ impl<S: Store, T: Transport> Relay<S, T> {
                         } else {
                             failed = true;
                             self.status.last_error = Some(error.clone());
+                            let attempts = next_attempt_number(unnamed.iter().copied());
                             self.config
                                 .retry
                                 .next_attempt(now, attempts, None, &mut self.jitter)
@@ -617,44 +602,55 @@ impl<S: Store, T: Transport> Relay<S, T> {
                                 error: error.clone(),
                             }));
                         }
-                        // Later sub-batches must not overtake the skipped events.
-                        retry_rest(
-                            &wire,
-                            &mut queue,
-                            &mut outcomes,
-                            at,
-                            "not sent: an earlier event in the batch is still pending",
-                        );
+                        // Later pushes must not overtake the skipped events.
+                        unsent += drain_len(&mut queue);
                     }
                 }
-                Verdict::TooLarge if range.len() > 1 => split_front(&mut queue, range),
-                Verdict::TooLarge => outcomes.push(wire[range.start].settlement(Outcome::Dead {
-                    reason: "too large for the server (413 Payload Too Large)".to_owned(),
-                })),
-                Verdict::Poison { .. } if range.len() > 1 => split_front(&mut queue, range),
-                Verdict::Poison { reason } => {
-                    outcomes.push(wire[range.start].settlement(Outcome::Dead { reason }))
+                Verdict::Refused { too_large, .. } if range.len() > 1 => {
+                    if too_large {
+                        self.window.too_large(range.len());
+                    }
+                    split_front(&mut queue, range)
                 }
-                Verdict::Retry { retry_after, error } => {
+                Verdict::Refused { reason, .. } => {
+                    trial.refused(range.start, reason, &wire, &mut outcomes);
+                    if trial.is_channel() || queue.is_empty() {
+                        // Refused alike, part after part, and nothing passed:
+                        // the channel's doing (a proxy, a WAF, a gateway), not
+                        // the events'. They all stay pending.
+                        let (error, suspects) = trial.acquit();
+                        failed = true;
+                        unsent += drain_len(&mut queue);
+                        self.channel_failure(&wire, suspects, None, error, &mut outcomes);
+                    }
+                }
+                Verdict::Channel {
+                    retry_after,
+                    error,
+                    narrows,
+                } => {
                     failed = true;
-                    let at = self.config.retry.next_attempt(
-                        Timestamp::now(), // Retry-After counts from the answer
-                        attempts,
-                        retry_after,
-                        &mut self.jitter,
-                    );
-                    // This push and every one after it.
-                    queue.push_front(range);
-                    retry_rest(&wire, &mut queue, &mut outcomes, at, &error);
-                    self.status.last_error = Some(error);
-                    self.status.next_attempt = Some(at);
+                    self.window.failed(range.len(), narrows);
+                    // This push's events (and any lone refusal still unproven)
+                    // were carried and stay pending; the rest were not pushed.
+                    let (_, suspects) = trial.acquit();
+                    let carried: Vec<usize> = suspects.into_iter().chain(range).collect();
+                    unsent += drain_len(&mut queue);
+                    self.channel_failure(&wire, carried, retry_after, error, &mut outcomes);
                 }
             }
+        }
+        unsent += drain_len(&mut queue);
+        if !trial.is_empty() {
+            // Stopped (lease renewal) with lone refusals unproven: pending.
+            let (error, suspects) = trial.acquit();
+            failed = true;
+            self.channel_failure(&wire, suspects, None, error, &mut outcomes);
         }
 
         tally(&outcomes, &mut counts);
         let [sent, dead, retry] = counts;
-        if retry > 0 {
+        if retry + unsent > 0 {
             // Events of this group stay pending: the next group must not
             // overtake them, so it is claimed again after them.
             self.ahead = None;
@@ -677,9 +673,61 @@ impl<S: Store, T: Transport> Relay<S, T> {
         Ok(Step::Batch {
             sent,
             dead,
-            retry,
+            retry: retry + unsent,
             failed,
         })
+    }
+
+    /// The group's pushes: up to the [`PushWindow`]'s events and `max_bytes`
+    /// each (the first event of a push always goes, however large: the
+    /// server's 413 decides).
+    fn pushes(&self, wire: &[Wire]) -> VecDeque<Range<usize>> {
+        let max_events = self.window.limit();
+        let mut queue = VecDeque::new();
+        let mut start = 0;
+        while start < wire.len() {
+            let mut end = start + 1;
+            let mut bytes = wire[start].size;
+            while end < wire.len()
+                && end - start < max_events
+                && bytes + wire[end].size <= self.config.max_bytes
+            {
+                bytes += wire[end].size;
+                end += 1;
+            }
+            queue.push_back(start..end);
+            start = end;
+        }
+        queue
+    }
+
+    /// A failure of the channel: the events at `carried` (pushed, no verdict)
+    /// are retried after the policy's backoff for the attempt they were on
+    /// (and no sooner than `retry_after`, up to the cap); the status says why.
+    fn channel_failure(
+        &mut self,
+        wire: &[Wire],
+        carried: Vec<usize>,
+        retry_after: Option<Duration>,
+        error: String,
+        outcomes: &mut Vec<Settlement>,
+    ) {
+        let attempts = next_attempt_number(carried.iter().map(|&i| &wire[i]));
+        // Retry-After counts from the answer.
+        let at = self.config.retry.next_attempt(
+            Timestamp::now(),
+            attempts,
+            retry_after,
+            &mut self.jitter,
+        );
+        for i in carried {
+            outcomes.push(wire[i].settlement(Outcome::Retry {
+                at,
+                error: error.clone(),
+            }));
+        }
+        self.status.last_error = Some(error);
+        self.status.next_attempt = Some(at);
     }
 
     /// Send one push and, at the same time, settle `settle` (outcomes of
@@ -758,10 +806,7 @@ impl<S: Store, T: Transport> Relay<S, T> {
         }
         Ok(match answer {
             Ok(response) => classify(response),
-            Err(e) => Verdict::Retry {
-                retry_after: None,
-                error: e.to_string(),
-            },
+            Err(e) => network_failure(&e),
         })
     }
 }
@@ -772,6 +817,8 @@ struct Wire {
     id: EventId,
     /// [`Event::size`], for the per-push byte limit.
     size: usize,
+    /// Pushes that carried it before this one (the backoff grows with them).
+    attempts: u32,
     /// Its push JSON, written once; sub-batches (413, 400) are re-joined from it.
     json: Vec<u8>,
 }
@@ -797,8 +844,6 @@ struct Group {
     outcomes: Vec<Settlement>,
     /// The highest seq claimed: the next group starts after it.
     last_seq: i64,
-    /// The attempt this is for the head event (it has the most behind it).
-    attempts: u32,
     /// The (last) claim hit its count limit, or came close to its byte
     /// budget: more events are probably pending.
     full: bool,
@@ -808,15 +853,21 @@ impl Group {
     /// Serialize the events `request` claimed (expired ones become outcomes).
     fn prepare(events: Vec<Event>, request: &ClaimRequest<'_>, config: &RelayConfig) -> Group {
         let claimed_at = request.now;
-        // This attempt is counted when it is settled, so it is number attempts + 1.
-        let attempts = events.iter().map(|e| e.attempts).max().unwrap_or(0) + 1;
         let last_seq = events.last().map_or(0, |e| e.seq);
         let mut wire = Vec::with_capacity(events.len());
         let mut outcomes = Vec::new();
         let mut bytes = 0;
+        // An event was committed no earlier than any event before it in seq
+        // order: a created_at below that was written by a clock set back,
+        // and is not believed (see `RetryPolicy::is_expired`).
+        let mut committed_after = Timestamp::from_millis(i64::MIN);
         for event in &events {
             bytes += event.size();
-            if config.retry.is_expired(event.age_base(), claimed_at) {
+            committed_after = committed_after.max(event.created_at);
+            if config
+                .retry
+                .is_expired(event.age_base().max(committed_after), claimed_at)
+            {
                 outcomes.push(Settlement::new(
                     event,
                     Outcome::Dead {
@@ -831,6 +882,7 @@ impl Group {
                 seq: event.seq,
                 id: event.id,
                 size: event.size(),
+                attempts: event.attempts,
                 json,
             });
         }
@@ -839,7 +891,6 @@ impl Group {
             wire,
             outcomes,
             last_seq,
-            attempts,
             full: events.len() >= request.max_events || bytes >= request.max_bytes / 2,
         }
     }
@@ -849,7 +900,6 @@ impl Group {
         self.wire.extend(next.wire);
         self.outcomes.extend(next.outcomes);
         self.last_seq = next.last_seq;
-        self.attempts = self.attempts.max(next.attempts);
         self.full = next.full;
     }
 }
@@ -891,24 +941,6 @@ fn push_body(prefix: &[u8], wire: &[Wire]) -> Vec<u8> {
     }
     body.extend_from_slice(b"]}");
     body
-}
-
-/// Mark every range still queued as Retry at `at` (they were not sent).
-fn retry_rest(
-    wire: &[Wire],
-    queue: &mut VecDeque<Range<usize>>,
-    outcomes: &mut Vec<Settlement>,
-    at: Timestamp,
-    error: &str,
-) {
-    for range in queue.drain(..) {
-        for w in &wire[range] {
-            outcomes.push(w.settlement(Outcome::Retry {
-                at,
-                error: error.to_owned(),
-            }));
-        }
-    }
 }
 
 /// Send a push; after a 401/403, ask for fresh credentials and resend once at
@@ -1008,69 +1040,84 @@ fn split_front(queue: &mut VecDeque<Range<usize>>, range: Range<usize>) {
     queue.push_front(range.start..mid);
 }
 
-/// What a status code means (see the table in the module docs).
-fn classify(response: Response) -> Verdict {
-    let status = response.status;
-    match status {
-        200 => match serde_json::from_slice::<PushResponse>(&response.body) {
-            Ok(parsed) => Verdict::Results(parsed),
-            Err(e) => Verdict::Retry {
-                retry_after: None,
-                error: format!("unreadable 200 answer from the server: {e}"),
-            },
-        },
-        413 => Verdict::TooLarge,
-        // A server that does not speak this protocol version: a deployment
-        // mismatch, not a poison event. Dead-lettering would empty the outbox.
-        400 if serde_json::from_slice::<ErrorBody>(&response.body)
-            .is_ok_and(|e| e.error == "unsupported_protocol") =>
-        {
-            Verdict::Retry {
-                retry_after: response.retry_after,
-                error: format!(
-                    "the server does not speak protocol {PROTOCOL_VERSION}: {}",
-                    error_text(&response.body)
-                ),
-            }
+/// The evidence gathered while bisecting a refused push (400/422 with the
+/// protocol's error body, or 413): which lone events were refused, and
+/// whether anything passed on the same channel since.
+///
+/// A lone refused event is guilty only when other events pass: then the
+/// server reads pushes and refuses that one. Until then it is a *suspect*,
+/// and the relay goes on with the events after it (they were never
+/// delivered before it, and it is either dead or they are refused too, so
+/// order holds). [`MAX_SUSPECTS`] lone refusals with no pass between them
+/// mean every part of the batch is refused alike: a channel failure.
+#[derive(Default)]
+struct Trial {
+    /// A push of this group passed (a 200).
+    passed: bool,
+    /// Lone refused events awaiting a verdict: index in the group, reason.
+    suspects: Vec<(usize, String)>,
+}
+
+/// Lone refusals in a row, with nothing passing, that make a refusal the
+/// channel's, not the events'. Three adjacent poison events with nothing
+/// passing before them are then held as a channel failure (pending, with
+/// backoff) rather than dead-lettered: a stall that shows in the status,
+/// never a loss.
+const MAX_SUSPECTS: usize = 3;
+
+impl Trial {
+    /// A lone event was refused: guilty at once if the channel was seen to
+    /// work, a suspect otherwise.
+    fn refused(&mut self, i: usize, reason: String, wire: &[Wire], out: &mut Vec<Settlement>) {
+        if self.passed {
+            out.push(wire[i].settlement(Outcome::Dead { reason }));
+        } else {
+            self.suspects.push((i, reason));
         }
-        400 | 422 => Verdict::Poison {
-            reason: format!(
-                "rejected by the server ({status}): {}",
-                error_text(&response.body)
+    }
+
+    /// Something passed: the suspects were guilty.
+    fn convict(&mut self, wire: &[Wire], out: &mut Vec<Settlement>) {
+        self.passed = true;
+        for (i, reason) in self.suspects.drain(..) {
+            out.push(wire[i].settlement(Outcome::Dead { reason }));
+        }
+    }
+
+    /// Enough refusals alike to blame the channel.
+    fn is_channel(&self) -> bool {
+        self.suspects.len() >= MAX_SUSPECTS
+    }
+
+    fn is_empty(&self) -> bool {
+        self.suspects.is_empty()
+    }
+
+    /// Release the suspects (they stay pending): the error to show, and
+    /// their indexes.
+    fn acquit(&mut self) -> (String, Vec<usize>) {
+        let error = match self.suspects.last() {
+            Some((_, reason)) => format!(
+                "every part of the batch was refused alike, down to single events, \
+                 and nothing passed: kept pending as a failure of the channel \
+                 (a proxy, gateway or server refusing every push), not of the events; \
+                 last answer: {reason}"
             ),
-        },
-        401 | 403 => Verdict::Retry {
-            retry_after: response.retry_after,
-            error: format!(
-                "the server refused the credentials ({status}), fresh ones too: {}",
-                error_text(&response.body)
-            ),
-        },
-        _ => Verdict::Retry {
-            // 408/429/503 carry Retry-After; honouring it elsewhere is harmless.
-            retry_after: response.retry_after,
-            error: format!(
-                "the server answered {status}: {}",
-                error_text(&response.body)
-            ),
-        },
+            None => String::new(),
+        };
+        (error, self.suspects.drain(..).map(|(i, _)| i).collect())
     }
 }
 
-/// The message of an [`ErrorBody`], or the body's text (shortened).
-fn error_text(body: &[u8]) -> String {
-    if let Ok(e) = serde_json::from_slice::<ErrorBody>(body) {
-        return e.message;
-    }
-    let text = String::from_utf8_lossy(body);
-    let text = text.trim();
-    if text.is_empty() {
-        return "(no body)".to_owned();
-    }
-    match text.char_indices().nth(200) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_owned(),
-    }
+/// Take every range left in the queue; how many events they held.
+fn drain_len(queue: &mut VecDeque<Range<usize>>) -> usize {
+    queue.drain(..).map(|r| r.len()).sum()
+}
+
+/// The attempt number that a push of `carried` was: one more than the most
+/// attempts any of them had before (the backoff grows with it).
+fn next_attempt_number<'a>(carried: impl Iterator<Item = &'a Wire>) -> u32 {
+    carried.map(|w| w.attempts).max().unwrap_or(0) + 1
 }
 
 #[cfg(test)]
@@ -1155,6 +1202,7 @@ mod tests {
                 seq,
                 id: EventId::new(),
                 size: 0,
+                attempts: 0,
                 json: Vec::new(),
             })
             .collect();
@@ -1569,6 +1617,222 @@ mod tests {
         block_on(a.release_lease()).unwrap();
         assert_eq!(block_on(b.flush()).unwrap().sent, 3);
         assert_eq!(seqs(&server), [1, 2, 3]);
+    }
+
+    /// A proxy's or WAF's 400 page, for every push.
+    fn proxy_400() -> Fault {
+        Fault::Status {
+            status: 400,
+            retry_after: None,
+            body: "<html><body>400 Request Header Or Cookie Too Large</body></html>".into(),
+        }
+    }
+
+    #[test]
+    fn a_400_without_the_protocol_error_body_is_the_channel_and_dead_letters_nothing() {
+        let (mut relay, store, server) = setup(250);
+        server.fail_always(Some(proxy_400()));
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!((report.sent, report.dead, report.pending), (0, 0, 250));
+        let error = report
+            .last_error
+            .expect("the flush report names the failure");
+        assert!(error.contains("no protocol error body"), "{error}");
+        assert!(report.next_attempt.is_some(), "backs off");
+        assert_eq!(
+            server.requests().len(),
+            1,
+            "no bisection of a channel failure"
+        );
+        assert_eq!(relay.status().last_error.as_deref(), Some(error.as_str()));
+        // Only the pushed events count an attempt.
+        assert_eq!(
+            store.all().iter().filter(|e| e.attempts == 1).count(),
+            10,
+            "one push of 10 carried events"
+        );
+        server.fail_always(None);
+        make_due(&store);
+        assert_eq!(block_on(relay.flush()).unwrap().sent, 250);
+        assert_eq!(seqs(&server), (1..=250).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_content_400_that_every_split_gets_alike_is_the_channel_too() {
+        // A gateway that answers with our own error body, to every push.
+        let (mut relay, store, server) = setup(250);
+        server.fail_always(Some(Fault::Status {
+            status: 400,
+            retry_after: None,
+            body: r#"{"error":"invalid_request","message":"header too large"}"#.into(),
+        }));
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!((report.sent, report.dead, report.pending), (0, 0, 250));
+        assert!(report.last_error.unwrap().contains("refused alike"));
+        // Bisection down to MAX_SUSPECTS lone events, not one request per event.
+        let requests = server.requests().len();
+        assert!(requests <= 12, "{requests} requests");
+        assert_eq!(count(&store, EventStatus::Dead), 0);
+        server.fail_always(None);
+        make_due(&store);
+        assert_eq!(block_on(relay.flush()).unwrap().sent, 250);
+        assert_eq!(seqs(&server), (1..=250).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_poison_event_at_the_head_is_convicted_by_its_neighbours_passing() {
+        let (mut relay, store, server) = setup(0);
+        let mut events: Vec<_> = (0..9)
+            .map(|i| NewEvent::json("Good", &i).unwrap())
+            .collect();
+        events.insert(0, NewEvent::json("Poison", &0).unwrap());
+        block_on(store.enqueue(events)).unwrap();
+        server.poison_type("Poison");
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!((report.sent, report.dead, report.pending), (9, 1, 0));
+        assert_eq!(block_on(store.dead_letters(10)).unwrap()[0].seq, 1);
+        assert_eq!(seqs(&server), (2..=10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_lone_too_large_event_with_nothing_else_passing_stays_pending() {
+        // A proxy refusing every body as too large looks like this too.
+        let (mut relay, store, server) = setup(3);
+        server.max_body(10);
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!((report.dead, report.pending), (0, 3));
+        assert!(report.last_error.unwrap().contains("413"));
+        assert_eq!(count(&store, EventStatus::Dead), 0);
+    }
+
+    #[test]
+    fn retry_after_is_honoured_up_to_the_cap() {
+        let (mut relay, store, server) = setup(2);
+        server.push_fault(Fault::Status {
+            status: 503,
+            retry_after: Some(Duration::from_secs(315_360_000)),
+            body: String::new(),
+        });
+        let report = block_on(relay.flush()).unwrap();
+        let cap = relay.config().retry.cap();
+        let at = report.next_attempt.unwrap();
+        assert!(at <= Timestamp::now().add(cap), "{at:?}");
+        assert!(store.all().iter().all(|e| e.next_attempt_at <= at));
+    }
+
+    #[test]
+    fn a_stored_retry_time_beyond_the_cap_is_not_believed() {
+        // Written under a clock a day ahead, or by a version without a ceiling.
+        let (mut relay, store, server) = setup(3);
+        let far = Timestamp::now().add(Duration::from_secs(86_400));
+        let settlements = store
+            .all()
+            .iter()
+            .map(|e| {
+                Settlement::new(
+                    e,
+                    Outcome::Retry {
+                        at: far,
+                        error: "old".into(),
+                    },
+                )
+            })
+            .collect();
+        block_on(store.settle(settlements, Timestamp::now())).unwrap();
+        assert_eq!(block_on(relay.flush()).unwrap().sent, 3);
+        assert_eq!(seqs(&server), [1, 2, 3]);
+    }
+
+    #[test]
+    fn retry_now_sends_events_waiting_for_a_retry_time() {
+        let (mut relay, _store, server) = setup(4);
+        server.push_fault(Fault::Status {
+            status: 503,
+            retry_after: Some(Duration::from_secs(120)),
+            body: String::new(),
+        });
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!(report.pending, 4);
+        assert!(matches!(
+            block_on(relay.step()).unwrap(),
+            Step::NotBefore(_)
+        ));
+        assert_eq!(block_on(relay.retry_now()).unwrap(), 4);
+        assert_eq!(relay.status().next_attempt, None);
+        assert_eq!(block_on(relay.flush()).unwrap().sent, 4);
+        assert_eq!(seqs(&server), [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_retried_expired_dead_letter_is_sent() {
+        let (mut relay, store, server) = setup(0);
+        let old = Timestamp::now().sub(Duration::from_secs(3600));
+        let event = store.enqueue_at(NewEvent::json("Old", &1).unwrap(), old);
+        relay.config.retry = RetryPolicy::new().with_max_age(Some(Duration::from_secs(60)));
+        assert_eq!(block_on(relay.flush()).unwrap().dead, 1);
+        assert!(block_on(store.retry(event.id, Timestamp::now())).unwrap());
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!((report.sent, report.dead), (1, 0));
+        assert_eq!(seqs(&server), [1]);
+    }
+
+    #[test]
+    fn a_clock_that_was_wrong_at_commit_expires_nothing() {
+        let (mut relay, store, server) = setup(0);
+        relay.config.retry = RetryPolicy::new().with_max_age(Some(Duration::from_secs(7 * 86_400)));
+        let now = Timestamp::now();
+        // A clock reset to 2000-01-01 (a dead RTC battery), later corrected.
+        let y2000 = Timestamp::from_millis(946_684_800_000);
+        store.enqueue_at(NewEvent::json("Reset", &1).unwrap(), y2000);
+        // A clock set back 30 days between two commits, later corrected:
+        // the second cannot be older than the first.
+        store.enqueue_at(NewEvent::json("Right", &2).unwrap(), now);
+        store.enqueue_at(
+            NewEvent::json("SetBack", &3).unwrap(),
+            now.sub(Duration::from_secs(30 * 86_400)),
+        );
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!((report.sent, report.dead), (3, 0));
+        assert_eq!(seqs(&server), [1, 2, 3]);
+    }
+
+    #[test]
+    fn attempts_count_only_pushes_that_carried_the_event() {
+        let (mut relay, store, server) = setup(100);
+        server.push_fault(Fault::None);
+        server.push_fault(Fault::Network);
+        block_on(relay.flush()).unwrap();
+        let attempts: Vec<u32> = store.all().iter().map(|e| e.attempts).collect();
+        // Push 1 (sent) and push 2 (failed) carried 10 each; the other 80
+        // (claimed ahead, or after the failure) were never pushed.
+        assert!(attempts[..20].iter().all(|&a| a == 1), "{attempts:?}");
+        assert!(attempts[20..].iter().all(|&a| a == 0), "{attempts:?}");
+        // The backoff is the policy's first: within base (1 s).
+        let at = relay.status().next_attempt.unwrap();
+        assert!(at <= Timestamp::now().add(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_backend_failing_on_one_event_narrows_pushes_until_the_ones_before_it_pass() {
+        let (mut relay, store, server) = setup(0);
+        let mut events: Vec<_> = (0..30)
+            .map(|i| NewEvent::json("Good", &i).unwrap())
+            .collect();
+        events.insert(17, NewEvent::json("Unappliable", &0).unwrap());
+        block_on(store.enqueue(events)).unwrap();
+        server.fail_type("Unappliable", 500);
+        for _ in 0..20 {
+            block_on(relay.flush()).unwrap();
+            make_due(&store);
+        }
+        // Everything before it is delivered, in order; it and what follows
+        // wait (order), nothing is dead.
+        assert_eq!(seqs(&server), (1..=17).collect::<Vec<_>>());
+        assert_eq!(count(&store, EventStatus::Dead), 0);
+        assert_eq!(count(&store, EventStatus::Pending), 14);
+        assert_eq!(relay.window.limit(), 1);
+        let last = server.requests().last().copied().unwrap();
+        assert_eq!(last.0, 1, "the failing event is pushed alone");
     }
 
     #[test]

@@ -343,6 +343,8 @@ struct ServerState {
     reject_types: HashSet<String>,
     poison_types: HashSet<String>,
     max_body: Option<usize>,
+    always: Option<Fault>,
+    fail_types: HashMap<String, u16>,
     stale_credentials: bool,
     requests: Vec<(usize, bool)>,
 }
@@ -382,6 +384,22 @@ impl MemoryServer {
         lock(&self.state).poison_types.insert(event_type.to_owned());
     }
 
+    /// Play `fault` for every request from now on (`None`: stop): a fault
+    /// that persists, like a proxy that refuses every push. Queued faults
+    /// ([`MemoryServer::push_fault`]) go first.
+    pub fn fail_always(&self, fault: Option<Fault>) {
+        lock(&self.state).always = fault;
+    }
+
+    /// Answer `status` (say 500), storing nothing, to any push holding an
+    /// event of this type: a backend that cannot apply one event and fails
+    /// the whole batch for it.
+    pub fn fail_type(&self, event_type: &str, status: u16) {
+        lock(&self.state)
+            .fail_types
+            .insert(event_type.to_owned(), status);
+    }
+
     /// Answer 413 to bodies larger than `bytes`.
     pub fn max_body(&self, bytes: usize) {
         lock(&self.state).max_body = Some(bytes);
@@ -416,7 +434,7 @@ impl MemoryServer {
             retry_after: None,
             body: body.into_bytes(),
         };
-        let fault = s.faults.pop_front();
+        let fault = s.faults.pop_front().or_else(|| s.always.clone());
         match &fault {
             Some(Fault::Network) => return Err(network("injected: connection refused")),
             Some(Fault::Status {
@@ -465,6 +483,16 @@ impl MemoryServer {
             return Ok(respond(
                 422,
                 r#"{"error":"invalid_event","message":"poison"}"#.into(),
+            ));
+        }
+        if let Some(status) = request
+            .events
+            .iter()
+            .find_map(|e| s.fail_types.get(&e.event_type).copied())
+        {
+            return Ok(respond(
+                status,
+                r#"{"error":"inbox_error","message":"cannot apply"}"#.into(),
             ));
         }
         let mut events = request.events;
