@@ -157,6 +157,7 @@ export type OutboxErrorName =
   | "InvalidEventError"
   | "QuotaExceededError"
   | "ClosedError"
+  | "ForeignAwaitError"
   | "VersionConflictError"
   | "InvalidConfigError"
   | "NetworkError"
@@ -165,7 +166,13 @@ export type OutboxErrorName =
 
 /** An outbox over one IndexedDB database. */
 export interface Outbox {
-  /** Commit the app's writes and the events in ONE IndexedDB transaction. */
+  /**
+   * Commit the app's writes and the events in ONE IndexedDB transaction: all
+   * of it or nothing. An async callback may await only this transaction's own
+   * requests (`tx.get`); when it awaits anything else (a fetch, a timer,
+   * `Blob.arrayBuffer()`), the transaction is aborted before anything is
+   * written and the promise rejects with a `ForeignAwaitError`.
+   */
   transaction<T>(storeNames: string | string[], callback: (tx: OutboxTransaction) => T | Promise<T>): Promise<T>;
   /** Add an event to the app's own IDBTransaction (scope must include `"edge_outbox_events"`). */
   enqueueIn(transaction: IDBTransaction, type: string, payload: unknown, options?: EnqueueOptions): string;

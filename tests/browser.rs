@@ -612,3 +612,95 @@ async fn queued_flushes_reject_with_named_errors() {
     }
     wait(outbox.close()).await.unwrap();
 }
+
+// ---- browser lifecycle (issue 10) ---------------------------------------------
+
+/// Case 6: an async callback that awaits something other than its own
+/// transaction's requests (a fetch, a timer, `Blob.arrayBuffer()`): IndexedDB
+/// would commit what was written before the await alone. The commit is
+/// refused before anything is written, with a named error.
+#[wasm_bindgen_test]
+async fn a_callback_awaiting_something_else_writes_nothing() {
+    let outbox = open_todos(&fresh_name("foreign-await"), "").await;
+    for (what, wait_for) in [
+        ("a timer", "await new Promise((r) => setTimeout(r, 50));"),
+        (
+            "a fetch",
+            "await fetch('data:text/plain,x').then((r) => r.text());",
+        ),
+        (
+            "Blob.arrayBuffer()",
+            "await new Blob(['abc']).arrayBuffer();",
+        ),
+        (
+            "a zero timer",
+            "await new Promise((r) => setTimeout(r, 0));",
+        ),
+    ] {
+        let err = wait(outbox.transaction(
+            js(r#"["todos"]"#),
+            Function::new_with_args(
+                "tx",
+                &format!(
+                    "return (async () => {{
+                        tx.put('todos', {{ id: 1, done: 0 }});
+                        {wait_for}
+                        tx.enqueue('TodoCreated', {{ id: 1 }});
+                    }})();"
+                ),
+            ),
+        ))
+        .await
+        .expect_err(what);
+        assert_eq!(error_name(&err), "ForeignAwaitError", "{what}: {err:?}");
+        assert!(
+            prop(&err, "message")
+                .as_string()
+                .unwrap()
+                .contains("before or after outbox.transaction"),
+            "{what}: {err:?}"
+        );
+        assert!(
+            todo(&outbox, 1).await.is_undefined(),
+            "{what}: the todo was written alone"
+        );
+        assert_eq!(pending_count(&outbox).await, 0.0, "{what}");
+    }
+    // A callback that catches the failure of its late write still writes nothing.
+    let err = wait(outbox.transaction(
+        js(r#"["todos"]"#),
+        callback(
+            "return (async () => {
+                tx.put('todos', { id: 2, done: 0 });
+                await new Promise((r) => setTimeout(r, 30));
+                try { tx.enqueue('TodoCreated', { id: 2 }); } catch (e) { /* swallowed */ }
+                return 'done';
+            })();",
+        ),
+    ))
+    .await
+    .unwrap_err();
+    assert_eq!(error_name(&err), "ForeignAwaitError", "{err:?}");
+    assert!(todo(&outbox, 2).await.is_undefined());
+    // Awaiting the transaction's own requests (and microtasks) is fine.
+    let value = wait(outbox.transaction(
+        js(r#"["todos"]"#),
+        callback(
+            "return (async () => {
+                tx.put('todos', { id: 3, done: 0 });
+                const before = await tx.get('todos', 3);
+                await Promise.resolve();
+                const missing = await tx.get('todos', 4);
+                tx.put('todos', { id: 4, done: before.done + 1 });
+                await tx.get('todos', 4);
+                return tx.enqueue('TodoCreated', { id: 3 }, { key: missing === undefined ? 'ok' : 'bad' });
+            })();",
+        ),
+    ))
+    .await
+    .unwrap();
+    assert!(value.as_string().is_some());
+    assert_eq!(num(&todo(&outbox, 4).await, "done"), 1.0);
+    assert_eq!(pending_count(&outbox).await, 1.0);
+    wait(outbox.close()).await.unwrap();
+}

@@ -52,6 +52,79 @@ export function strictJson(value) {
   });
   return text;
 }
+export function guardedCall(tx, store, callback, handle, foreign) {
+  let result;
+  try {
+    result = callback(handle);
+  } catch (e) {
+    return Promise.reject(e);
+  }
+  if (result === null || (typeof result !== "object" && typeof result !== "function") || typeof result.then !== "function") {
+    return Promise.resolve(result);
+  }
+  // An async callback. IndexedDB commits a transaction as soon as it has no
+  // request left when control returns to the event loop: a callback awaiting
+  // a fetch, a timer or Blob.arrayBuffer() would see its first writes
+  // committed alone. So keep the transaction open with one cheap request at a
+  // time (a keep-alive), and watch the callback's own requests: requests of a
+  // transaction complete in the order they were placed, so while the callback
+  // waits for one of them, some request other than the keep-alive completes
+  // between two keep-alives. Rounds with none mean it waits for something
+  // else: abort before anything is written and say why.
+  return new Promise((resolve, reject) => {
+    let settled = false, finished = false, others = 0, idle = 0, keepAlive = null;
+    const onRequest = (e) => { if (e.target !== keepAlive) others++; };
+    const onEnd = () => { finished = true; };
+    tx.addEventListener("success", onRequest, true);
+    tx.addEventListener("error", onRequest, true);
+    tx.addEventListener("abort", onEnd);
+    tx.addEventListener("complete", onEnd);
+    const cleanup = () => {
+      settled = true;
+      tx.removeEventListener("success", onRequest, true);
+      tx.removeEventListener("error", onRequest, true);
+    };
+    const inactive = () => {
+      if (finished) return false;
+      try { store.get(0); return false; } catch (e) { return e && e.name === "TransactionInactiveError"; }
+    };
+    const refuse = (cause) => {
+      cleanup();
+      try { tx.abort(); } catch (_) { /* already finished */ }
+      reject(foreign(cause));
+    };
+    const spin = () => {
+      if (settled || finished) return;
+      idle = others === 0 ? idle + 1 : 0;
+      others = 0;
+      if (idle >= 3) return refuse(undefined);
+      try {
+        keepAlive = store.get(0);
+        keepAlive.onsuccess = spin;
+      } catch (e) {
+        refuse(e);
+      }
+    };
+    spin();
+    Promise.resolve(result).then(
+      (value) => {
+        if (settled) return;
+        if (inactive()) return refuse(undefined);
+        cleanup();
+        resolve(value);
+      },
+      (error) => {
+        if (settled) return;
+        if ((error && error.name === "TransactionInactiveError") || inactive()) return refuse(error);
+        cleanup();
+        reject(error);
+      },
+    );
+  });
+}
+export function isInactive(tx, name) {
+  try { tx.objectStore(name).get(0); return false; } catch (e) { return e && e.name === "TransactionInactiveError"; }
+}
 export function requestPromise(req) {
   return new Promise((resolve, reject) => {
     req.onsuccess = () => resolve(req.result);
@@ -65,6 +138,22 @@ extern "C" {
     /// class instances such as Map or Set).
     #[wasm_bindgen(catch, js_name = strictJson)]
     fn strict_json(value: &JsValue) -> std::result::Result<String, JsValue>;
+
+    /// Call the `outbox.transaction` callback: a Promise of its value that
+    /// rejects with `foreign(cause)` (and aborts `tx`) when an async callback
+    /// awaits anything but this transaction's requests.
+    #[wasm_bindgen(js_name = guardedCall)]
+    fn guarded_call(
+        tx: &IdbTransaction,
+        store: &web_sys::IdbObjectStore,
+        callback: &Function,
+        handle: &JsValue,
+        foreign: &Function,
+    ) -> Promise;
+
+    /// True when `tx` is alive but inactive (used outside its callbacks).
+    #[wasm_bindgen(js_name = isInactive)]
+    fn is_inactive(tx: &IdbTransaction, name: &str) -> bool;
 
     /// A Promise of an `IDBRequest`'s result.
     #[wasm_bindgen(js_name = requestPromise)]
@@ -428,15 +517,20 @@ impl Outbox {
                 state: state.clone(),
             }
             .into();
-            let outcome = match callback.call1(&JsValue::UNDEFINED, &handle) {
-                Ok(value) if value.has_type::<Promise>() || present(&get(&value, "then")) => {
-                    // An async callback: it may await this transaction's own
-                    // requests (tx.get); awaiting anything else lets IndexedDB
-                    // commit early, as with raw IndexedDB.
-                    JsFuture::from(Promise::resolve(&value)).await
-                }
-                other => other,
-            };
+            let keep_alive = tx.object_store(EVENTS)?;
+            let foreign = Closure::<dyn Fn(JsValue) -> JsValue>::new(foreign_await_error);
+            // An async callback may await this transaction's own requests
+            // (tx.get); awaiting anything else is refused before IndexedDB
+            // can commit part of the work (see `guardedCall`).
+            let outcome = JsFuture::from(guarded_call(
+                &tx,
+                &keep_alive,
+                &callback,
+                &handle,
+                foreign.as_ref().unchecked_ref(),
+            ))
+            .await;
+            drop(foreign);
             // The handle is only valid inside the callback.
             if let Some(free) = get(&handle, "free").dyn_ref::<Function>() {
                 let _ = free.call0(&handle);
@@ -672,6 +766,34 @@ impl Outbox {
     }
 }
 
+/// A JavaScript `Error` named `name` (errors of the browser's lifecycle that
+/// the crate's [`Error`] has no kind for).
+pub(crate) fn named_error(name: &str, message: &str) -> JsValue {
+    let err = js_sys::Error::new(message);
+    err.set_name(name);
+    err.into()
+}
+
+/// Name of the error of a transaction callback that awaited something else
+/// than its own requests.
+pub const FOREIGN_AWAIT_ERROR: &str = "ForeignAwaitError";
+
+/// The error of a callback that awaited something else than this
+/// transaction's requests (`cause`: the error it got, if any).
+fn foreign_await_error(cause: JsValue) -> JsValue {
+    let err = named_error(
+        FOREIGN_AWAIT_ERROR,
+        "the transaction callback awaited something other than this transaction's own \
+         requests (a fetch, a timer, Blob.arrayBuffer(), another transaction): IndexedDB would \
+         have committed the writes made before it alone, so the transaction was aborted and \
+         nothing was written; do that work before or after outbox.transaction",
+    );
+    if !cause.is_undefined() {
+        let _ = Reflect::set(&err, &"cause".into(), &cause);
+    }
+    err
+}
+
 struct TxState {
     tx: IdbTransaction,
     store: IdbStore,
@@ -683,6 +805,13 @@ struct TxState {
 impl TxState {
     /// Record `cause` (the first one wins), abort, and hand it back to throw.
     fn fail(&self, cause: JsValue) -> JsValue {
+        // Used after the callback awaited something else: say so, not
+        // what the closed transaction made the request look like.
+        let cause = if is_inactive(&self.tx, EVENTS) {
+            foreign_await_error(cause)
+        } else {
+            cause
+        };
         let mut failure = self.failure.borrow_mut();
         if failure.is_none() {
             *failure = Some(cause.clone());
