@@ -6,6 +6,8 @@
 //! reqwest's `json` feature is not needed; gzip request bodies use flate2.
 
 use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
@@ -18,9 +20,14 @@ use crate::transport::{
 
 /// Default time allowed to open a connection.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default time allowed for a whole push (connect, send, answer). Shorter than
-/// the relay's default lease (30 s), so a stuck request never outlives the lease.
+/// Default base time allowed for a push (see [`HttpTransportBuilder::timeout`]).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default slowest uplink a push is given time for: 2 KiB/s (see
+/// [`HttpTransportBuilder::min_upload_rate`]).
+pub const DEFAULT_MIN_UPLOAD_RATE: u64 = 2 * 1024;
+/// The request body is handed to the connection in pieces of this size, so
+/// that a stalled upload is seen (no piece taken for a whole `timeout`).
+const UPLOAD_PIECE: usize = 16 * 1024;
 
 /// POSTs pushes to the sync endpoint with reqwest.
 ///
@@ -39,6 +46,8 @@ pub struct HttpTransport<C = NoCredentials> {
     client: reqwest::Client,
     endpoint: reqwest::Url,
     gzip: bool,
+    timeout: Duration,
+    min_upload_rate: u64,
     credentials: C,
 }
 
@@ -48,6 +57,7 @@ pub struct HttpTransportBuilder<C = NoCredentials> {
     endpoint: String,
     connect_timeout: Duration,
     timeout: Duration,
+    min_upload_rate: u64,
     gzip: bool,
     client: Option<reqwest::Client>,
     credentials: C,
@@ -65,6 +75,7 @@ impl HttpTransport {
             endpoint: endpoint.into(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             timeout: DEFAULT_TIMEOUT,
+            min_upload_rate: DEFAULT_MIN_UPLOAD_RATE,
             gzip: false,
             client: None,
             credentials: NoCredentials,
@@ -91,9 +102,22 @@ impl<C: Credentials> HttpTransportBuilder<C> {
         self
     }
 
-    /// Time allowed for a whole push (default 10 s). Keep it below the relay lease.
+    /// Base time allowed for a push (default 10 s): the whole push may take
+    /// `timeout` plus its body's size at [`min_upload_rate`](Self::min_upload_rate),
+    /// so a slow uplink delays a large push instead of failing it forever;
+    /// and an upload that makes no progress for `timeout` fails at once (a
+    /// dead connection is not waited on for the size allowance).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// The slowest uplink, in bytes per second, that a push is given time
+    /// for (default [`DEFAULT_MIN_UPLOAD_RATE`], 2 KiB/s; at least 1): a push
+    /// of `n` bytes may take `timeout + n / rate`. After timeouts the relay
+    /// also sends smaller pushes, down to one event.
+    pub fn min_upload_rate(mut self, bytes_per_sec: u64) -> Self {
+        self.min_upload_rate = bytes_per_sec.max(1);
         self
     }
 
@@ -116,6 +140,7 @@ impl<C: Credentials> HttpTransportBuilder<C> {
             endpoint: self.endpoint,
             connect_timeout: self.connect_timeout,
             timeout: self.timeout,
+            min_upload_rate: self.min_upload_rate,
             gzip: self.gzip,
             client: self.client,
             credentials,
@@ -139,9 +164,9 @@ impl<C: Credentials> HttpTransportBuilder<C> {
         }
         let client = match self.client {
             Some(client) => client,
+            // The time allowed is set per push (it grows with the body).
             None => reqwest::Client::builder()
                 .connect_timeout(self.connect_timeout)
-                .timeout(self.timeout)
                 .build()
                 .map_err(|e| network("cannot build the HTTP client", e))?,
         };
@@ -149,6 +174,8 @@ impl<C: Credentials> HttpTransportBuilder<C> {
             client,
             endpoint,
             gzip: self.gzip,
+            timeout: self.timeout,
+            min_upload_rate: self.min_upload_rate,
             credentials: self.credentials,
         })
     }
@@ -193,17 +220,32 @@ impl<C: Credentials> Transport for HttpTransport<C> {
         } else {
             push.body
         };
-        let response = request
+        let allowed =
+            self.timeout + Duration::from_secs_f64(body.len() as f64 / self.min_upload_rate as f64);
+        let progress = Arc::new(Progress::new());
+        let sending = request
+            .timeout(allowed)
             .body(reqwest::Body::wrap(SignallingBody {
-                data: Some(body.into()),
+                data: bytes::Bytes::from(body),
+                progress: Arc::clone(&progress),
                 sent: push.sent,
             }))
-            .send()
-            .await
-            .map_err(|e| Error::Network {
+            .send();
+        let response = tokio::select! {
+            response = sending => response.map_err(|e| Error::Network {
                 message: describe(&e),
                 source: Some(Box::new(e)),
-            })?;
+            })?,
+            () = progress.stalled(self.timeout) => {
+                return Err(Error::Network {
+                    message: format!(
+                        "timed out: the upload made no progress for {:?}",
+                        self.timeout
+                    ),
+                    source: None,
+                });
+            }
+        };
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
@@ -222,11 +264,53 @@ impl<C: Credentials> Transport for HttpTransport<C> {
     }
 }
 
+/// When the request body last moved, for telling a slow upload (it moves)
+/// from a stalled one (it does not).
+struct Progress {
+    started: tokio::time::Instant,
+    /// Milliseconds after `started` of the last piece taken.
+    last_ms: AtomicU64,
+    /// The whole body was taken: from then on the answer is waited for.
+    done: AtomicBool,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            started: tokio::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+            done: AtomicBool::new(false),
+        }
+    }
+
+    fn moved(&self) {
+        let ms = self.started.elapsed().as_millis().min(u64::MAX as u128) as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once the upload has made no progress for `limit` (never,
+    /// once the body is all taken).
+    async fn stalled(&self, limit: Duration) {
+        loop {
+            if self.done.load(Ordering::Relaxed) {
+                return std::future::pending().await;
+            }
+            let last = self.started + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            if last.elapsed() >= limit {
+                return;
+            }
+            tokio::time::sleep_until(last + limit).await;
+        }
+    }
+}
+
 /// A request body of known length (so it goes with a `Content-Length`, as a
-/// plain body would) that notifies [`RequestSent`] once hyper has taken all
-/// of it, or dropped it.
+/// plain body would), handed over in [`UPLOAD_PIECE`]s so that [`Progress`]
+/// sees it move, that notifies [`RequestSent`] once hyper has taken all of
+/// it, or dropped it.
 struct SignallingBody {
-    data: Option<bytes::Bytes>,
+    data: bytes::Bytes,
+    progress: Arc<Progress>,
     sent: RequestSent,
 }
 
@@ -239,27 +323,40 @@ impl http_body::Body for SignallingBody {
         _cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<std::result::Result<http_body::Frame<Self::Data>, Self::Error>>>
     {
-        std::task::Poll::Ready(match self.data.take() {
-            Some(data) => Some(Ok(http_body::Frame::data(data))),
-            None => {
-                self.sent.notify();
-                None
-            }
-        })
+        self.progress.moved();
+        if self.data.is_empty() {
+            self.finished();
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.data.len().min(UPLOAD_PIECE);
+        let piece = self.data.split_to(n);
+        if self.data.is_empty() {
+            // hyper may not poll again after the last piece (is_end_stream).
+            self.finished();
+        }
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(piece))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.data.is_none()
+        self.data.is_empty()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+        http_body::SizeHint::with_exact(self.data.len() as u64)
+    }
+}
+
+impl SignallingBody {
+    /// All of it was taken (or dropped): the request has left.
+    fn finished(&self) {
+        self.progress.done.store(true, Ordering::Relaxed);
+        self.sent.notify();
     }
 }
 
 impl Drop for SignallingBody {
     fn drop(&mut self) {
-        self.sent.notify();
+        self.finished();
     }
 }
 
