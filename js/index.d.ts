@@ -58,6 +58,19 @@ export interface OutboxOptions {
   maxEventBytes?: number;
   /** Abort a request after this long (default 20000 ms). */
   timeoutMs?: number;
+  /**
+   * Called when opening has to upgrade the database (new stores or indexes)
+   * and another connection blocks it: another tab of an older version of the
+   * app, or a connection of the app's own, that does not close on
+   * `versionchange`. Show "close the other tabs of this app".
+   */
+  onBlocked?: (info: { oldVersion: number; newVersion: number | null }) => void;
+  /**
+   * How long `open` waits once blocked before it rejects with a
+   * `BlockedError`, leaving the database unchanged (default 10000 ms; `null`:
+   * wait for as long as it takes).
+   */
+  blockedTimeoutMs?: number | null;
   /** Backoff with full jitter: first retry within `baseMs` (1000), at most `capMs` (300000); events older than `maxAgeMs` go dead. */
   retry?: { baseMs?: number; capMs?: number; maxAgeMs?: number };
 }
@@ -124,6 +137,20 @@ export interface FlushReport {
   skipped: FlushSkipped | null;
 }
 
+/**
+ * The outbox's IndexedDB connection:
+ * - `"open"`;
+ * - `"reopening"`: another tab upgraded the database (or the browser closed
+ *   the connection); the outbox closed its connection at once, so the upgrade
+ *   is not blocked, and reopens it at the new version; calls wait meanwhile;
+ * - `"lost"`: it could not reopen (the database was deleted, the new version
+ *   has no outbox stores or lacks one of this outbox's app stores); the
+ *   sender lock was given up at once so another tab sends, `lastError` says
+ *   why, and calls reject with a `ConnectionLostError`: open the outbox again
+ *   (reload the page).
+ */
+export type ConnectionState = "open" | "reopening" | "lost";
+
 /** The relay's status, in `status` events and `outbox.status`. */
 export interface OutboxStatus {
   pending: number;
@@ -136,6 +163,8 @@ export interface OutboxStatus {
   flushing: boolean;
   /** True while this tab/worker is the one sender of this outbox. */
   leader: boolean;
+  /** The IndexedDB connection: see {@link ConnectionState}. */
+  connection: ConnectionState;
   lastError: string | null;
   nextAttemptAt: number | null;
 }
@@ -158,6 +187,8 @@ export type OutboxErrorName =
   | "QuotaExceededError"
   | "ClosedError"
   | "ForeignAwaitError"
+  | "ConnectionLostError"
+  | "BlockedError"
   | "VersionConflictError"
   | "InvalidConfigError"
   | "NetworkError"
@@ -192,6 +223,12 @@ export interface Outbox {
   retry(id: string): Promise<boolean>;
   discard(id: string): Promise<boolean>;
   pruneSent(olderThanMs: number): Promise<number>;
+  /**
+   * Stop the relay and close the database. When this tab sends and a push is
+   * on the wire, the sender lock passes to another tab only once that push
+   * has settled (or its events were left pending), so two pushes of the same
+   * events never overlap.
+   */
   close(): Promise<void>;
   /** Force the online state, or follow `navigator.onLine` again with `null`. */
   setOnline(online: boolean | null): void;

@@ -592,23 +592,34 @@ async fn one_sender_per_outbox_and_handover_on_close() {
     wait(b.close()).await.unwrap();
 }
 
+/// Case 1: a connection closed under the relay without an event (an
+/// `InvalidStateError` on a connection the outbox did not close) is
+/// reopened; one lost for good rejects every queued flush with a named error.
 #[wasm_bindgen_test]
-async fn queued_flushes_reject_with_named_errors() {
+async fn a_connection_closed_under_the_relay_is_reopened_and_queued_flushes_get_named_errors() {
     // Nothing listens on port 9: no request gets that far anyway.
-    let outbox = open_todos(
-        &fresh_name("flush-error"),
-        r#", endpoint: "http://127.0.0.1:9/v1/events""#,
-    )
-    .await;
+    let name = fresh_name("flush-error");
+    let outbox = open_todos(&name, r#", endpoint: "http://127.0.0.1:9/v1/events""#).await;
     leader_is(&outbox, true).await;
-    // Close the connection under the running relay: its next round fails.
+    // Close the connection under the running relay: it is reopened.
     outbox.db().close();
-    // Two flushes queue for the same round; both get the error.
+    wait(outbox.enqueue("A".into(), js("{ n: 1 }"), JsValue::UNDEFINED))
+        .await
+        .expect("the outbox reopened its connection");
+    let report = within(10_000, outbox.flush()).await.unwrap();
+    assert!(prop(&report, "skipped").is_null(), "{report:?}");
+    assert_eq!(status_str(&outbox, "connection"), "open");
+    // Delete the database: the connection is lost for good. Two flushes
+    // queued for the same round both get the error.
+    run_js(&format!(
+        "await new Promise((resolve) => {{ const r = indexedDB.deleteDatabase({name:?}); r.onsuccess = resolve; }});"
+    ))
+    .await;
     let (a, b) = (outbox.flush(), outbox.flush());
     for p in [a, b] {
-        let e = wait(p).await.expect_err("the store is closed");
+        let e = within(10_000, p).await.expect_err("the connection is lost");
         assert!(e.is_instance_of::<js_sys::Error>(), "a real Error: {e:?}");
-        assert_eq!(error_name(&e), "ClosedError", "{e:?}");
+        assert_eq!(error_name(&e), "ConnectionLostError", "{e:?}");
     }
     wait(outbox.close()).await.unwrap();
 }
@@ -703,4 +714,208 @@ async fn a_callback_awaiting_something_else_writes_nothing() {
     assert_eq!(num(&todo(&outbox, 4).await, "done"), 1.0);
     assert_eq!(pending_count(&outbox).await, 1.0);
     wait(outbox.close()).await.unwrap();
+}
+
+/// `promise`, or an error when it neither resolves nor rejects within `ms`
+/// (a hang fails the test instead of stalling the suite).
+async fn within(ms: u32, promise: Promise) -> Result<JsValue, JsValue> {
+    let race = Function::new_with_args(
+        "p, ms",
+        "return Promise.race([p, new Promise((_, reject) => setTimeout(() => reject(new Error(`still pending after ${ms} ms`)), ms))]);",
+    );
+    let raced: Promise = race
+        .call2(&JsValue::UNDEFINED, &promise, &ms.into())
+        .unwrap()
+        .unchecked_into();
+    wait(raced).await
+}
+
+/// Run an async JS function body and wait for its value.
+async fn run_js(body: &str) -> JsValue {
+    let f = Function::new_no_args(&format!("return (async () => {{ {body} }})();"));
+    let p: Promise = f.call0(&JsValue::UNDEFINED).unwrap().unchecked_into();
+    within(10_000, p).await.unwrap()
+}
+
+/// Poll `check` (up to `secs` seconds) until it is true.
+async fn until(secs: u32, what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..secs * 20 {
+        if check() {
+            return;
+        }
+        sleep_ms(50).await;
+    }
+    panic!("timed out after {secs} s waiting for {what}");
+}
+
+fn status_str(outbox: &Outbox, k: &str) -> String {
+    prop(&outbox.status(), k).as_string().unwrap_or_default()
+}
+
+/// Case 1: another tab (a newer build, one more app store) upgrades the
+/// database under the sending outbox. The sender notices, reopens at the new
+/// version, and both tabs' events keep flowing.
+#[wasm_bindgen_test]
+async fn another_tabs_upgrade_reopens_the_outbox_and_events_keep_flowing() {
+    let server = server();
+    let name = fresh_name("upgrade");
+    let opts = format!(r#", endpoint: "{server}/v1/events", retry: {{ baseMs: 100, capMs: 400 }}"#);
+    let a = open_todos(&name, &opts).await;
+    leader_is(&a, true).await;
+    let version = a.db().version();
+    // "Tab B": the next version of the app, with a `notes` store.
+    let b = Outbox::open_with(js(&format!(
+        r#"{{ database: {name:?}, durability: "relaxed",
+             stores: {{ todos: {{ keyPath: "id", indexes: {{ byDone: {{ keyPath: "done" }} }} }}, notes: {{ keyPath: "id" }} }}
+             {opts} }}"#
+    )))
+    .await
+    .unwrap();
+    assert_eq!(b.db().version(), version + 1.0, "B upgraded the database");
+    // A reopened the database at B's version and goes on committing.
+    let mut expected = commit_todos(&a, 0..2).await;
+    assert_eq!(
+        a.db().version(),
+        version + 1.0,
+        "A reopened at the new version"
+    );
+    assert_eq!(status_str(&a, "connection"), "open");
+    expected.extend(commit_todos(&b, 2..4).await);
+    drained(&b, 10).await;
+    assert_eq!(received(server, &b.client_id()).await, expected);
+    // Still one sender: A kept the lock.
+    leader_is(&a, true).await;
+    leader_is(&b, false).await;
+    wait(a.close()).await.unwrap();
+    wait(b.close()).await.unwrap();
+}
+
+/// Case 1, when reopening is impossible (the database was deleted under
+/// the outbox): the sender lock is given up at once, the status says why,
+/// and calls reject with a `ConnectionLostError`; another outbox sends.
+#[wasm_bindgen_test]
+async fn a_deleted_database_gives_up_the_sender_lock_and_says_why() {
+    let server = server();
+    let name = fresh_name("deleted");
+    let opts = format!(r#", endpoint: "{server}/v1/events", retry: {{ baseMs: 100, capMs: 400 }}"#);
+    let a = open_todos(&name, &opts).await;
+    leader_is(&a, true).await;
+    run_js(&format!(
+        "await new Promise((resolve, reject) => {{
+            const r = indexedDB.deleteDatabase({name:?});
+            r.onsuccess = resolve; r.onerror = () => reject(r.error);
+        }});"
+    ))
+    .await;
+    leader_is(&a, false).await;
+    assert_eq!(status_str(&a, "connection"), "lost");
+    let why = status_str(&a, "lastError");
+    assert!(why.contains("deleted"), "{why}");
+    let err = within(5_000, a.transaction(js("'todos'"), callback("")))
+        .await
+        .unwrap_err();
+    assert_eq!(error_name(&err), "ConnectionLostError", "{err:?}");
+    let err = within(5_000, a.flush()).await.unwrap_err();
+    assert_eq!(error_name(&err), "ConnectionLostError", "{err:?}");
+    // The lock is free: a new outbox over the (new) database sends.
+    let c = open_todos(&name, &opts).await;
+    leader_is(&c, true).await;
+    let expected = commit_todos(&c, 0..2).await;
+    drained(&c, 10).await;
+    assert_eq!(received(server, &c.client_id()).await, expected);
+    wait(a.close()).await.unwrap();
+    wait(c.close()).await.unwrap();
+}
+
+/// Case 2: an upgrade blocked by a connection that ignores `versionchange`
+/// is reported (`onBlocked`) and `Outbox.open` rejects with a `BlockedError`
+/// after `blockedTimeoutMs`, leaving the database as it was.
+#[wasm_bindgen_test]
+async fn a_blocked_upgrade_is_reported_and_open_rejects_in_bounded_time() {
+    let name = fresh_name("blocked");
+    // The app's own connection (or an old tab) that never closes.
+    run_js(&format!(
+        "globalThis.blockedCalls = [];
+         globalThis.holder = await new Promise((resolve, reject) => {{
+            const r = indexedDB.open({name:?}, 1);
+            r.onupgradeneeded = () => r.result.createObjectStore('legacy');
+            r.onsuccess = () => resolve(r.result); r.onerror = () => reject(r.error);
+        }});"
+    ))
+    .await;
+    let options = js(&format!(
+        r#"{{ database: {name:?}, stores: {{ todos: {{ keyPath: "id" }} }}, blockedTimeoutMs: 300,
+             onBlocked: (e) => globalThis.blockedCalls.push(e) }}"#
+    ));
+    let err = within(5_000, Outbox::open(options)).await.unwrap_err();
+    assert_eq!(error_name(&err), "BlockedError", "{err:?}");
+    assert!(
+        prop(&err, "message")
+            .as_string()
+            .unwrap()
+            .contains("close the other tabs"),
+        "{err:?}"
+    );
+    let calls = js_sys::Array::from(&prop(&js_sys::global(), "blockedCalls"));
+    assert!(calls.length() >= 1, "onBlocked was called");
+    assert_eq!(num(&calls.get(0), "newVersion"), 2.0);
+    // The database was not changed, and opens once the other connection closes.
+    run_js("globalThis.holder.close();").await;
+    let outbox = open_todos(&name, "").await;
+    assert_eq!(outbox.db().version(), 2.0);
+    assert!(outbox.db().object_store_names().contains("legacy"));
+    wait(outbox.close()).await.unwrap();
+}
+
+/// Pushes of `client` in the server's log, by start: `(started_at, finished_at)`.
+async fn pushes(server: &str, client: &str) -> Vec<(f64, f64)> {
+    let log = http("GET", &format!("{server}/__test/requests"), None).await;
+    let mut out: Vec<(f64, f64)> = js_sys::Array::from(&log)
+        .iter()
+        .filter(|r| prop(r, "client_id").as_string().as_deref() == Some(client))
+        .map(|r| (num(&r, "started_at"), num(&r, "finished_at")))
+        .collect();
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    out
+}
+
+/// Case 5: `close()` while a push is on the wire hands the sender lock over
+/// only after that push settled, so the next sender never pushes the same
+/// batch while the first is in flight.
+#[wasm_bindgen_test]
+async fn close_mid_push_hands_over_only_after_the_push_settled() {
+    let server = server();
+    let name = fresh_name("close-mid-push");
+    let opts = format!(r#", endpoint: "{server}/v1/events", retry: {{ baseMs: 100, capMs: 400 }}"#);
+    let a = open_todos(&name, &opts).await;
+    leader_is(&a, true).await;
+    let b = open_todos(&name, &opts).await;
+    leader_is(&b, false).await;
+    let client = a.client_id();
+    // The server stores the next push, then holds its answer back.
+    http(
+        "POST",
+        &format!("{server}/__test/delay"),
+        Some(r#"{"ms":1500,"count":1}"#),
+    )
+    .await;
+    let expected = commit_todos(&a, 0..3).await;
+    until(5, "A's push to be in flight", || {
+        num(&a.status(), "inFlight") > 0.0
+    })
+    .await;
+    let closing = a.close();
+    leader_is(&b, true).await;
+    within(10_000, closing).await.unwrap();
+    drained(&b, 10).await;
+    assert_eq!(received(server, &client).await, expected);
+    let log = pushes(server, &client).await;
+    assert!(!log.is_empty());
+    for pair in log.windows(2) {
+        assert!(
+            pair[0].1 <= pair[1].0,
+            "two pushes of this outbox overlapped: {log:?}"
+        );
+    }
+    wait(b.close()).await.unwrap();
 }

@@ -12,9 +12,10 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{JsFuture, future_to_promise};
 use web_sys::{CustomEvent, CustomEventInit, EventTarget, IdbDatabase, IdbTransaction};
 
+use super::idb::Blocked;
 use super::idb::{self, EVENTS};
 use super::relay::{Driver, DriverConfig, Status, report_to_js};
-use super::store::{AppIndex, AppStore, Durability, IdbStore, KeyPath, open_database};
+use super::store::{AppIndex, AppStore, Durability, IdbStore, KeyPath, OpenFailure, open_database};
 use super::transport::FetchTransport;
 use crate::error::Error;
 use crate::event::{DEFAULT_MAX_EVENT_BYTES, Event, EventId, NewEvent};
@@ -279,6 +280,7 @@ fn status_to_js(s: &Status) -> JsValue {
     set(&o, "online", &s.online.into());
     set(&o, "flushing", &s.flushing.into());
     set(&o, "leader", &s.leader.into());
+    set(&o, "connection", &JsValue::from_str(s.connection.as_str()));
     set(
         &o,
         "lastError",
@@ -364,6 +366,28 @@ fn opt_ms(options: &JsValue, k: &str) -> Option<Duration> {
         .map(|n| Duration::from_millis(n as u64))
 }
 
+/// How long `Outbox.open` waits for an upgrade blocked by another
+/// connection before it rejects with a `BlockedError` (`blockedTimeoutMs`).
+pub const DEFAULT_BLOCKED_TIMEOUT_MS: f64 = 10_000.0;
+
+/// Name of the error of calls on an outbox whose connection was lost for
+/// good (see [`IdbStore::lost_reason`]).
+pub const CONNECTION_LOST_ERROR: &str = "ConnectionLostError";
+
+/// The JS error of a store call: [`Error::Closed`] on a connection lost for
+/// good becomes a `ConnectionLostError` that says why.
+pub(crate) fn store_error(store: &IdbStore, e: Error) -> JsValue {
+    match (&e, store.lost_reason()) {
+        (Error::Closed, Some(reason)) => named_error(
+            CONNECTION_LOST_ERROR,
+            &format!(
+                "the outbox lost its IndexedDB connection: {reason}; open the outbox again (reload the page)"
+            ),
+        ),
+        _ => js_err(e),
+    }
+}
+
 struct Shared {
     store: IdbStore,
     target: EventTarget,
@@ -397,10 +421,26 @@ impl Outbox {
         let max_event_bytes = get(&options, "maxEventBytes")
             .as_f64()
             .map_or(DEFAULT_MAX_EVENT_BYTES, |n| n as usize);
-        let db = open_database(&database, &stores).await.map_err(js_err)?;
+        let blocked = Blocked {
+            on_blocked: get(&options, "onBlocked").dyn_into::<Function>().ok(),
+            timeout_ms: match get(&options, "blockedTimeoutMs") {
+                v if v.is_null() => None,
+                v if v.is_undefined() => Some(DEFAULT_BLOCKED_TIMEOUT_MS),
+                v => Some(v.as_f64().filter(|n| *n >= 0.0).ok_or_else(|| {
+                    config_error("blockedTimeoutMs must be a number of milliseconds, or null")
+                })?),
+            },
+        };
+        let db = open_database(&database, &stores, &blocked)
+            .await
+            .map_err(|e| match e {
+                OpenFailure::Blocked(e) => e,
+                OpenFailure::Error(e) => js_err(e),
+            })?;
         let store = IdbStore::from_database(db, durability, max_event_bytes)
             .await
             .map_err(js_err)?;
+        store.set_app_stores(stores);
         let target = EventTarget::new().map_err(|e| config_error(idb::error_parts(&e).1))?;
 
         let endpoint = get(&options, "endpoint").as_string();
@@ -492,20 +532,16 @@ impl Outbox {
             }
             names.push(&JsValue::from_str(EVENTS));
             if shared.store.is_closed() {
-                return Err(js_err(Error::Closed));
+                return Err(store_error(&shared.store, Error::Closed));
             }
-            let tx = idb::transaction_js(
-                shared.store.database(),
-                &names,
-                "readwrite",
-                shared.store.tx_options(),
-            )
-            .map_err(|e| {
-                match idb::to_error("starting the transaction", e.clone()) {
-                    Error::Closed => js_err(Error::Closed),
-                    _ => e,
-                }
-            })?;
+            let tx =
+                shared.store.app_transaction(&names).await.map_err(|e| {
+                    match idb::to_error("starting the transaction", e.clone()) {
+                        Error::Closed => store_error(&shared.store, Error::Closed),
+                        _ if e.is_string() => store_error(&shared.store, Error::Closed),
+                        _ => e,
+                    }
+                })?;
             let done = idb::done(&tx);
             let state = Rc::new(TxState {
                 tx: tx.clone(),
@@ -585,7 +621,10 @@ impl Outbox {
         let store = self.shared.store.clone();
         future_to_promise(async move {
             let event = new_event(&event_type, &payload, &options).map_err(js_err)?;
-            let stored = store.enqueue(vec![event]).await.map_err(js_err)?;
+            let stored = store
+                .enqueue(vec![event])
+                .await
+                .map_err(|e| store_error(&store, e))?;
             Ok(JsValue::from_str(
                 &stored.first().map(|e| e.id.to_string()).unwrap_or_default(),
             ))
@@ -604,8 +643,9 @@ impl Outbox {
     /// Rejects with a real `Error` named after its kind ([`Error::js_name`]).
     pub fn flush(&self) -> Promise {
         let driver = self.driver();
+        let store = self.shared.store.clone();
         future_to_promise(async move {
-            let outcome = driver?.flush().await.map_err(js_err)?;
+            let outcome = driver?.flush().await.map_err(|e| store_error(&store, e))?;
             Ok(report_to_js(&outcome))
         })
     }
@@ -631,7 +671,7 @@ impl Outbox {
     pub fn stats(&self) -> Promise {
         let store = self.shared.store.clone();
         future_to_promise(async move {
-            let s = store.stats().await.map_err(js_err)?;
+            let s = store.stats().await.map_err(|e| store_error(&store, e))?;
             let o = Object::new();
             set(&o, "pending", &JsValue::from_f64(s.pending as f64));
             set(&o, "sent", &JsValue::from_f64(s.sent as f64));
@@ -653,7 +693,7 @@ impl Outbox {
             let events = store
                 .pending(limit.unwrap_or(100) as usize)
                 .await
-                .map_err(js_err)?;
+                .map_err(|e| store_error(&store, e))?;
             Ok(events.iter().map(event_to_js).collect::<Array>().into())
         })
     }
@@ -666,7 +706,7 @@ impl Outbox {
             let events = store
                 .dead_letters(limit.unwrap_or(100) as usize)
                 .await
-                .map_err(js_err)?;
+                .map_err(|e| store_error(&store, e))?;
             Ok(events.iter().map(event_to_js).collect::<Array>().into())
         })
     }
@@ -679,7 +719,7 @@ impl Outbox {
             Ok(store
                 .retry(id, Timestamp::now())
                 .await
-                .map_err(js_err)?
+                .map_err(|e| store_error(&store, e))?
                 .into())
         })
     }
@@ -689,7 +729,11 @@ impl Outbox {
         let store = self.shared.store.clone();
         future_to_promise(async move {
             let id: EventId = id.parse().map_err(js_err)?;
-            Ok(store.discard(id).await.map_err(js_err)?.into())
+            Ok(store
+                .discard(id)
+                .await
+                .map_err(|e| store_error(&store, e))?
+                .into())
         })
     }
 
@@ -700,7 +744,10 @@ impl Outbox {
         future_to_promise(async move {
             let before = Timestamp::now().sub(Duration::from_millis(older_than_ms.max(0.0) as u64));
             Ok(JsValue::from_f64(
-                store.prune_sent(before).await.map_err(js_err)? as f64,
+                store
+                    .prune_sent(before)
+                    .await
+                    .map_err(|e| store_error(&store, e))? as f64,
             ))
         })
     }
@@ -738,7 +785,7 @@ impl Outbox {
     /// The IndexedDB connection (read the app's stores with it).
     #[wasm_bindgen(getter)]
     pub fn db(&self) -> IdbDatabase {
-        self.shared.store.database().clone()
+        self.shared.store.database()
     }
 
     /// Listen to `status` events (`event.detail` is the status).

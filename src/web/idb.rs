@@ -11,13 +11,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use js_sys::{Array, Object, Promise, Reflect};
+use js_sys::{Array, Function, Object, Promise, Reflect};
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{
     DomException, IdbDatabase, IdbFactory, IdbIndexParameters, IdbObjectStore,
-    IdbObjectStoreParameters, IdbOpenDbRequest, IdbRequest, IdbTransaction, IdbVersionChangeEvent,
+    IdbObjectStoreParameters, IdbOpenDbRequest, IdbRequest, IdbTransaction,
 };
 
 use crate::error::{Error, Result};
@@ -168,13 +168,93 @@ pub(crate) fn factory() -> Result<IdbFactory> {
         })
 }
 
+#[wasm_bindgen(inline_js = r#"
+export function openRequest(req, upgrade, onBlocked, timeoutMs, blockedError) {
+  return new Promise((resolve, reject) => {
+    let gaveUp = false;
+    let timer;
+    req.onupgradeneeded = (e) => {
+      // Given up while blocked: leave the database as it was.
+      if (gaveUp) { try { req.transaction.abort(); } catch (_) {} return; }
+      upgrade(e.oldVersion);
+    };
+    req.onsuccess = () => {
+      clearTimeout(timer);
+      if (gaveUp) { req.result.close(); return; }
+      resolve(req.result);
+    };
+    req.onerror = (e) => {
+      clearTimeout(timer);
+      // An aborted open is this module's choice, not an app error event.
+      e.preventDefault();
+      if (!gaveUp) reject(req.error);
+    };
+    req.onblocked = (e) => {
+      if (onBlocked) {
+        try { onBlocked({ oldVersion: e.oldVersion, newVersion: e.newVersion }); } catch (err) { console.error(err); }
+      }
+      if (timer === undefined && timeoutMs !== undefined) {
+        timer = setTimeout(() => { gaveUp = true; reject(blockedError(e.oldVersion, e.newVersion)); }, timeoutMs);
+      }
+    };
+  });
+}
+"#)]
+extern "C" {
+    /// Wait for an open request: runs `upgrade(oldVersion)` in its
+    /// `upgradeneeded`, calls `on_blocked({ oldVersion, newVersion })` when
+    /// another connection blocks it, and rejects with
+    /// `blocked_error(oldVersion, newVersion)` when it is still blocked
+    /// `timeout_ms` later (an upgrade that would run after that is aborted,
+    /// a connection that opens after that is closed).
+    #[wasm_bindgen(js_name = openRequest)]
+    fn open_request(
+        req: &IdbOpenDbRequest,
+        upgrade: &Function,
+        on_blocked: Option<&Function>,
+        timeout_ms: Option<f64>,
+        blocked_error: &Function,
+    ) -> Promise;
+}
+
+/// What to do when an open is blocked by another connection (another tab,
+/// or the app's own connection, that does not close on `versionchange`).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Blocked {
+    /// Called with `{ oldVersion, newVersion }` each time the open is blocked.
+    pub on_blocked: Option<Function>,
+    /// Give up this long after the open was first blocked (`None`: wait).
+    pub timeout_ms: Option<f64>,
+}
+
+/// Name of the error of an open still blocked after its timeout.
+pub(crate) const BLOCKED_ERROR: &str = "BlockedError";
+
+fn blocked_error(name: &str) -> Closure<dyn Fn(JsValue, JsValue) -> JsValue> {
+    let name = name.to_owned();
+    Closure::new(move |old: JsValue, new: JsValue| {
+        let err = js_sys::Error::new(&format!(
+            "the upgrade of the IndexedDB database {name:?} from version {} to {} is blocked by \
+             another connection that does not close (another tab of an older version of this \
+             app, or a connection of the app's own); close the other tabs and try again",
+            old.as_f64().unwrap_or(0.0),
+            new.as_f64().unwrap_or(0.0),
+        ));
+        err.set_name(BLOCKED_ERROR);
+        err.into()
+    })
+}
+
 /// Open `name` at `version` (or its current version), running `upgrade`
 /// inside the `versionchange` transaction when the version grows. `upgrade`
-/// gets the database and the upgrade transaction; an `Err` aborts the upgrade.
+/// gets the database, the upgrade transaction and the old version; an `Err`
+/// aborts the upgrade. A blocked open follows `blocked`.
 pub(crate) async fn open(
     name: &str,
     version: Option<u32>,
-    upgrade: impl FnMut(&IdbDatabase, &IdbTransaction) -> std::result::Result<(), JsValue> + 'static,
+    blocked: &Blocked,
+    upgrade: impl FnMut(&IdbDatabase, &IdbTransaction, u32) -> std::result::Result<(), JsValue>
+    + 'static,
 ) -> std::result::Result<IdbDatabase, JsValue> {
     let factory = factory().map_err(|e| JsValue::from_str(&e.to_string()))?;
     let req: IdbOpenDbRequest = match version {
@@ -183,20 +263,30 @@ pub(crate) async fn open(
     };
     let mut upgrade = upgrade;
     let req2 = req.clone();
-    let on_upgrade = Closure::<dyn FnMut(IdbVersionChangeEvent)>::new(move |_e| {
+    let on_upgrade = Closure::<dyn FnMut(JsValue)>::new(move |old: JsValue| {
         let Ok(db) = req2.result() else { return };
         let db: IdbDatabase = db.unchecked_into();
         let Some(tx) = req2.transaction() else { return };
-        if upgrade(&db, &tx).is_err() {
+        let old = old.as_f64().unwrap_or(0.0) as u32;
+        if upgrade(&db, &tx, old).is_err() {
             // Aborting the versionchange transaction fails the open request:
             // the database keeps its previous version and schema.
             let _ = tx.abort();
         }
     });
-    req.set_onupgradeneeded(Some(on_upgrade.as_ref().unchecked_ref()));
-    let result = wait(req.clone().unchecked_into()).await;
-    req.set_onupgradeneeded(None);
-    drop(on_upgrade);
+    let error = blocked_error(name);
+    let result = JsFuture::from(open_request(
+        &req,
+        on_upgrade.as_ref().unchecked_ref(),
+        blocked.on_blocked.as_ref(),
+        blocked.timeout_ms,
+        error.as_ref().unchecked_ref(),
+    ))
+    .await;
+    // The closures must outlive the request: a given-up open may still
+    // complete later and call them.
+    on_upgrade.forget();
+    error.forget();
     Ok(result?.unchecked_into())
 }
 

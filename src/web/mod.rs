@@ -12,6 +12,6 @@ mod store;
 mod transport;
 
 pub use api::{Outbox, OutboxTransaction, create_outbox_stores, to_js_error};
-pub use relay::{Driver, DriverConfig, FlushOutcome, FlushSkipped, Status};
-pub use store::{Durability, IdbStore};
+pub use relay::{ConnectionState, Driver, DriverConfig, FlushOutcome, FlushSkipped, Status};
+pub use store::{Connection, ConnectionListener, Durability, IdbStore};
 pub use transport::FetchTransport;

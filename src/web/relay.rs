@@ -26,7 +26,7 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{JsFuture, spawn_local};
 use web_sys::{BroadcastChannel, EventTarget};
 
-use super::store::IdbStore;
+use super::store::{Connection, IdbStore};
 use super::transport::{FetchTransport, clear_timeout, set_timeout};
 use crate::error::{Error, Result};
 use crate::relay::{FlushReport, Relay, RelayConfig, RelayStatus};
@@ -71,6 +71,31 @@ pub struct Status {
     pub flushing: bool,
     /// True while this context holds the sender lock.
     pub leader: bool,
+    /// The state of the IndexedDB connection.
+    pub connection: ConnectionState,
+}
+
+/// The state of the outbox's IndexedDB connection in [`Status`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// Open.
+    #[default]
+    Open,
+    /// Closed under the outbox (another tab's upgrade): being reopened.
+    Reopening,
+    /// Lost for good; `relay.last_error` says why, the sender lock is given up.
+    Lost,
+}
+
+impl ConnectionState {
+    /// The string JavaScript sees in `status.connection`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionState::Open => "open",
+            ConnectionState::Reopening => "reopening",
+            ConnectionState::Lost => "lost",
+        }
+    }
 }
 
 /// Why a [`Driver::flush`] made no delivery attempt.
@@ -255,6 +280,38 @@ impl Driver {
                 }
             }
         })));
+        // The connection closed under the outbox: reopened, or given up.
+        let weak = Rc::downgrade(st);
+        st.store
+            .set_on_connection(Some(Rc::new(move |c: &Connection| {
+                let Some(st) = weak.upgrade() else { return };
+                match c {
+                    Connection::Reopening { .. } => {
+                        st.status.borrow_mut().connection = ConnectionState::Reopening;
+                        emit(&st);
+                    }
+                    Connection::Open => {
+                        st.status.borrow_mut().connection = ConnectionState::Open;
+                        st.relay_counts_stale.set(true);
+                        emit(&st);
+                        wake(&st);
+                    }
+                    Connection::Lost { reason } => {
+                        // Another context must be able to send at once.
+                        st.running.set(false);
+                        release_lock(&st);
+                        {
+                            let mut s = st.status.borrow_mut();
+                            s.connection = ConnectionState::Lost;
+                            s.relay.last_error = Some(format!(
+                                "the outbox lost its IndexedDB connection: {reason}"
+                            ));
+                        }
+                        emit(&st);
+                        wake(&st);
+                    }
+                }
+            })));
         // Commits and flush requests of other tabs.
         if let Some(ch) = &st.channel {
             let weak = Rc::downgrade(st);
@@ -338,20 +395,25 @@ impl Driver {
         spawn_local(run(st.clone()));
     }
 
-    /// Stop the loop and hand the sender lock to another tab. An in-flight
-    /// batch still settles (or stays pending).
+    /// Stop the loop and hand the sender lock to another tab, once the
+    /// push in flight (if any) has settled or been left pending: releasing
+    /// the lock earlier would let the next sender push the same batch while
+    /// this one is still on the wire. No new batch starts meanwhile.
     pub async fn stop(&self) {
         let st = &self.state;
         if !st.running.replace(false) {
             return;
         }
         wake(st);
-        release_lock(st);
-        // Give up the store lease so another sender need not wait for it.
+        // Wait for the flush in progress (it stops before its next batch),
+        // then give up the store lease so another sender need not wait for it.
         if let Some(mut relay) = take_relay(st).await {
-            let _ = relay.release_lease().await;
+            if st.leader.get() {
+                let _ = relay.release_lease().await;
+            }
             *st.relay.borrow_mut() = Some(relay);
         }
+        release_lock(st);
     }
 
     /// Wake the loop (after a commit the store did not see, e.g. `enqueueIn`).
@@ -516,7 +578,11 @@ async fn flush_now(st: &Rc<State>) -> Result<FlushReport> {
     if st.relay_counts_stale.replace(false) && relay.refresh_status().await.is_err() {
         st.relay_counts_stale.set(true);
     }
-    let result = relay.flush().await;
+    // A stop (close, connection lost) is taken between batches.
+    let flushing = st.clone();
+    let result = relay
+        .flush_while(move || flushing.running.get() || !flushing.leader.get())
+        .await;
     *st.relay.borrow_mut() = Some(relay);
     st.status.borrow_mut().flushing = false;
     if let Err(e) = &result {

@@ -15,12 +15,15 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use js_sys::{Array, Object, Reflect};
+use js_sys::{Array, Object, Promise, Reflect};
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::JsFuture;
 use web_sys::{IdbDatabase, IdbKeyRange, IdbObjectStore, IdbTransaction};
 
-use super::idb::{self, BY_ID, BY_SENT_AT, BY_STATUS, EVENTS, IdbResult, META, SCHEMA_VERSION};
+use super::idb::{
+    self, BY_ID, BY_SENT_AT, BY_STATUS, Blocked, EVENTS, IdbResult, META, SCHEMA_VERSION,
+};
 use crate::error::{Error, Result};
 use crate::event::{DEFAULT_MAX_EVENT_BYTES, Event, EventId, EventStatus, NewEvent};
 use crate::store::{Claim, ClaimRequest, Outcome, Settlement, Stats, Store};
@@ -72,14 +75,70 @@ pub struct IdbStore {
 }
 
 struct Inner {
-    db: IdbDatabase,
+    /// The connection; replaced when it is reopened after a `versionchange`
+    /// or a `close` the outbox did not ask for.
+    db: RefCell<IdbDatabase>,
     name: String,
     client_id: String,
     options: JsValue,
     max_event_bytes: usize,
     closed: Cell<bool>,
+    /// Why the connection was lost for good (the outbox could not reopen).
+    lost: RefCell<Option<String>>,
+    /// Resolves once a reopen in progress has finished (either way).
+    reopening: RefCell<Option<Promise>>,
+    /// The app's stores: a reopened database must still have them.
+    app: RefCell<Vec<AppStore>>,
     /// Called after every local commit that added events (wakes the relay).
     on_commit: RefCell<Option<Rc<dyn Fn()>>>,
+    /// Told when the connection is lost, reopened or given up.
+    on_connection: RefCell<Option<ConnectionListener>>,
+    /// The `versionchange` and `close` handlers of the current connection.
+    handlers: RefCell<Vec<Handler>>,
+}
+
+/// Told when the connection is lost, reopened or given up.
+pub type ConnectionListener = Rc<dyn Fn(&Connection)>;
+
+/// A DOM event handler kept alive from Rust.
+type Handler = Closure<dyn FnMut(JsValue)>;
+
+/// The state of an outbox's IndexedDB connection, as the driver is told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Connection {
+    /// Closed under the outbox (another tab's upgrade, the browser's `close`
+    /// event): reopening; store calls wait for it.
+    Reopening {
+        /// What closed it.
+        reason: String,
+    },
+    /// Open again (at the database's new version).
+    Open,
+    /// Lost for good (database deleted, outbox stores removed, a newer
+    /// outbox schema, reopening timed out): store calls fail with
+    /// [`Error::Closed`] and [`IdbStore::lost_reason`] says why.
+    Lost {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// How long a reopen may wait (behind another connection's upgrade) before
+/// the connection is given up.
+const REOPEN_TIMEOUT_MS: f64 = 10_000.0;
+
+#[wasm_bindgen(inline_js = r#"
+export function timeout(promise, ms) {
+  let timer;
+  return Promise.race([
+    promise.finally(() => clearTimeout(timer)),
+    new Promise((resolve) => { timer = setTimeout(() => resolve("timeout"), ms); }),
+  ]);
+}
+"#)]
+extern "C" {
+    /// `promise`'s value, or `"timeout"` after `ms` milliseconds.
+    fn timeout(promise: &Promise, ms: f64) -> Promise;
 }
 
 impl std::fmt::Debug for IdbStore {
@@ -95,7 +154,9 @@ impl IdbStore {
     /// Open (creating or upgrading when needed) the database `name` with only
     /// the outbox stores in it, or add them to an existing database.
     pub async fn open(name: &str, durability: Durability) -> Result<IdbStore> {
-        let db = open_database(name, &[]).await?;
+        let db = open_database(name, &[], &Blocked::default())
+            .await
+            .map_err(OpenFailure::into_error)?;
         IdbStore::from_database(db, durability, DEFAULT_MAX_EVENT_BYTES).await
     }
 
@@ -103,6 +164,14 @@ impl IdbStore {
     /// `createOutboxStores` in the app's upgrade handler, or by
     /// [`IdbStore::open`]): checks the schema version and reads or makes the
     /// client id.
+    ///
+    /// The store owns the connection from then on: when another connection
+    /// upgrades the database (`versionchange`) it closes it at once, so the
+    /// upgrade is not blocked, and reopens it at the new version; when the
+    /// browser closes it (`close`) it reopens it too. When it cannot (the
+    /// database was deleted, the upgrade removed the outbox or app stores, a
+    /// newer outbox schema) the connection is lost for good: calls fail with
+    /// [`Error::Closed`] and [`IdbStore::lost_reason`] says why.
     pub async fn from_database(
         db: IdbDatabase,
         durability: Durability,
@@ -116,32 +185,38 @@ impl IdbStore {
                 ),
             });
         }
-        // A versionchange from another tab (a newer app schema) must not be
-        // blocked by this connection: close it, later calls fail as Closed.
-        let closer = db.clone();
-        let on_versionchange =
-            Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| closer.close());
-        db.set_onversionchange(Some(on_versionchange.as_ref().unchecked_ref()));
-        on_versionchange.forget();
-
         let options = idb::durability_options(durability.as_str());
         let client_id = init_meta(&db, &options).await?;
-        Ok(IdbStore {
+        let store = IdbStore {
             inner: Rc::new(Inner {
                 name: db.name(),
-                db,
+                db: RefCell::new(db.clone()),
                 client_id,
                 options,
                 max_event_bytes,
                 closed: Cell::new(false),
+                lost: RefCell::new(None),
+                reopening: RefCell::new(None),
+                app: RefCell::new(Vec::new()),
                 on_commit: RefCell::new(None),
+                on_connection: RefCell::new(None),
+                handlers: RefCell::new(Vec::new()),
             }),
-        })
+        };
+        install_handlers(&store.inner, &db);
+        Ok(store)
     }
 
-    /// The underlying database connection (the app reads its own stores with it).
-    pub fn database(&self) -> &IdbDatabase {
-        &self.inner.db
+    /// The app's stores, which a reopened database must still have.
+    pub(crate) fn set_app_stores(&self, app: Vec<AppStore>) {
+        *self.inner.app.borrow_mut() = app;
+    }
+
+    /// The current connection (the app reads its own stores with it). It
+    /// changes when the outbox reopens the database after another
+    /// connection's upgrade.
+    pub fn database(&self) -> IdbDatabase {
+        self.inner.db.borrow().clone()
     }
 
     /// The database name.
@@ -154,20 +229,23 @@ impl IdbStore {
         self.inner.max_event_bytes
     }
 
-    /// The `{ durability }` options passed to every readwrite transaction.
-    pub(crate) fn tx_options(&self) -> &JsValue {
-        &self.inner.options
-    }
-
     /// Close the connection; later calls fail with [`Error::Closed`].
     pub fn close(&self) {
         self.inner.closed.set(true);
-        self.inner.db.close();
+        self.inner.handlers.borrow_mut().clear();
+        self.inner.db.borrow().close();
     }
 
-    /// True once [`IdbStore::close`] was called.
+    /// True once [`IdbStore::close`] was called, or the connection was lost
+    /// for good.
     pub fn is_closed(&self) -> bool {
-        self.inner.closed.get()
+        self.inner.closed.get() || self.inner.lost.borrow().is_some()
+    }
+
+    /// Why the connection was lost for good, if it was (not after
+    /// [`IdbStore::close`]).
+    pub fn lost_reason(&self) -> Option<String> {
+        self.inner.lost.borrow().clone()
     }
 
     /// Call `f` after every commit of this store that added events (the
@@ -176,12 +254,63 @@ impl IdbStore {
         *self.inner.on_commit.borrow_mut() = f;
     }
 
+    /// Call `f` when the connection is lost, reopened or given up.
+    pub fn set_on_connection(&self, f: Option<ConnectionListener>) {
+        *self.inner.on_connection.borrow_mut() = f;
+    }
+
     /// Tell the commit listener that events were committed.
     pub(crate) fn committed(&self) {
         let f = self.inner.on_commit.borrow().clone();
         if let Some(f) = f {
             f();
         }
+    }
+
+    /// Wait for a reopen in progress; fail when closed or lost.
+    pub(crate) async fn ready(&self) -> Result<()> {
+        let reopening = self.inner.reopening.borrow().clone();
+        if let Some(p) = reopening {
+            let _ = JsFuture::from(p).await;
+        }
+        if self.is_closed() {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    /// A transaction over `names` (a JS array) for the app's
+    /// `outbox.transaction`, on the current connection: waits for a reopen
+    /// in progress, and reopens a connection found closed.
+    pub(crate) async fn app_transaction(
+        &self,
+        names: &Array,
+    ) -> std::result::Result<IdbTransaction, JsValue> {
+        for attempt in 0..2 {
+            self.ready()
+                .await
+                .map_err(|e| JsValue::from_str(&e.to_string()))?;
+            let db = self.database();
+            match idb::transaction_js(&db, names, "readwrite", &self.inner.options) {
+                Ok(tx) => return Ok(tx),
+                Err(e) if attempt == 0 && self.closed_under_us(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(JsValue::from_str(&Error::Closed.to_string()))
+    }
+
+    /// True when `e` says the connection is closed although the outbox did
+    /// not close it (no event told it): starts reopening.
+    fn closed_under_us(&self, e: &JsValue) -> bool {
+        if self.is_closed() || !matches!(idb::to_error("", e.clone()), Error::Closed) {
+            return false;
+        }
+        connection_lost(
+            &self.inner,
+            "the IndexedDB connection was closed under the outbox".into(),
+        );
+        true
     }
 
     /// Add `event` to the app's own readwrite transaction `tx`, whose scope
@@ -196,40 +325,258 @@ impl IdbStore {
         Ok(id)
     }
 
-    fn tx(&self, names: &[&str], mode: &str) -> Result<IdbTransaction> {
-        if self.is_closed() {
-            return Err(Error::Closed);
-        }
+    async fn tx(&self, names: &[&str], mode: &str) -> Result<IdbTransaction> {
         let options = if mode == "readwrite" {
             &self.inner.options
         } else {
             &JsValue::UNDEFINED
         };
-        idb::transaction(&self.inner.db, names, mode, options).map_err(|e| {
-            if self.inner.db.name().is_empty() {
-                Error::Closed
-            } else {
-                idb::to_error("starting a transaction", e)
+        for attempt in 0..2 {
+            self.ready().await?;
+            let db = self.database();
+            match idb::transaction(&db, names, mode, options) {
+                Ok(tx) => return Ok(tx),
+                Err(e) if attempt == 0 && self.closed_under_us(&e) => {}
+                Err(e) => {
+                    return Err(if db.name().is_empty() {
+                        Error::Closed
+                    } else {
+                        idb::to_error("starting a transaction", e)
+                    });
+                }
             }
-        })
+        }
+        Err(Error::Closed)
+    }
+}
+
+/// Watch `db` for `versionchange` (another connection upgrades or deletes
+/// the database) and `close` (the browser closed it: storage cleared, a
+/// crash of its backend).
+fn install_handlers(inner: &Rc<Inner>, db: &IdbDatabase) {
+    let mut handlers = inner.handlers.borrow_mut();
+    handlers.clear();
+    let weak = Rc::downgrade(inner);
+    let closing = db.clone();
+    let on_versionchange = Closure::<dyn FnMut(JsValue)>::new(move |e: JsValue| {
+        // Close at once: an open connection would block the upgrade.
+        closing.close();
+        let Some(inner) = weak.upgrade() else { return };
+        match Reflect::get(&e, &"newVersion".into())
+            .ok()
+            .and_then(|v| v.as_f64())
+        {
+            Some(v) => connection_lost(
+                &inner,
+                format!("another connection upgraded the database to version {v}"),
+            ),
+            None => give_up(
+                &inner,
+                "the database was deleted (by another tab, or site data was cleared)".into(),
+            ),
+        }
+    });
+    db.set_onversionchange(Some(on_versionchange.as_ref().unchecked_ref()));
+    handlers.push(on_versionchange);
+    let weak = Rc::downgrade(inner);
+    let on_close = Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| {
+        if let Some(inner) = weak.upgrade() {
+            connection_lost(&inner, "the browser closed the IndexedDB connection".into());
+        }
+    });
+    let target: &web_sys::EventTarget = db.as_ref();
+    let _ = target.add_event_listener_with_callback("close", on_close.as_ref().unchecked_ref());
+    handlers.push(on_close);
+}
+
+fn notify(inner: &Inner, c: &Connection) {
+    let f = inner.on_connection.borrow().clone();
+    if let Some(f) = f {
+        f(c);
+    }
+}
+
+/// The connection is lost for good: say why, once.
+fn give_up(inner: &Rc<Inner>, reason: String) {
+    if inner.closed.get() || inner.lost.borrow().is_some() {
+        return;
+    }
+    inner.db.borrow().close();
+    *inner.lost.borrow_mut() = Some(reason.clone());
+    inner.handlers.borrow_mut().clear();
+    notify(inner, &Connection::Lost { reason });
+}
+
+/// The connection was closed under the outbox: reopen it (once at a time).
+fn connection_lost(inner: &Rc<Inner>, reason: String) {
+    if inner.closed.get() || inner.lost.borrow().is_some() || inner.reopening.borrow().is_some() {
+        return;
+    }
+    notify(
+        inner,
+        &Connection::Reopening {
+            reason: reason.clone(),
+        },
+    );
+    let weak = Rc::downgrade(inner);
+    let reopen = wasm_bindgen_futures::future_to_promise(async move {
+        let Some(inner) = weak.upgrade() else {
+            return Ok(JsValue::UNDEFINED);
+        };
+        let name = inner.name.clone();
+        let app = inner.app.borrow().clone();
+        let options = inner.options.clone();
+        let client_id = inner.client_id.clone();
+        drop(inner);
+        let attempt = wasm_bindgen_futures::future_to_promise(async move {
+            reopen(&name, &app, &options, &client_id)
+                .await
+                .map(JsValue::from)
+                .map_err(|e| JsValue::from_str(&e))
+        });
+        let outcome = JsFuture::from(timeout(&attempt, REOPEN_TIMEOUT_MS)).await;
+        let Some(inner) = weak.upgrade() else {
+            return Ok(JsValue::UNDEFINED);
+        };
+        match outcome {
+            Ok(db) if db.is_instance_of::<IdbDatabase>() => {
+                let db: IdbDatabase = db.unchecked_into();
+                if inner.closed.get() {
+                    db.close();
+                } else {
+                    *inner.db.borrow_mut() = db.clone();
+                    install_handlers(&inner, &db);
+                    inner.reopening.borrow_mut().take();
+                    notify(&inner, &Connection::Open);
+                }
+            }
+            Ok(_) => {
+                // Still waiting behind another upgrade: close it if it opens.
+                let close_late = Closure::<dyn FnMut(JsValue)>::new(|db: JsValue| {
+                    if let Some(db) = db.dyn_ref::<IdbDatabase>() {
+                        db.close();
+                    }
+                });
+                let _ = attempt.then(&close_late);
+                close_late.forget();
+                give_up(
+                    &inner,
+                    format!(
+                        "{reason}, and reopening it did not finish within {} s (another upgrade is blocked)",
+                        REOPEN_TIMEOUT_MS / 1000.0
+                    ),
+                );
+            }
+            Err(e) => give_up(
+                &inner,
+                format!(
+                    "{reason}, and it cannot be reopened: {}",
+                    e.as_string().unwrap_or_default()
+                ),
+            ),
+        }
+        inner.reopening.borrow_mut().take();
+        Ok(JsValue::UNDEFINED)
+    });
+    *inner.reopening.borrow_mut() = Some(reopen);
+}
+
+/// Open `name` again at its current version, never creating it: the outbox
+/// and app stores must be there, with this client id.
+async fn reopen(
+    name: &str,
+    app: &[AppStore],
+    options: &JsValue,
+    client_id: &str,
+) -> std::result::Result<IdbDatabase, String> {
+    // An upgrade from version 0 means the database is gone: abort it, so
+    // reopening never creates an empty database.
+    let db = idb::open(name, None, &Blocked::default(), |_, _, _| {
+        Err(JsValue::from_str("the database no longer exists"))
+    })
+    .await
+    .map_err(|e| match idb::error_parts(&e).0.as_str() {
+        "AbortError" => "the database no longer exists".to_owned(),
+        _ => idb::to_error("reopening", e).to_string(),
+    })?;
+    let fail = |db: &IdbDatabase, why: String| {
+        db.close();
+        Err(why)
+    };
+    if !idb::has_outbox_stores(&db) {
+        return fail(&db, "the new version has no outbox stores".into());
+    }
+    match app_schema_missing(&db, app) {
+        Ok(false) => {}
+        Ok(true) => {
+            return fail(
+                &db,
+                "the new version lacks a store or index this outbox was opened with".into(),
+            );
+        }
+        Err(e) => return fail(&db, e.to_string()),
+    }
+    match init_meta(&db, options).await {
+        Ok(id) if id == client_id => Ok(db),
+        Ok(_) => fail(&db, "the database was recreated (another client id)".into()),
+        Err(e) => fail(&db, e.to_string()),
+    }
+}
+
+/// Why [`open_database`] failed.
+#[derive(Debug)]
+pub(crate) enum OpenFailure {
+    /// Still blocked by another connection after the configured wait.
+    Blocked(JsValue),
+    /// Any other failure.
+    Error(Error),
+}
+
+impl OpenFailure {
+    /// The crate's error (a blocked open is a storage error for Rust callers).
+    pub(crate) fn into_error(self) -> Error {
+        match self {
+            OpenFailure::Blocked(e) => Error::storage(idb::error_parts(&e).1, None),
+            OpenFailure::Error(e) => e,
+        }
+    }
+}
+
+impl From<Error> for OpenFailure {
+    fn from(e: Error) -> Self {
+        OpenFailure::Error(e)
     }
 }
 
 /// Open `name`, upgrading it (version + 1) when it lacks the outbox stores
 /// or one of the app stores declared in `app`; `app` is run inside the
 /// upgrade to create what is missing.
-pub(crate) async fn open_database(name: &str, app: &[AppStore]) -> Result<IdbDatabase> {
-    let db = idb::open(name, None, |_, _| Ok(()))
+pub(crate) async fn open_database(
+    name: &str,
+    app: &[AppStore],
+    blocked: &Blocked,
+) -> std::result::Result<IdbDatabase, OpenFailure> {
+    let blocked_or = |what: &'static str| {
+        move |e: JsValue| {
+            if idb::error_parts(&e).0 == idb::BLOCKED_ERROR {
+                OpenFailure::Blocked(e)
+            } else {
+                OpenFailure::Error(idb::to_error(what, e))
+            }
+        }
+    };
+    let db = idb::open(name, None, blocked, |_, _, _| Ok(()))
         .await
-        .idb("opening the database")?;
-    let missing = !idb::has_outbox_stores(&db) || app_schema_missing(&db, app)?;
+        .map_err(blocked_or("opening the database"))?;
+    let missing =
+        !idb::has_outbox_stores(&db) || app_schema_missing(&db, app).map_err(OpenFailure::Error)?;
     if !missing {
         return Ok(db);
     }
     let version = db.version() as u32 + 1;
     db.close();
     let app = app.to_vec();
-    idb::open(name, Some(version), move |db, tx| {
+    idb::open(name, Some(version), blocked, move |db, tx, _| {
         idb::create_outbox_stores(db, Some(tx))?;
         for store in &app {
             store.create(db, tx)?;
@@ -238,12 +585,12 @@ pub(crate) async fn open_database(name: &str, app: &[AppStore]) -> Result<IdbDat
     })
     .await
     .map_err(|e| match idb::error_parts(&e).0.as_str() {
-        "VersionError" => Error::InvalidConfig {
+        "VersionError" => OpenFailure::Error(Error::InvalidConfig {
             reason: format!(
                 "the database {name:?} was upgraded by another tab meanwhile; open it again"
             ),
-        },
-        _ => idb::to_error("upgrading the database", e),
+        }),
+        _ => blocked_or("upgrading the database")(e),
     })
 }
 
@@ -510,7 +857,7 @@ impl IdbStore {
             // getAll's count 0 means "no limit" in IndexedDB.
             return Ok(Vec::new());
         }
-        let tx = self.tx(&[EVENTS], "readonly")?;
+        let tx = self.tx(&[EVENTS], "readonly").await?;
         let index = tx
             .object_store(EVENTS)
             .and_then(|s| s.index(BY_STATUS))
@@ -604,7 +951,7 @@ impl Store for IdbStore {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let tx = self.tx(&[EVENTS], "readwrite")?;
+        let tx = self.tx(&[EVENTS], "readwrite").await?;
         let done = idb::done(&tx);
         let store = tx.object_store(EVENTS).idb("writing events")?;
         let now = Timestamp::now();
@@ -625,7 +972,7 @@ impl Store for IdbStore {
     }
 
     async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim> {
-        let tx = self.tx(&[EVENTS, META], "readwrite")?;
+        let tx = self.tx(&[EVENTS, META], "readwrite").await?;
         let done = idb::done(&tx);
         let meta = tx.object_store(META).idb("claiming")?;
         let events = tx.object_store(EVENTS).idb("claiming")?;
@@ -683,7 +1030,7 @@ impl Store for IdbStore {
         if outcomes.is_empty() {
             return Ok(());
         }
-        let tx = self.tx(&[EVENTS], "readwrite")?;
+        let tx = self.tx(&[EVENTS], "readwrite").await?;
         let done = idb::done(&tx);
         let store = tx.object_store(EVENTS).idb("settling")?;
         let records = Self::records_for_settle(&store, &outcomes).await?;
@@ -726,7 +1073,7 @@ impl Store for IdbStore {
     }
 
     async fn release_lease(&self, owner: &str) -> Result<()> {
-        let tx = self.tx(&[META], "readwrite")?;
+        let tx = self.tx(&[META], "readwrite").await?;
         let done = idb::done(&tx);
         let meta = tx.object_store(META).idb("releasing the lease")?;
         let lease = idb::wait(meta.get(&"lease".into()).idb("releasing the lease")?)
@@ -739,7 +1086,7 @@ impl Store for IdbStore {
     }
 
     async fn stats(&self) -> Result<Stats> {
-        let tx = self.tx(&[EVENTS], "readonly")?;
+        let tx = self.tx(&[EVENTS], "readonly").await?;
         let index = tx
             .object_store(EVENTS)
             .and_then(|s| s.index(BY_STATUS))
@@ -783,7 +1130,7 @@ impl Store for IdbStore {
     }
 
     async fn get(&self, id: EventId) -> Result<Option<Event>> {
-        let tx = self.tx(&[EVENTS], "readonly")?;
+        let tx = self.tx(&[EVENTS], "readonly").await?;
         let store = tx.object_store(EVENTS).idb("reading an event")?;
         Self::record_by_id(&store, id)
             .await?
@@ -792,7 +1139,7 @@ impl Store for IdbStore {
     }
 
     async fn retry(&self, id: EventId, now: Timestamp) -> Result<bool> {
-        let tx = self.tx(&[EVENTS], "readwrite")?;
+        let tx = self.tx(&[EVENTS], "readwrite").await?;
         let done = idb::done(&tx);
         let store = tx.object_store(EVENTS).idb("retrying an event")?;
         let record = Self::record_by_id(&store, id).await?;
@@ -821,7 +1168,7 @@ impl Store for IdbStore {
     }
 
     async fn retry_now(&self, now: Timestamp) -> Result<u64> {
-        let tx = self.tx(&[EVENTS], "readwrite")?;
+        let tx = self.tx(&[EVENTS], "readwrite").await?;
         let done = idb::done(&tx);
         let store = tx.object_store(EVENTS).idb("retrying now")?;
         let index = store.index(BY_STATUS).idb("retrying now")?;
@@ -850,7 +1197,7 @@ impl Store for IdbStore {
     }
 
     async fn discard(&self, id: EventId) -> Result<bool> {
-        let tx = self.tx(&[EVENTS], "readwrite")?;
+        let tx = self.tx(&[EVENTS], "readwrite").await?;
         let done = idb::done(&tx);
         let store = tx.object_store(EVENTS).idb("discarding an event")?;
         let record = Self::record_by_id(&store, id).await?;
@@ -866,7 +1213,7 @@ impl Store for IdbStore {
     }
 
     async fn prune_sent(&self, before: Timestamp) -> Result<u64> {
-        let tx = self.tx(&[EVENTS], "readwrite")?;
+        let tx = self.tx(&[EVENTS], "readwrite").await?;
         let done = idb::done(&tx);
         let store = tx.object_store(EVENTS).idb("pruning sent events")?;
         let index = store.index(BY_SENT_AT).idb("pruning sent events")?;
