@@ -40,7 +40,7 @@ struct FailEachPushOnce<T> {
 
 impl<T: Transport> Transport for FailEachPushOnce<T> {
     async fn send(&self, push: Push) -> edge_outbox::Result<Response> {
-        if self.sends.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+        if self.sends.fetch_add(1, Ordering::Relaxed).is_multiple_of(2) {
             push.sent.notify();
             return Err(Error::Network {
                 message: "injected: connection refused".into(),
