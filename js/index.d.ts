@@ -220,7 +220,14 @@ export interface Outbox {
   stats(): Promise<OutboxStats>;
   pending(limit?: number): Promise<OutboxEvent[]>;
   deadLetters(limit?: number): Promise<OutboxEvent[]>;
+  /** Make a dead event pending again; resolves false when no dead event has this id. */
   retry(id: string): Promise<boolean>;
+  /**
+   * "Try now" (a button after the network is known to be back): every pending
+   * event waiting for a retry time (backoff, `Retry-After`) becomes due and the
+   * sender is woken. Resolves with how many events were waiting.
+   */
+  retryNow(): Promise<number>;
   discard(id: string): Promise<boolean>;
   pruneSent(olderThanMs: number): Promise<number>;
   /**

@@ -919,3 +919,44 @@ async fn close_mid_push_hands_over_only_after_the_push_settled() {
     }
     wait(b.close()).await.unwrap();
 }
+
+/// `outbox.retryNow()`: events waiting for a long `Retry-After` are sent at
+/// once, and the call says how many were waiting.
+#[wasm_bindgen_test]
+async fn retry_now_sends_events_waiting_for_a_retry_time() {
+    let server = server();
+    let outbox = open_todos(
+        &fresh_name("retry-now"),
+        &format!(r#", endpoint: "{server}/v1/events", retry: {{ baseMs: 100, capMs: 120000 }}"#),
+    )
+    .await;
+    leader_is(&outbox, true).await;
+    http(
+        "POST",
+        &format!("{server}/__test/fail"),
+        Some(r#"{"status":503,"count":1,"retry_after":60}"#),
+    )
+    .await;
+    let expected = commit_todos(&outbox, 0..2).await;
+    // The 503 was seen: both wait about a minute.
+    until(10, "the 503 to park the events", || {
+        prop(&outbox.status(), "lastError").as_string().is_some()
+    })
+    .await;
+    let pending = js_sys::Array::from(&wait(outbox.pending(None)).await.unwrap());
+    assert_eq!(pending.length(), 2);
+    let now = js_sys::Date::now();
+    assert!(
+        pending
+            .iter()
+            .all(|e| num(&e, "nextAttemptAt") > now + 30_000.0),
+        "parked by Retry-After: {pending:?}"
+    );
+    let waiting = wait(outbox.retry_now()).await.unwrap();
+    assert_eq!(waiting.as_f64(), Some(2.0));
+    drained(&outbox, 5).await;
+    assert_eq!(received(server, &outbox.client_id()).await, expected);
+    // Nothing waits now.
+    assert_eq!(wait(outbox.retry_now()).await.unwrap().as_f64(), Some(0.0));
+    wait(outbox.close()).await.unwrap();
+}

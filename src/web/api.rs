@@ -724,6 +724,23 @@ impl Outbox {
         })
     }
 
+    /// "Try now": every pending event waiting for a retry time (backoff,
+    /// `Retry-After`) becomes due, and the sender (this tab's relay, or
+    /// another tab's) is woken. Resolves with how many events were waiting.
+    #[wasm_bindgen(js_name = retryNow)]
+    pub fn retry_now(&self) -> Promise {
+        let store = self.shared.store.clone();
+        future_to_promise(async move {
+            let waiting = store
+                .retry_now(Timestamp::now())
+                .await
+                .map_err(|e| store_error(&store, e))?;
+            // Wake the sender here, and tell the other tabs (as a commit does).
+            store.committed();
+            Ok(JsValue::from_f64(waiting as f64))
+        })
+    }
+
     /// Delete a dead event; resolves false when no dead event has this id.
     pub fn discard(&self, id: String) -> Promise {
         let store = self.shared.store.clone();
