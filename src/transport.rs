@@ -17,8 +17,10 @@
 //!    decides what a status means. The body is returned unparsed.
 //! 4. A failure to get an answer (DNS, connection refused, reset, timeout, a
 //!    body that could not be read) is `Err(Error::Network { .. })`.
-//! 5. `send` is bounded in time (a total timeout), so that a relay's lease
-//!    (30 s by default) outlives a stuck request.
+//! 5. `send` is bounded in time, and the time allowed grows with the body
+//!    ([`time_allowed`]: a base timeout plus the body at a slowest uplink
+//!    rate), so a slow link delays a large push instead of failing it
+//!    forever, while a stuck request still ends.
 //! 6. `Retry-After` is returned as a duration ([`parse_retry_after`] reads both
 //!    the seconds and the HTTP-date forms).
 //! 7. `push.sent` is notified as soon as the request has been handed to the
@@ -29,6 +31,21 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
 use std::time::Duration;
+
+/// Default slowest uplink a push is given time for: 2 KiB/s (see [`time_allowed`]).
+pub const DEFAULT_MIN_UPLOAD_RATE: u64 = 2 * 1024;
+
+/// The time a push of `bytes` bytes is allowed: `timeout` (for the
+/// connection and the answer) plus the body at `min_upload_rate` bytes per
+/// second. Both shipped transports use it, so a push's deadline follows one
+/// rule on every target.
+pub fn time_allowed(
+    timeout: std::time::Duration,
+    bytes: usize,
+    min_upload_rate: u64,
+) -> std::time::Duration {
+    timeout + std::time::Duration::from_secs_f64(bytes as f64 / min_upload_rate.max(1) as f64)
+}
 
 use crate::error::Result;
 use crate::store::{MaybeSend, MaybeSync};
@@ -231,6 +248,17 @@ pub fn parse_retry_after(value: &str, now: Timestamp) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_time_allowed_grows_with_the_body() {
+        let base = std::time::Duration::from_secs(10);
+        assert_eq!(time_allowed(base, 0, DEFAULT_MIN_UPLOAD_RATE), base);
+        assert_eq!(
+            time_allowed(base, 200 * 1024, DEFAULT_MIN_UPLOAD_RATE),
+            std::time::Duration::from_secs(110)
+        );
+        assert_eq!(time_allowed(base, 10, 0), std::time::Duration::from_secs(20));
+    }
 
     #[test]
     fn request_sent_wakes_its_waiter_once_notified() {

@@ -15,16 +15,14 @@ use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderName, HeaderValue, R
 use crate::error::{Error, Result};
 use crate::time::Timestamp;
 use crate::transport::{
-    Credentials, NoCredentials, Push, RequestSent, Response, Transport, parse_retry_after,
+    Credentials, DEFAULT_MIN_UPLOAD_RATE, NoCredentials, Push, RequestSent, Response, Transport,
+    parse_retry_after, time_allowed,
 };
 
 /// Default time allowed to open a connection.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default base time allowed for a push (see [`HttpTransportBuilder::timeout`]).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default slowest uplink a push is given time for: 2 KiB/s (see
-/// [`HttpTransportBuilder::min_upload_rate`]).
-pub const DEFAULT_MIN_UPLOAD_RATE: u64 = 2 * 1024;
 /// The request body is handed to the connection in pieces of this size, so
 /// that a stalled upload is seen (no piece taken for a whole `timeout`).
 const UPLOAD_PIECE: usize = 16 * 1024;
@@ -220,8 +218,7 @@ impl<C: Credentials> Transport for HttpTransport<C> {
         } else {
             push.body
         };
-        let allowed =
-            self.timeout + Duration::from_secs_f64(body.len() as f64 / self.min_upload_rate as f64);
+        let allowed = time_allowed(self.timeout, body.len(), self.min_upload_rate);
         let progress = Arc::new(Progress::new());
         let sending = request
             .timeout(allowed)

@@ -35,20 +35,39 @@ extern "C" {
 pub struct FetchTransport {
     endpoint: String,
     timeout: Duration,
+    /// Bytes per second of the slowest uplink a push is given time for.
+    min_upload_rate: u64,
     /// The app's `headers({ refresh })` callback: returns (a promise of) a
     /// `Record<string, string>`; called before every request.
     headers: Option<Function>,
 }
 
 impl FetchTransport {
-    /// A transport to `endpoint` (absolute, or relative to the page) with a
-    /// total timeout per request.
+    /// A transport to `endpoint` (absolute, or relative to the page). A push
+    /// of `n` bytes may take `timeout + n / min_upload_rate` (2 KiB/s by
+    /// default, see [`FetchTransport::with_min_upload_rate`]): `fetch` shows
+    /// no upload progress, so the time allowed grows with the body, and a
+    /// slow uplink delays a large push instead of failing it forever (after
+    /// timeouts the relay also sends smaller pushes, down to one event).
     pub fn new(endpoint: impl Into<String>, timeout: Duration) -> Self {
         FetchTransport {
             endpoint: endpoint.into(),
             timeout,
+            min_upload_rate: crate::transport::DEFAULT_MIN_UPLOAD_RATE,
             headers: None,
         }
+    }
+
+    /// Set the slowest uplink, in bytes per second, that a push is given
+    /// time for (at least 1).
+    pub fn with_min_upload_rate(mut self, bytes_per_sec: u64) -> Self {
+        self.min_upload_rate = bytes_per_sec.max(1);
+        self
+    }
+
+    /// The time allowed for a push of `bytes` bytes.
+    pub fn time_allowed(&self, bytes: usize) -> Duration {
+        crate::transport::time_allowed(self.timeout, bytes, self.min_upload_rate)
     }
 
     /// Ask `callback({ refresh })` for extra request headers (credentials)
@@ -118,7 +137,8 @@ impl Transport for FetchTransport {
             .map_err(|e| network("building the request", e))?;
 
         let abort = Closure::once_into_js(move || controller.abort());
-        let timer = set_timeout(abort.unchecked_ref(), self.timeout.as_millis() as f64);
+        let allowed = self.time_allowed(push.body.len());
+        let timer = set_timeout(abort.unchecked_ref(), allowed.as_millis() as f64);
         let result = async {
             let fetching = global_fetch(&request);
             // The browser sends it from here on, off this thread.
