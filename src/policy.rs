@@ -10,7 +10,7 @@
 //! misconfigured proxy's `Retry-After: 315360000` must not park a queue for
 //! ten years).
 //!
-//! This module also holds the **answer policy** ([`Verdict`], [`classify`]):
+//! This module also holds the **answer policy** (`Verdict`, `classify`):
 //! what each answer to a push does to the batch and to the next attempt, and
 //! the [`PushWindow`] that narrows pushes after repeated channel failures.
 //!
@@ -361,7 +361,7 @@ pub(crate) fn error_text(body: &[u8]) -> String {
 
 /// How many events the next push may carry.
 ///
-/// A failure that a smaller push may avoid ([`Verdict::Channel`] with
+/// A failure that a smaller push may avoid (`Verdict::Channel` with
 /// `narrows`), seen twice in a row, halves the window down to one event: a
 /// slow uplink that times out on large pushes, a proxy that resets
 /// connections carrying large bodies, a backend that fails with 5xx on one
@@ -402,7 +402,7 @@ impl PushWindow {
     }
 
     /// A push of `events` events failed on the channel; `narrows` as in
-    /// [`Verdict::Channel`].
+    /// `Verdict::Channel`.
     pub fn failed(&mut self, events: usize, narrows: bool) {
         if !narrows {
             return;

@@ -9,7 +9,7 @@ use crate::time::Timestamp;
 
 /// Default most events in one push.
 pub const DEFAULT_MAX_EVENTS: usize = 100;
-/// Default most event bytes ([`Event::size`]) in one push: 512 KiB.
+/// Default most event bytes ([`Event::size`](crate::Event::size)) in one push: 512 KiB.
 pub const DEFAULT_MAX_BYTES: usize = 512 * 1024;
 /// Default pushes' worth of events taken by one claim (see [`RelayConfig::claim_batches`]).
 pub const DEFAULT_CLAIM_BATCHES: usize = 4;
@@ -137,7 +137,7 @@ impl<F: Fn(&RelayStatus) + MaybeSend + MaybeSync> StatusObserver for F {
     }
 }
 
-/// What one [`Relay::step`] did.
+/// What one [`Relay::step`](super::Relay::step) did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
     /// A batch was claimed, sent (or not, when all expired) and settled.
@@ -163,7 +163,7 @@ pub enum Step {
     },
 }
 
-/// What a [`Relay::flush`] achieved.
+/// What a [`Relay::flush`](super::Relay::flush) achieved.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FlushReport {
     /// Events acknowledged by the server during this flush.

@@ -9,21 +9,29 @@
 //!    span a `fetch`, and a SQLite write lock must not wait on the network);
 //! 3. **settle** (a second store transaction): record what the server said.
 //!
-//! The answer is interpreted exactly as sync protocol v1 says
-//! (`docs/protocol.md`):
+//! The answer is interpreted as sync protocol v1 says (`docs/protocol.md`);
+//! the policy itself, what each answer does to the batch and to the next
+//! attempt, lives in [`crate::policy`] (`classify`, [`PushWindow`]). Only
+//! evidence against one event dead-letters it; a failure that may be the
+//! channel's leaves every event pending:
 //!
 //! | answer | what happens |
 //! |---|---|
 //! | 200, event `accepted` / `duplicate` | sent |
 //! | 200, event `rejected` | dead, with the server's reason |
 //! | 200, event not named | stays pending (retried) |
-//! | network error, timeout, 5xx, unreadable 200 body | retry with backoff (full jitter) |
-//! | 408, 429, 503 | retry, no sooner than `Retry-After` |
+//! | network error, timeout, 5xx, unreadable 200 body | retry with backoff (full jitter); twice in a row (not 503): the next pushes are halved, down to one event |
+//! | 408, 429, 503 | retry, no sooner than `Retry-After`, up to the backoff cap |
 //! | 401, 403 | ask the credentials provider for fresh ones, resend once, then back off; never dead |
-//! | 413 | split the batch in halves; a single event -> dead ("too large") |
-//! | 400, 422 | bisect until the poison event is alone; only it -> dead |
-//! | 400 `unsupported_protocol` | retry with backoff (a deployment mismatch, not poison) |
+//! | 413 | split in halves (later pushes too); a lone event -> dead once others pass |
+//! | 400, 422 with the protocol's error body blaming the content | bisect; a lone event -> dead once others pass; refused alike 3 times with nothing passing: channel failure |
+//! | any other 400, 422 (no protocol error body, `unsupported_protocol`, …) | channel failure: retry with backoff, no bisection |
 //! | older than the policy's max age | dead ("expired"), not sent |
+//!
+//! `attempts` counts the pushes that carried an event: events claimed but
+//! never pushed (behind a failure, or claimed ahead) are left as they were,
+//! and the backoff after a failure follows the attempts of the events that
+//! failed.
 //!
 //! # Pipelining
 //!
