@@ -257,7 +257,10 @@ mod tests {
             time_allowed(base, 200 * 1024, DEFAULT_MIN_UPLOAD_RATE),
             std::time::Duration::from_secs(110)
         );
-        assert_eq!(time_allowed(base, 10, 0), std::time::Duration::from_secs(20));
+        assert_eq!(
+            time_allowed(base, 10, 0),
+            std::time::Duration::from_secs(20)
+        );
     }
 
     #[test]
