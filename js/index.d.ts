@@ -161,7 +161,12 @@ export interface OutboxStatus {
   /** `navigator.onLine`, or the value forced with `setOnline`. */
   online: boolean;
   flushing: boolean;
-  /** True while this tab/worker is the one sender of this outbox. */
+  /**
+   * True while this tab/worker is the one sender of this outbox: it holds the
+   * Web Lock (or, where `navigator.locks` is missing, the outbox's lease in
+   * IndexedDB). A tab gives it up when it is frozen (`freeze`, `pagehide`)
+   * and queues for it again on `resume`/`pageshow`.
+   */
   leader: boolean;
   /** The IndexedDB connection: see {@link ConnectionState}. */
   connection: ConnectionState;

@@ -960,3 +960,58 @@ async fn retry_now_sends_events_waiting_for_a_retry_time() {
     assert_eq!(wait(outbox.retry_now()).await.unwrap().as_f64(), Some(0.0));
     wait(outbox.close()).await.unwrap();
 }
+
+/// Case 3: a tab never starts IndexedDB work from a BroadcastChannel
+/// message (a tab frozen in the middle of it would hold a transaction that
+/// blocks every other tab's commits); the counts come in the messages.
+#[wasm_bindgen_test]
+async fn message_handlers_start_no_indexeddb_work() {
+    let server = server();
+    let name = fresh_name("no-idb-in-handlers");
+    let opts = format!(r#", endpoint: "{server}/v1/events", retry: {{ baseMs: 100, capMs: 400 }}"#);
+    let a = open_todos(&name, &opts).await;
+    leader_is(&a, true).await;
+    // Mark every task that runs a BroadcastChannel message handler, until
+    // the next task; count the transactions started meanwhile on `watched`.
+    run_js(
+        "if (!globalThis.handlerTx) {
+            globalThis.handlerTx = 0;
+            globalThis.inHandler = false;
+            const d = Object.getOwnPropertyDescriptor(BroadcastChannel.prototype, 'onmessage');
+            Object.defineProperty(BroadcastChannel.prototype, 'onmessage', {
+                configurable: true,
+                get() { return d.get.call(this); },
+                set(h) {
+                    d.set.call(this, h && ((e) => {
+                        globalThis.inHandler = true;
+                        setTimeout(() => { globalThis.inHandler = false; }, 0);
+                        return h(e);
+                    }));
+                },
+            });
+            const t = IDBDatabase.prototype.transaction;
+            IDBDatabase.prototype.transaction = function (...args) {
+                if (globalThis.inHandler && this === globalThis.watched) globalThis.handlerTx++;
+                return t.apply(this, args);
+            };
+        }
+        globalThis.handlerTx = 0;",
+    )
+    .await;
+    let b = open_todos(&name, &opts).await;
+    leader_is(&b, false).await;
+    Reflect::set(&js_sys::global(), &"watched".into(), &b.db()).unwrap();
+    // A commits and sends: B learns both from messages.
+    let expected = commit_todos(&a, 0..3).await;
+    drained(&a, 10).await;
+    status_reaches(&b, "sent", 3.0).await;
+    status_reaches(&b, "pending", 0.0).await;
+    assert_eq!(received(server, &a.client_id()).await, expected);
+    assert_eq!(
+        num(&js_sys::global(), "handlerTx"),
+        0.0,
+        "B started IndexedDB transactions from its message handler"
+    );
+    wait(a.close()).await.unwrap();
+    wait(b.close()).await.unwrap();
+}

@@ -34,13 +34,21 @@ use crate::store::Store;
 use crate::time::Timestamp;
 
 #[wasm_bindgen(inline_js = r#"
+export function hasWebLocks() {
+  const nav = globalThis.navigator;
+  return !!(nav && nav.locks && typeof nav.locks.request === "function");
+}
 export function acquireLock(name, onAcquired) {
-  const locks = globalThis.navigator && globalThis.navigator.locks;
-  if (!locks) return null;
+  if (!hasWebLocks()) return null;
   let release;
-  const held = new Promise((resolve) => { release = resolve; });
-  locks.request(name, () => { onAcquired(); return held; }).catch(() => {});
+  let released = false;
+  const held = new Promise((resolve) => { release = () => { released = true; resolve(); }; });
+  // A request released before it was granted lets go at once, unannounced.
+  globalThis.navigator.locks.request(name, () => { if (!released) onAcquired(); return held; }).catch(() => {});
   return release;
+}
+export function countsMessage(pending, sent, dead) {
+  return { kind: "counts", pending, sent, dead };
 }
 export function tryLock(name, work) {
   const locks = globalThis.navigator && globalThis.navigator.locks;
@@ -53,6 +61,14 @@ extern "C" {
     /// Returns the function that releases it, or null without Web Locks.
     #[wasm_bindgen(js_name = acquireLock)]
     fn acquire_lock(name: &str, on_acquired: &JsValue) -> JsValue;
+
+    /// True when `navigator.locks` exists (secure contexts; WebKit from 15.4).
+    #[wasm_bindgen(js_name = hasWebLocks)]
+    fn has_web_locks() -> bool;
+
+    /// The BroadcastChannel message that carries fresh counts.
+    #[wasm_bindgen(js_name = countsMessage)]
+    fn counts_message(pending: f64, sent: f64, dead: f64) -> JsValue;
 
     /// Run `work(held)` holding the lock if it is free right now
     /// (`held = false` when another context holds it).
@@ -185,6 +201,13 @@ struct State {
     error_pause_ms: f64,
     running: Cell<bool>,
     leader: Cell<bool>,
+    /// No Web Locks here: every context runs its loop and the store lease
+    /// (one owner per context) elects the sender.
+    no_locks: bool,
+    /// Frozen or hidden for the back/forward cache: the lock is given up.
+    suspended: Cell<bool>,
+    /// An explicit flush runs outside the loop (holding the lock briefly).
+    explicit_flush: Cell<bool>,
     /// Releases the Web Lock (null without Web Locks).
     release_lock: RefCell<JsValue>,
     /// A wake arrived while the loop was not waiting: run another round.
@@ -206,6 +229,8 @@ struct State {
     channel: Option<BroadcastChannel>,
     /// Kept alive while the driver lives; removed from the global at close.
     global_listeners: RefCell<Vec<(&'static str, JsCallback)>>,
+    /// `freeze`/`resume` (document) and `pagehide`/`pageshow` listeners.
+    lifecycle_listeners: RefCell<Vec<(&'static str, EventTarget, JsCallback)>>,
     _channel_listener: RefCell<Option<JsCallback>>,
 }
 
@@ -225,8 +250,16 @@ impl Driver {
     /// [`Driver::start`].
     pub fn new(store: IdbStore, transport: FetchTransport, config: DriverConfig) -> Driver {
         let lock_name = format!("edge-outbox:{}", store.name());
-        // The Web Lock excludes other senders, so all holders share one lease owner.
-        let relay_config = config.relay.with_owner(lock_name.clone());
+        let no_locks = !has_web_locks();
+        // The Web Lock excludes other senders, so all holders share one lease
+        // owner (a new holder renews a closed tab's lease at once). Without
+        // Web Locks the lease is the election: one owner per context.
+        let owner = if no_locks {
+            format!("{lock_name}:{}", uuid::Uuid::new_v4())
+        } else {
+            lock_name.clone()
+        };
+        let relay_config = config.relay.with_owner(owner);
         let relay = Relay::new(store.clone(), transport, relay_config);
         let channel = BroadcastChannel::new(&lock_name).ok();
         let state = Rc::new(State {
@@ -236,6 +269,9 @@ impl Driver {
             error_pause_ms: config.error_pause_ms,
             running: Cell::new(false),
             leader: Cell::new(false),
+            no_locks,
+            suspended: Cell::new(false),
+            explicit_flush: Cell::new(false),
             release_lock: RefCell::new(JsValue::NULL),
             dirty: Cell::new(false),
             wake: RefCell::new(None),
@@ -251,6 +287,7 @@ impl Driver {
             listener: RefCell::new(None),
             channel,
             global_listeners: RefCell::new(Vec::new()),
+            lifecycle_listeners: RefCell::new(Vec::new()),
             _channel_listener: RefCell::new(None),
         });
         let driver = Driver { state };
@@ -274,10 +311,10 @@ impl Driver {
         let weak = Rc::downgrade(st);
         st.store.set_on_commit(Some(Rc::new(move || {
             if let Some(st) = weak.upgrade() {
-                committed(&st);
                 if let Some(ch) = &st.channel {
                     let _ = ch.post_message(&"commit".into());
                 }
+                committed(&st, true);
             }
         })));
         // The connection closed under the outbox: reopened, or given up.
@@ -315,12 +352,37 @@ impl Driver {
         // Commits and flush requests of other tabs.
         if let Some(ch) = &st.channel {
             let weak = Rc::downgrade(st);
-            let on_message = Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| {
-                if let Some(st) = weak.upgrade() {
-                    // A commit or a flush of another tab: either way the
-                    // counts moved; the sender also has work to do.
-                    committed(&st);
+            // No IndexedDB work starts here: a tab frozen in the middle of
+            // it would hold a transaction that blocks every other tab's
+            // commits. Counts come in the messages; only the sender's loop
+            // (which gives up the lock when the tab freezes) is woken.
+            let on_message = Closure::<dyn FnMut(JsValue)>::new(move |e: JsValue| {
+                let Some(st) = weak.upgrade() else { return };
+                let data = Reflect::get(&e, &"data".into()).unwrap_or(JsValue::UNDEFINED);
+                if data.is_object() {
+                    let n = |k: &str| {
+                        Reflect::get(&data, &k.into())
+                            .ok()
+                            .and_then(|v| v.as_f64())
+                            .map(|v| v as u64)
+                    };
+                    if let (Some(pending), Some(sent), Some(dead)) =
+                        (n("pending"), n("sent"), n("dead"))
+                    {
+                        set_counts(
+                            &st,
+                            &crate::store::Stats {
+                                pending,
+                                sent,
+                                dead,
+                                ..Default::default()
+                            },
+                        );
+                    }
+                    return;
                 }
+                // "commit", "flush" or "released": the sender has work.
+                committed(&st, false);
             });
             ch.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
             *st._channel_listener.borrow_mut() = Some(on_message);
@@ -339,6 +401,33 @@ impl Driver {
             });
             let _ = global.add_event_listener_with_callback(kind, cb.as_ref().unchecked_ref());
             st.global_listeners.borrow_mut().push((kind, cb));
+        }
+        // A frozen tab (a phone's background tab, the back/forward cache)
+        // runs nothing, so it must not keep the sender lock: give it up on
+        // `freeze` and `pagehide`, ask for it again on `resume`/`pageshow`.
+        let document = Reflect::get(&global, &"document".into()).unwrap_or(JsValue::UNDEFINED);
+        let targets: [(&'static str, bool, JsValue); 4] = [
+            ("freeze", true, document.clone()),
+            ("resume", false, document),
+            ("pagehide", true, global.clone().into()),
+            ("pageshow", false, global.clone().into()),
+        ];
+        for (kind, suspend, target) in targets {
+            let Some(target) = target.dyn_ref::<EventTarget>().cloned() else {
+                continue; // a worker: no document, no page lifecycle
+            };
+            let weak: Weak<State> = Rc::downgrade(st);
+            let cb = Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| {
+                if let Some(st) = weak.upgrade() {
+                    if suspend {
+                        suspend_sender(&st);
+                    } else {
+                        resume_sender(&st);
+                    }
+                }
+            });
+            let _ = target.add_event_listener_with_callback(kind, cb.as_ref().unchecked_ref());
+            st.lifecycle_listeners.borrow_mut().push((kind, target, cb));
         }
     }
 
@@ -374,24 +463,7 @@ impl Driver {
         if st.running.replace(true) {
             return;
         }
-        let weak = Rc::downgrade(st);
-        let on_acquired = Closure::once_into_js(move || {
-            if let Some(st) = weak.upgrade()
-                && st.running.get()
-            {
-                st.leader.set(true);
-                st.status.borrow_mut().leader = true;
-                emit(&st);
-                wake(&st);
-            }
-        });
-        let release = acquire_lock(&st.lock_name, &on_acquired);
-        if release.is_null() {
-            // No Web Locks (very old browser): the store lease alone decides.
-            st.leader.set(true);
-            st.status.borrow_mut().leader = true;
-        }
-        *st.release_lock.borrow_mut() = release;
+        request_lock(st);
         spawn_local(run(st.clone()));
     }
 
@@ -408,12 +480,20 @@ impl Driver {
         // Wait for the flush in progress (it stops before its next batch),
         // then give up the store lease so another sender need not wait for it.
         if let Some(mut relay) = take_relay(st).await {
-            if st.leader.get() {
+            // With Web Locks every holder shares the lease owner: only the
+            // holder may release it. Without, the owner is this context's.
+            if st.leader.get() || st.no_locks {
                 let _ = relay.release_lease().await;
             }
             *st.relay.borrow_mut() = Some(relay);
         }
         release_lock(st);
+        if st.no_locks
+            && let Some(ch) = &st.channel
+        {
+            // The lease is free: the other contexts may claim now.
+            let _ = ch.post_message(&"released".into());
+        }
     }
 
     /// Wake the loop (after a commit the store did not see, e.g. `enqueueIn`).
@@ -432,7 +512,7 @@ impl Driver {
             // Offline: no attempt is made (none is spent); report the counts.
             return counts_report(&st, FlushSkipped::Offline).await;
         }
-        if st.running.get() && st.leader.get() {
+        if st.running.get() && (st.leader.get() || (st.no_locks && !st.suspended.get())) {
             let slot: Rc<RefCell<Option<Rc<Waiter>>>> = Rc::new(RefCell::new(None));
             let promise = Promise::new(&mut |resolve, _reject| {
                 let waiter = Rc::new(Waiter {
@@ -458,7 +538,9 @@ impl Driver {
                 return Promise::resolve(&JsValue::UNDEFINED);
             }
             wasm_bindgen_futures::future_to_promise(async move {
+                st2.explicit_flush.set(true);
                 let outcome = flush_now(&st2).await.map(FlushOutcome::delivered);
+                st2.explicit_flush.set(false);
                 *out.borrow_mut() = Some(outcome);
                 Ok(JsValue::UNDEFINED)
             })
@@ -486,6 +568,9 @@ impl Driver {
         let global: EventTarget = js_sys::global().unchecked_into();
         for (kind, cb) in st.global_listeners.borrow_mut().drain(..) {
             let _ = global.remove_event_listener_with_callback(kind, cb.as_ref().unchecked_ref());
+        }
+        for (kind, target, cb) in st.lifecycle_listeners.borrow_mut().drain(..) {
+            let _ = target.remove_event_listener_with_callback(kind, cb.as_ref().unchecked_ref());
         }
         if let Some(ch) = &st.channel {
             ch.set_onmessage(None);
@@ -519,6 +604,52 @@ fn wake(st: &State) {
         }
         let _ = resolve.call0(&JsValue::UNDEFINED);
     }
+}
+
+/// Queue for the sender lock (nothing to queue for without Web Locks: the
+/// loop then tries the store lease, which elects one sender).
+fn request_lock(st: &Rc<State>) {
+    if st.no_locks {
+        wake(st);
+        return;
+    }
+    let weak = Rc::downgrade(st);
+    let on_acquired = Closure::once_into_js(move || {
+        if let Some(st) = weak.upgrade()
+            && st.running.get()
+            && !st.suspended.get()
+        {
+            st.leader.set(true);
+            st.status.borrow_mut().leader = true;
+            emit(&st);
+            wake(&st);
+        }
+    });
+    let release = acquire_lock(&st.lock_name, &on_acquired);
+    *st.release_lock.borrow_mut() = release;
+}
+
+/// The tab is being frozen or put in the back/forward cache: give up the
+/// sender lock now (while code still runs), so another tab sends. A push on
+/// the wire settles when the tab runs again (the server dedupes the batch if
+/// the next sender pushed it too); no further batch starts here.
+fn suspend_sender(st: &Rc<State>) {
+    if st.suspended.replace(true) || !st.running.get() {
+        return;
+    }
+    release_lock(st);
+    emit(st);
+}
+
+/// The tab runs again: queue for the lock again.
+fn resume_sender(st: &Rc<State>) {
+    if !st.suspended.replace(false) || !st.running.get() {
+        return;
+    }
+    if st.release_lock.borrow().is_null() {
+        request_lock(st);
+    }
+    wake(st);
 }
 
 fn release_lock(st: &State) {
@@ -581,7 +712,12 @@ async fn flush_now(st: &Rc<State>) -> Result<FlushReport> {
     // A stop (close, connection lost) is taken between batches.
     let flushing = st.clone();
     let result = relay
-        .flush_while(move || flushing.running.get() || !flushing.leader.get())
+        .flush_while(move || {
+            flushing.explicit_flush.get()
+                || (flushing.running.get()
+                    && !flushing.suspended.get()
+                    && (flushing.leader.get() || flushing.no_locks))
+        })
         .await;
     *st.relay.borrow_mut() = Some(relay);
     st.status.borrow_mut().flushing = false;
@@ -589,12 +725,30 @@ async fn flush_now(st: &Rc<State>) -> Result<FlushReport> {
         st.relay_counts_stale.set(true);
         st.status.borrow_mut().relay.last_error = Some(e.to_string());
     }
-    emit(st);
-    if let Some(ch) = &st.channel {
-        // Followers refresh their counts.
-        let _ = ch.post_message(&"flushed".into());
+    if st.no_locks
+        && let Ok(report) = &result
+    {
+        // Without Web Locks, the sender is whoever holds the store lease.
+        let holds = report.lease_held_until.is_none();
+        st.leader.set(holds);
+        st.status.borrow_mut().leader = holds;
     }
+    emit(st);
+    broadcast_counts(st);
     result
+}
+
+/// Tell the other contexts the counts (they never read the store from a
+/// message handler).
+fn broadcast_counts(st: &State) {
+    if let Some(ch) = &st.channel {
+        let r = &st.status.borrow().relay;
+        let _ = ch.post_message(&counts_message(
+            r.pending as f64,
+            r.sent as f64,
+            r.dead as f64,
+        ));
+    }
 }
 
 /// A skipped flush's outcome: the counts as the store has them now.
@@ -625,20 +779,27 @@ fn set_counts(st: &Rc<State>, stats: &crate::store::Stats) {
     }
 }
 
-/// Events were committed (here or in another tab), or another tab flushed.
-fn committed(st: &Rc<State>) {
+/// Events were committed here (`local`), or another context said it
+/// committed or asked for a flush.
+fn committed(st: &Rc<State>, local: bool) {
     st.relay_counts_stale.set(true);
-    if st.running.get() && st.leader.get() && is_online(st) {
+    let sends = st.running.get()
+        && !st.suspended.get()
+        && (st.leader.get() || st.no_locks)
+        && is_online(st);
+    if sends {
         // The next round counts before it sends, and publishes the counts.
         wake(st);
-    } else {
-        // Nobody here will count soon: do it, so the app sees the commit.
+    } else if local {
+        // Nobody here will count soon: do it (this context's own work, never
+        // a message handler's), so this app and the other tabs see the commit.
         request_count(st);
     }
 }
 
-/// Count the store and publish, coalescing requests: while a count runs, more
-/// requests make exactly one more count after it (one per burst of commits).
+/// Count the store, publish and tell the other contexts, coalescing
+/// requests: while a count runs, more requests make exactly one more count
+/// after it (one per burst of commits).
 fn request_count(st: &Rc<State>) {
     if st.counting.replace(true) {
         st.recount.set(true);
@@ -650,6 +811,7 @@ fn request_count(st: &Rc<State>) {
             st.recount.set(false);
             if let Ok(stats) = st.store.stats().await {
                 set_counts(&st, &stats);
+                broadcast_counts(&st);
             }
             if !st.recount.get() {
                 break;
@@ -718,7 +880,7 @@ async fn run(st: Rc<State>) {
     // Let the first round happen at once (events left from earlier sessions).
     st.dirty.set(true);
     while st.running.get() {
-        if !st.leader.get() {
+        if st.suspended.get() || !(st.leader.get() || st.no_locks) {
             // Waiting for the sender lock; commits elsewhere are not ours to send.
             sleep(&st, None).await;
             continue;

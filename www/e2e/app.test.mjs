@@ -148,50 +148,127 @@ test("closing the tab during an in-flight push loses nothing and applies nothing
   });
 });
 
-test("three tabs writing while the network flaps: every event once, pushes never overlap", { timeout: TEST_TIMEOUT_MS }, async () => {
-  await scenario(async ({ server, context }) => {
-    const pages = [];
-    for (let i = 0; i < 3; i++) pages.push(await openApp(context, server.url));
-    const client = await clientId(pages[0]);
-    for (const p of pages) assert.equal(await clientId(p), client, "the tabs share one outbox");
+/** Pushes of `client` never overlapped at the server (one sender at a time). */
+async function assertNoOverlap(server, client) {
+  const pushes = (await server.requests())
+    .filter((r) => r.client_id === client)
+    .sort((a, b) => a.started_at - b.started_at);
+  assert.ok(pushes.length > 0);
+  for (let i = 1; i < pushes.length; i++) {
+    assert.ok(pushes[i - 1].finished_at <= pushes[i].started_at,
+      `two pushes of this client overlapped: ${JSON.stringify(pushes[i - 1])} and ${JSON.stringify(pushes[i])}`);
+  }
+  return pushes;
+}
+
+/**
+ * Three tabs type 15 items each at once while the first tab flips the
+ * network. `noLocks`: the origin has no Web Locks (plain http on a LAN
+ * address, WebKit before 15.4), simulated by deleting `navigator.locks`
+ * before the app loads.
+ */
+async function threeTabs({ server, context }, { noLocks }) {
+  if (noLocks) {
+    await context.addInitScript(() => { delete Navigator.prototype.locks; });
+    // Slow pushes: two senders could not help overlapping.
+    await server.control("delay", { ms: 150 });
+  }
+  const pages = [];
+  for (let i = 0; i < 3; i++) pages.push(await openApp(context, server.url));
+  if (noLocks) {
+    for (const p of pages) assert.equal(await p.evaluate(() => typeof navigator.locks), "undefined");
+  }
+  const client = await clientId(pages[0]);
+  for (const p of pages) assert.equal(await clientId(p), client, "the tabs share one outbox");
+  if (!noLocks) {
     await waitFor(async () => {
       const senders = await Promise.all(pages.map((p) => p.getByTestId("sender").textContent()));
       return senders.filter((s) => s === "this tab sends").length === 1;
     }, { message: "exactly one tab to hold the sender lock" });
+  }
 
-    const perTab = 15;
-    const titles = pages.map((_, t) => Array.from({ length: perTab }, (_, i) => `tab${t + 1}-${pad(i + 1)}`));
-    // All three type at once; the first tab's typist also flips the network
-    // every few items, so commits land online, offline, and in between.
-    await Promise.all(pages.map(async (page, t) => {
-      for (let i = 0; i < perTab; i++) {
-        await addItem(page, titles[t][i]);
-        if (t === 0 && i % 4 === 3) await context.setOffline(i % 8 === 3);
-      }
-    }));
-    await context.setOffline(false);
+  const perTab = 15;
+  const titles = pages.map((_, t) => Array.from({ length: perTab }, (_, i) => `tab${t + 1}-${pad(i + 1)}`));
+  await Promise.all(pages.map(async (page, t) => {
+    for (let i = 0; i < perTab; i++) {
+      await addItem(page, titles[t][i]);
+      if (t === 0 && i % 4 === 3) await context.setOffline(i % 8 === 3);
+    }
+  }));
+  await context.setOffline(false);
 
-    const total = 3 * perTab;
-    await waitServerCount(server, client, total, 40_000);
-    for (const page of pages) await waitStat(page, "pending", 0);
+  const total = 3 * perTab;
+  await waitServerCount(server, client, total, 40_000);
+  for (const page of pages) await waitStat(page, "pending", 0);
+  const events = await checkedEvents(server, client);
+  assert.equal(events.length, total, "every event exactly once");
+  const got = titlesOf(events);
+  assert.deepEqual([...got].sort(), titles.flat().sort(), "the same events that were committed");
+  for (const tab of titles) {
+    const order = got.filter((title) => tab.includes(title));
+    assert.deepEqual(order, tab, "each tab's events arrive in the order it committed them");
+  }
+  const pushes = await assertNoOverlap(server, client);
+  assert.ok(pushes.length <= total + 10, `far more pushes than events: ${pushes.length} for ${total}`);
+}
+
+test("without Web Locks, three tabs still elect one sender: every event once, pushes never overlap", { timeout: TEST_TIMEOUT_MS }, async () => {
+  await scenario((s) => threeTabs(s, { noLocks: true }));
+});
+
+/**
+ * Freeze `page` as a browser freezes a background tab: the `freeze` event
+ * (its last chance to run code), then no task runs at all. This headless
+ * Chromium accepts `Page.setWebLifecycleState` but keeps running the page's
+ * timers and handlers, so the debugger stops its script too. Returns the
+ * function that thaws it (`resume` event included).
+ */
+async function freeze(context, page) {
+  await page.evaluate(() => document.dispatchEvent(new Event("freeze")));
+  const cdp = await context.newCDPSession(page);
+  await cdp.send("Page.setWebLifecycleState", { state: "frozen" });
+  await cdp.send("Debugger.enable");
+  await cdp.send("Debugger.pause");
+  return async () => {
+    await cdp.send("Debugger.resume");
+    await cdp.send("Debugger.disable");
+    await cdp.send("Page.setWebLifecycleState", { state: "active" });
+    await page.evaluate(() => document.dispatchEvent(new Event("resume")));
+  };
+}
+
+test("a frozen sender tab gives the lock up: another tab takes over and its commits never hang", { timeout: TEST_TIMEOUT_MS }, async () => {
+  await scenario(async ({ server, context }) => {
+    const a = await openApp(context, server.url);
+    await waitFor(async () => (await a.getByTestId("sender").textContent()) === "this tab sends",
+      { message: "the first tab to send" });
+    const b = await openApp(context, server.url);
+    const client = await clientId(a);
+    await waitFor(async () => (await b.getByTestId("sender").textContent()) === "another tab sends",
+      { message: "the second tab to follow" });
+    await addItem(a, "before-freeze");
+    await waitServerCount(server, client, 1);
+
+    const thaw = await freeze(context, a);
+    await waitFor(async () => (await b.getByTestId("sender").textContent()) === "this tab sends",
+      { message: "the second tab to take over from the frozen one" });
+    const titles = Array.from({ length: 5 }, (_, i) => `while-frozen-${pad(i + 1)}`);
+    for (const title of titles) await addItem(b, title);
+    await waitStat(b, "pending", 0);
+    await waitServerCount(server, client, 6);
+
+    await thaw();
+    await addItem(a, "after-thaw");
+    await waitServerCount(server, client, 7);
+    await waitStat(a, "pending", 0);
     const events = await checkedEvents(server, client);
-    assert.equal(events.length, total, "every event exactly once");
-    const got = titlesOf(events);
-    assert.deepEqual([...got].sort(), titles.flat().sort(), "the same events that were committed");
-    for (const tab of titles) {
-      const order = got.filter((title) => tab.includes(title));
-      assert.deepEqual(order, tab, "each tab's events arrive in the order it committed them");
-    }
-
-    const pushes = (await server.requests())
-      .filter((r) => r.client_id === client)
-      .sort((a, b) => a.started_at - b.started_at);
-    assert.ok(pushes.length > 0);
-    for (let i = 1; i < pushes.length; i++) {
-      assert.ok(pushes[i - 1].finished_at <= pushes[i].started_at,
-        `two pushes of this client overlapped: ${JSON.stringify(pushes[i - 1])} and ${JSON.stringify(pushes[i])}`);
-    }
+    assert.deepEqual(titlesOf(events), ["before-freeze", ...titles, "after-thaw"]);
+    await assertNoOverlap(server, client);
   });
+});
+
+test("three tabs writing while the network flaps: every event once, pushes never overlap", { timeout: TEST_TIMEOUT_MS }, async () => {
+  await scenario((s) => threeTabs(s, { noLocks: false }));
 });
 
 test("a server answering 500 for a while: the error is shown, then everything arrives", { timeout: TEST_TIMEOUT_MS }, async () => {

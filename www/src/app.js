@@ -70,7 +70,21 @@ async function main() {
   onStatus(outbox.status);
   $("client-id").textContent = `client ${outbox.clientId}`;
 
-  itemsChannel.onmessage = () => refreshItems();
+  // A message handler must not start IndexedDB work a frozen tab could leave
+  // hanging (its open transaction would block the other tabs' commits): a
+  // hidden tab (the kind a browser freezes) only notes that its list is stale
+  // and re-reads it when it is shown again.
+  let stale = false;
+  itemsChannel.onmessage = () => {
+    if (document.visibilityState === "visible") refreshItems();
+    else stale = true;
+  };
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "visible" && stale) {
+      stale = false;
+      refreshItems();
+    }
+  });
   globalThis.addEventListener("online", renderNetwork);
   globalThis.addEventListener("offline", renderNetwork);
   wireUi();
