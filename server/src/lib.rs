@@ -8,7 +8,9 @@
 //! - [`spawn`] runs it in-process on `127.0.0.1:0` for tests and demos, with
 //!   fault injection ([`Faults`]) and inspection of what arrived;
 //! - an [`Inbox`] applies each event to your own tables inside the same
-//!   SQLite transaction as the event's dedupe record.
+//!   SQLite transaction as the event's dedupe record; it rejects an event it
+//!   can never apply (a [`Rejection`], e.g. from [`decode_payload`]) apart
+//!   from failing the whole batch for later (any other error: `500`).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), edge_outbox_server::Error> {
@@ -46,7 +48,7 @@ mod store;
 
 pub use faults::{Failure, Faults, RequestRecord};
 pub use http::{AppState, router};
-pub use inbox::{Applied, BoxError, Inbox, StoreOnly};
+pub use inbox::{Applied, BoxError, Inbox, Rejection, StoreOnly, decode_payload};
 pub use store::{EventStore, SqliteStore};
 
 /// Default limit on a push body, after gzip inflation: 4 MiB.
@@ -59,7 +61,8 @@ pub enum Error {
     /// The SQLite database failed.
     #[error("database: {0}")]
     Database(#[from] rusqlite::Error),
-    /// An [`Inbox`] failed (its `migrate` or `apply`).
+    /// An [`Inbox`] failed: its `migrate`, or its `apply` with an error that
+    /// is not a [`Rejection`] ("try later": the whole batch is rolled back).
     #[error("inbox: {0}")]
     Inbox(BoxError),
     /// Binding or serving failed.

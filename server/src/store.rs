@@ -14,7 +14,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde_json::value::RawValue;
 
 use crate::Error;
-use crate::inbox::{Applied, Inbox};
+use crate::inbox::{Applied, Inbox, classify};
 
 /// Where received events live.
 ///
@@ -161,13 +161,15 @@ impl EventStore for SqliteStore {
                 let (status, reason) = if inserted == 0 {
                     (ResultStatus::Duplicate, None)
                 } else {
-                    // An Err here returns early: dropping `tx` rolls the whole
-                    // batch back (see the Inbox contract).
-                    match self
-                        .inbox
-                        .apply(&tx, client_id, event)
-                        .map_err(Error::Inbox)?
-                    {
+                    // A rejection (an `Ok(Reject)` or an error that is one)
+                    // undoes this event alone. Any other Err returns early:
+                    // dropping `tx` rolls the whole batch back (see the Inbox
+                    // contract).
+                    let verdict = match self.inbox.apply(&tx, client_id, event) {
+                        Ok(applied) => applied,
+                        Err(e) => Applied::Reject(classify(e).map_err(Error::Inbox)?),
+                    };
+                    match verdict {
                         Applied::Accept => (ResultStatus::Accepted, None),
                         Applied::Reject(reason) => {
                             tx.execute_batch("ROLLBACK TO edge_outbox_event")?;

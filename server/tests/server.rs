@@ -1083,6 +1083,313 @@ async fn inbox_applies_in_the_same_transaction_as_the_dedupe_record() {
     assert_eq!(orders(&db), vec![1, 3, 4]);
 }
 
+/// The `Orders` inbox of docs/protocol.md, exactly as written there (checked
+/// by `protocol_doc_inbox_example_is_the_one_tested`): between the markers,
+/// every line must match the doc's code block.
+#[rustfmt::skip]
+mod docs_orders {
+    // docs-example: begin
+    use edge_outbox::protocol::WireEvent;
+    use edge_outbox_server::{Applied, BoxError, Inbox, Rejection, ServerConfig, decode_payload};
+
+    struct Orders;
+
+    impl Inbox for Orders {
+        fn migrate(&self, conn: &rusqlite::Connection) -> Result<(), BoxError> {
+            conn.execute_batch("CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, amount INTEGER)")?;
+            Ok(())
+        }
+        fn apply(&self, tx: &rusqlite::Transaction<'_>, _client: &str, e: &WireEvent) -> Result<Applied, BoxError> {
+            #[derive(serde::Deserialize)]
+            struct Order { order_id: i64, amount: i64 }
+            match e.event_type.as_str() {
+                "OrderCreated" => {
+                    // A payload that does not decode: this event is rejected, the batch goes on.
+                    let o: Order = decode_payload(e)?;
+                    if o.amount <= 0 {
+                        return Err(Rejection::new("amount must be positive").into());
+                    }
+                    // A database error: the whole batch is answered 500 and retried later.
+                    let inserted = tx.execute(
+                        "INSERT INTO orders (id, amount) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING",
+                        (o.order_id, o.amount),
+                    )?;
+                    if inserted == 0 {
+                        // It would fail the same way every time: reject, never "later".
+                        return Ok(Applied::Reject(format!("order {} exists already", o.order_id)));
+                    }
+                    Ok(Applied::Accept)
+                }
+                other => Ok(Applied::Reject(format!("unknown event type {other}"))),
+            }
+        }
+    }
+    // docs-example: end
+
+    /// The docs' configuration line, with this test's path and token.
+    pub fn config(config: ServerConfig) -> ServerConfig {
+        config.inbox(Orders)
+    }
+}
+
+fn order_event(seq: i64, payload: &str) -> WireEvent {
+    let mut e = event(seq, "OrderCreated");
+    e.payload = RawValue::from_string(payload.to_owned()).unwrap();
+    e
+}
+
+fn order_amounts(db: &Path) -> Vec<(i64, i64)> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT id, amount FROM orders ORDER BY id")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// Issue 9, item 7: one payload the inbox cannot decode is rejected alone;
+/// the other events of the batch are accepted and applied.
+#[tokio::test]
+async fn docs_inbox_rejects_a_payload_it_cannot_decode_and_applies_the_rest() {
+    let (server, dir) = start(docs_orders::config).await;
+    let db = dir.path().join("server.db");
+    let batch: Vec<WireEvent> = (1..=5)
+        .map(|i| {
+            if i == 3 {
+                order_event(i, r#"{"order_id":3,"amount":"250"}"#)
+            } else {
+                order_event(i, &format!(r#"{{"order_id":{i},"amount":{}}}"#, i * 100))
+            }
+        })
+        .collect();
+    let a = push(&server, TOKEN_A, CLIENT_A, &batch).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(
+        a.statuses(),
+        vec![
+            ResultStatus::Accepted,
+            ResultStatus::Accepted,
+            ResultStatus::Rejected,
+            ResultStatus::Accepted,
+            ResultStatus::Accepted
+        ]
+    );
+    let results = a.results();
+    assert_eq!(
+        results.iter().map(|r| r.id).collect::<Vec<_>>(),
+        ids(&batch)
+    );
+    let reason = results[2].reason.as_deref().unwrap();
+    assert!(
+        reason.starts_with("OrderCreated payload cannot be decoded: invalid type: string \"250\""),
+        "{reason}"
+    );
+    assert_eq!(
+        order_amounts(&db),
+        vec![(1, 100), (2, 200), (4, 400), (5, 500)]
+    );
+    let stored: Vec<i64> = server
+        .events(CLIENT_A)
+        .unwrap()
+        .iter()
+        .map(|e| e.event.seq)
+        .collect();
+    assert_eq!(
+        stored,
+        vec![1, 2, 4, 5],
+        "no dedupe record for the rejected one"
+    );
+
+    // The docs' other rejections: an invariant, a conflict with what is
+    // stored, an unknown type.
+    let more = vec![
+        order_event(6, r#"{"order_id":6,"amount":0}"#),
+        order_event(7, r#"{"order_id":1,"amount":700}"#),
+        event(8, "OrderShipped"),
+        order_event(9, r#"{"order_id":9,"amount":900}"#),
+    ];
+    let b = push(&server, TOKEN_A, CLIENT_A, &more).await;
+    assert_eq!(b.status, StatusCode::OK);
+    let reasons: Vec<Option<String>> = b.results().into_iter().map(|r| r.reason).collect();
+    assert_eq!(
+        reasons,
+        vec![
+            Some("amount must be positive".to_owned()),
+            Some("order 1 exists already".to_owned()),
+            Some("unknown event type OrderShipped".to_owned()),
+            None
+        ]
+    );
+    assert_eq!(order_amounts(&db).len(), 5);
+}
+
+/// A database failure in the inbox is still "try later": 500, and nothing of
+/// the batch is stored; once it passes, the same batch is applied in full.
+#[tokio::test]
+async fn docs_inbox_database_failure_fails_the_whole_batch_with_500() {
+    let (server, dir) = start(docs_orders::config).await;
+    let db = dir.path().join("server.db");
+    let batch: Vec<WireEvent> = (1..=3)
+        .map(|i| order_event(i, &format!(r#"{{"order_id":{i},"amount":5}}"#)))
+        .collect();
+    // Another process moves the app's table away: every INSERT fails.
+    let admin = rusqlite::Connection::open(&db).unwrap();
+    admin
+        .execute_batch("ALTER TABLE orders RENAME TO orders_away")
+        .unwrap();
+    let a = push(&server, TOKEN_A, CLIENT_A, &batch).await;
+    assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(a.error().error, "inbox_error");
+    assert!(
+        a.error().message.contains("no such table"),
+        "{}",
+        a.error().message
+    );
+    assert_eq!(
+        server.count(None).unwrap(),
+        0,
+        "nothing of the batch stored"
+    );
+
+    admin
+        .execute_batch("ALTER TABLE orders_away RENAME TO orders")
+        .unwrap();
+    let b = push(&server, TOKEN_A, CLIENT_A, &batch).await;
+    assert_eq!(b.statuses(), vec![ResultStatus::Accepted; 3]);
+    assert_eq!(order_amounts(&db).len(), 3);
+}
+
+/// An inbox written the naive way (a bare `serde_json::from_str(..)?`, as in
+/// examples/orders.rs) rejects an undecodable payload too; a `Rejection`
+/// wrapped in the app's own error is still a rejection; a plain error is not.
+struct Naive;
+
+#[derive(Debug)]
+struct AppError(edge_outbox_server::Rejection);
+
+impl std::fmt::Display for AppError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "app error")
+    }
+}
+
+impl std::error::Error for AppError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+impl Inbox for Naive {
+    fn apply(
+        &self,
+        _tx: &rusqlite::Transaction<'_>,
+        _client_id: &str,
+        event: &WireEvent,
+    ) -> Result<Applied, BoxError> {
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Order {
+            amount: i64,
+        }
+        match event.event_type.as_str() {
+            "Wrapped" => Err(Box::new(AppError(edge_outbox_server::Rejection::new(
+                "wrapped reason",
+            )))),
+            "Later" => Err("try later".into()),
+            _ => {
+                let _order: Order = serde_json::from_str(event.payload.get())?;
+                Ok(Applied::Accept)
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn inbox_errors_that_are_about_the_event_reject_it_alone() {
+    let (server, _dir) = start(|c| c.inbox(Naive)).await;
+    let batch = vec![
+        order_event(1, r#"{"amount":1}"#),
+        order_event(2, r#"{"amount":"250"}"#),
+        event(3, "Wrapped"),
+        order_event(4, r#"{"amount":4}"#),
+    ];
+    let a = push(&server, TOKEN_A, CLIENT_A, &batch).await;
+    assert_eq!(a.status, StatusCode::OK);
+    let results = a.results();
+    assert_eq!(
+        a.statuses(),
+        vec![
+            ResultStatus::Accepted,
+            ResultStatus::Rejected,
+            ResultStatus::Rejected,
+            ResultStatus::Accepted
+        ]
+    );
+    assert!(
+        results[1]
+            .reason
+            .as_deref()
+            .unwrap()
+            .starts_with("payload cannot be decoded: invalid type: string \"250\"")
+    );
+    assert_eq!(results[2].reason.as_deref(), Some("wrapped reason"));
+    assert_eq!(server.count(None).unwrap(), 2);
+
+    let later = push(
+        &server,
+        TOKEN_A,
+        CLIENT_A,
+        &[order_event(5, r#"{"amount":5}"#), event(6, "Later")],
+    )
+    .await;
+    assert_eq!(later.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(server.count(None).unwrap(), 2);
+}
+
+/// The `Orders` example of docs/protocol.md is the code the tests above run.
+#[test]
+fn protocol_doc_inbox_example_is_the_one_tested() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("../docs/protocol.md")).unwrap();
+    let section = doc
+        .split_once("plugs its effect in with an `Inbox`")
+        .expect("the Inbox section of docs/protocol.md")
+        .1;
+    let block = section
+        .split_once("```rust")
+        .and_then(|(_, rest)| rest.split_once('\n'))
+        .and_then(|(_, rest)| rest.split_once("\n```"))
+        .expect("a rust block in the Inbox section")
+        .0;
+    let this = std::fs::read_to_string(root.join("tests/server.rs")).unwrap();
+    let mirror = this
+        .split_once("// docs-example: begin\n")
+        .and_then(|(_, rest)| rest.split_once("// docs-example: end"))
+        .expect("the docs-example markers")
+        .0;
+    let lines = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut documented = lines(block);
+    let config = documented.pop().expect("a non-empty block");
+    assert!(
+        config.starts_with("let config = ServerConfig::new(")
+            && config.ends_with(".inbox(Orders);"),
+        "the block ends with its configuration line: {config}"
+    );
+    assert_eq!(
+        documented,
+        lines(mirror),
+        "docs/protocol.md's Orders inbox and tests/server.rs's docs_orders differ"
+    );
+}
+
 // ---------- CORS ----------
 
 #[tokio::test]
