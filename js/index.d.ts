@@ -75,9 +75,27 @@ export interface OutboxOptions {
   retry?: { baseMs?: number; capMs?: number; maxAgeMs?: number };
 }
 
-/** Options of `enqueue`. Payloads (typed `unknown`) must be JSON-representable: functions, symbols, BigInt, NaN/Infinity, cycles and class instances (Map, Set, Date objects are fine through toJSON) are refused with `InvalidEventError`. */
+/**
+ * Options of `enqueue`.
+ *
+ * Payloads (typed `unknown`) must be JSON-representable, and are stored as
+ * `JSON.stringify` writes them: an object with a `toJSON()` method (a `Date`)
+ * is stored as what it returns; functions, symbols, BigInt, NaN/Infinity,
+ * `undefined` in arrays, cycles and class instances without `toJSON()` (Map,
+ * Set, typed arrays) are refused with an `InvalidEventError` that names the
+ * value (convert them first: `Object.fromEntries(map)`, `[...set]`).
+ *
+ * Every string (the type, the key, header names and values, and every string
+ * and property name in the payload) must be well-formed UTF-16: a lone
+ * surrogate (text cut inside an emoji with `slice`) is refused with an
+ * `InvalidEventError` naming the field, never silently replaced.
+ */
 export interface EnqueueOptions {
-  /** Ordering/aggregate key, e.g. `"todo-42"`. */
+  /**
+   * Ordering/aggregate key, e.g. `"todo-42"`. A number is formatted as
+   * JavaScript's `String(n)` does (`-0` is `"0"`, `1e21` is `"1e+21"`), so
+   * `42` and `"42"` are the same key; NaN and ±Infinity are refused.
+   */
   key?: string | number;
   /** String headers sent with the event (trace context, schema version). */
   headers?: Record<string, string>;

@@ -1015,3 +1015,165 @@ async fn message_handlers_start_no_indexeddb_work() {
     wait(a.close()).await.unwrap();
     wait(b.close()).await.unwrap();
 }
+
+fn message(e: &JsValue) -> String {
+    prop(e, "message").as_string().unwrap_or_default()
+}
+
+/// Case 7: strings JavaScript allows and UTF-8 cannot hold (a lone
+/// surrogate, from text cut inside an emoji) are refused with an
+/// `InvalidEventError` naming the field, never changed to U+FFFD; whole
+/// characters outside the BMP are stored exactly.
+#[wasm_bindgen_test]
+async fn lone_surrogates_are_refused_naming_the_field() {
+    let outbox = open_todos(&fresh_name("surrogates"), "").await;
+    for (what, args, field) in [
+        ("type", r#"["a\uD83D", {}]"#, "the event type"),
+        ("key", r#"["T", {}, { key: "a\uD83D" }]"#, "the key"),
+        ("low half", r#"["T", {}, { key: "\uDE00b" }]"#, "the key"),
+        (
+            "header value",
+            r#"["T", {}, { headers: { h: "x\uD83D" } }]"#,
+            "header \"h\"",
+        ),
+        (
+            "header name",
+            r#"["T", {}, { headers: { ["x\uD83D"]: "v" } }]"#,
+            "a header name",
+        ),
+        (
+            "payload value",
+            r#"["T", { title: "milk \uD83D" }]"#,
+            "\"title\"",
+        ),
+        (
+            "payload name",
+            r#"["T", { ["t\uD83D"]: 1 }]"#,
+            "property name",
+        ),
+        (
+            "nested payload",
+            r#"["T", { list: ["ok", "\uDC00"] }]"#,
+            "\"1\"",
+        ),
+    ] {
+        let args = js_sys::Array::from(&js(args));
+        let err = wait(outbox.enqueue(args.get(0), args.get(1), args.get(2)))
+            .await
+            .expect_err(what);
+        assert_eq!(error_name(&err), "InvalidEventError", "{what}: {err:?}");
+        assert!(message(&err).contains(field), "{what}: {}", message(&err));
+        assert!(
+            message(&err).contains("lone UTF-16 surrogate"),
+            "{what}: {}",
+            message(&err)
+        );
+    }
+    // In a transaction: refused, and nothing is written.
+    let err = wait(outbox.transaction(
+        js(r#"["todos"]"#),
+        callback("tx.put('todos', { id: 1, done: 0 }); tx.enqueue('T', 1, { key: 'a\\uD83D' });"),
+    ))
+    .await
+    .unwrap_err();
+    assert_eq!(error_name(&err), "InvalidEventError", "{err:?}");
+    assert!(todo(&outbox, 1).await.is_undefined());
+    assert_eq!(pending_count(&outbox).await, 0.0);
+    // Whole characters are kept exactly.
+    let emoji = "a\u{1F600}\u{10FFFF}";
+    wait(outbox.enqueue(
+        JsValue::from_str(emoji),
+        js(&format!("{{ t: {emoji:?} }}")),
+        js(&format!(
+            "{{ key: {emoji:?}, headers: {{ h: {emoji:?} }} }}"
+        )),
+    ))
+    .await
+    .unwrap();
+    let stored = js_sys::Array::from(&wait(outbox.pending(None)).await.unwrap()).get(0);
+    assert_eq!(prop(&stored, "type").as_string().unwrap(), emoji);
+    assert_eq!(prop(&stored, "key").as_string().unwrap(), emoji);
+    assert_eq!(
+        prop(&prop(&stored, "headers"), "h").as_string().unwrap(),
+        emoji
+    );
+    assert_eq!(
+        prop(&prop(&stored, "payload"), "t").as_string().unwrap(),
+        emoji
+    );
+    wait(outbox.close()).await.unwrap();
+}
+
+/// Case 8: numeric keys follow JavaScript's `String(n)`, non-finite ones are
+/// refused as key errors; payloads JSON would not keep (Map, Set) are refused
+/// with their own cause, objects with `toJSON()` (Date) are stored as it.
+#[wasm_bindgen_test]
+async fn keys_and_payload_types_follow_the_docs() {
+    let outbox = open_todos(&fresh_name("keys"), "").await;
+    for (key, want) in [
+        ("-0", "0"),
+        ("0", "0"),
+        ("1e21", "1e+21"),
+        ("0.1", "0.1"),
+        ("-5", "-5"),
+        ("2 ** 53", "9007199254740992"),
+        ("'007'", "007"),
+    ] {
+        wait(outbox.enqueue("K".into(), js("1"), js(&format!("{{ key: {key} }}"))))
+            .await
+            .unwrap_or_else(|e| panic!("{key}: {e:?}"));
+        let events = js_sys::Array::from(&wait(outbox.pending(Some(100))).await.unwrap());
+        let last = events.get(events.length() - 1);
+        assert_eq!(prop(&last, "key").as_string().unwrap(), want, "key {key}");
+    }
+    for key in [
+        "NaN",
+        "Infinity",
+        "-Infinity",
+        "true",
+        "{}",
+        "10n",
+        "Symbol('k')",
+    ] {
+        let err = wait(outbox.enqueue("K".into(), js("1"), js(&format!("{{ key: {key} }}"))))
+            .await
+            .expect_err(key);
+        assert_eq!(error_name(&err), "InvalidEventError", "{key}: {err:?}");
+        let m = message(&err);
+        assert!(m.contains("the key") && !m.contains("header"), "{key}: {m}");
+    }
+    // Map and Set are refused, for what they are, without unrelated hints.
+    for payload in ["new Map([['a', 1]])", "{ tags: new Set(['x']) }"] {
+        let err = wait(outbox.enqueue("P".into(), js(payload), JsValue::UNDEFINED))
+            .await
+            .expect_err(payload);
+        assert_eq!(error_name(&err), "InvalidEventError");
+        let m = message(&err);
+        assert!(m.contains("Map") || m.contains("Set"), "{payload}: {m}");
+        assert!(!m.contains("NaN"), "{payload}: an unrelated hint: {m}");
+    }
+    let err = wait(outbox.enqueue("P".into(), js("{ x: NaN }"), JsValue::UNDEFINED))
+        .await
+        .unwrap_err();
+    assert!(message(&err).contains("NaN"), "{}", message(&err));
+    // A non-string header value is a header error.
+    let err = wait(outbox.enqueue("P".into(), js("1"), js("{ headers: { v: 2 } }")))
+        .await
+        .unwrap_err();
+    assert!(message(&err).contains("header \"v\""), "{}", message(&err));
+    // Date (toJSON) is stored as its JSON form.
+    wait(outbox.enqueue(
+        "D".into(),
+        js("{ at: new Date(Date.UTC(2026, 0, 2)) }"),
+        JsValue::UNDEFINED,
+    ))
+    .await
+    .unwrap();
+    let events = js_sys::Array::from(&wait(outbox.pending(Some(100))).await.unwrap());
+    let last = events.get(events.length() - 1);
+    assert_eq!(
+        prop(&prop(&last, "payload"), "at").as_string().unwrap(),
+        "2026-01-02T00:00:00.000Z"
+    );
+    wait(outbox.close()).await.unwrap();
+}

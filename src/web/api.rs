@@ -25,10 +25,17 @@ use crate::store::Store;
 use crate::time::Timestamp;
 
 #[wasm_bindgen(inline_js = r#"
+const loneSurrogate = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
+const wellFormed = (s) => (typeof s.isWellFormed === "function" ? s.isWellFormed() : !loneSurrogate.test(s));
+const LONE = "holds a lone UTF-16 surrogate (text cut inside a character, e.g. by slice() in the middle of an emoji), which UTF-8 and strict JSON readers cannot hold; fix the text (toWellFormed() replaces it with U+FFFD, if that is what you mean)";
 export function strictJson(value) {
   const where = (holder, key) => (key === "" ? "the payload" : `the value at ${JSON.stringify(key)}`);
   const text = JSON.stringify(value, function (key, v) {
+    if (!wellFormed(key)) throw new TypeError(`the property name ${JSON.stringify(key)} ${LONE}`);
     switch (typeof v) {
+      case "string":
+        if (!wellFormed(v)) throw new TypeError(`${where(this, key)} ${LONE}`);
+        break;
       case "function": case "symbol":
         throw new TypeError(`${where(this, key)} is a ${typeof v}, which JSON cannot represent`);
       case "bigint":
@@ -44,7 +51,7 @@ export function strictJson(value) {
           const p = Object.getPrototypeOf(v);
           if (p !== Object.prototype && p !== null) {
             const name = (v.constructor && v.constructor.name) || "object";
-            throw new TypeError(`${where(this, key)} is a ${name}, not a plain object; JSON would not keep it`);
+            throw new TypeError(`${where(this, key)} is a ${name}, not a plain object or array, and has no toJSON(); JSON would not keep it (convert it, e.g. Object.fromEntries(map) or [...set])`);
           }
         }
         break;
@@ -195,37 +202,96 @@ fn present(v: &JsValue) -> bool {
     !v.is_undefined() && !v.is_null()
 }
 
+/// An `InvalidEventError` with `message` (input refused before anything is
+/// written, found by the JS layer).
+fn invalid_event(message: String) -> JsValue {
+    named_error("InvalidEventError", &message)
+}
+
+/// `typeof v`, for messages.
+fn type_of(v: &JsValue) -> String {
+    v.js_typeof().as_string().unwrap_or_default()
+}
+
+/// `v` as a Rust string when it is a well-formed JS string: a lone surrogate
+/// would become U+FFFD on the way, so it is refused, naming `what`.
+fn exact_string(v: &JsValue, what: &str) -> Result<Option<String>, JsValue> {
+    let Some(s) = v.dyn_ref::<js_sys::JsString>() else {
+        return Ok(None);
+    };
+    if !s.is_valid_utf16() {
+        return Err(invalid_event(format!(
+            "{what} holds a lone UTF-16 surrogate (text cut inside a character, e.g. by slice() \
+             in the middle of an emoji), which UTF-8 cannot hold; fix the text \
+             (toWellFormed() replaces it with U+FFFD, if that is what you mean)"
+        )));
+    }
+    Ok(Some(String::from(s)))
+}
+
+/// The ordering key: a string as it is, a finite number as JavaScript's
+/// `String(n)` writes it (`-0` is `"0"`, `1e21` is `"1e+21"`).
+fn event_key(key: &JsValue) -> Result<String, JsValue> {
+    if let Some(s) = exact_string(key, "the key")? {
+        return Ok(s);
+    }
+    match key.as_f64() {
+        Some(n) if n.is_finite() => Ok(String::from(
+            js_sys::Number::from(n)
+                .to_string_with_radix(10)
+                .map_err(|e| invalid_event(idb::error_parts(&e).1))?,
+        )),
+        Some(n) => Err(invalid_event(format!(
+            "the key is {}: a key must be a string or a finite number",
+            if n.is_nan() {
+                "NaN"
+            } else if n > 0.0 {
+                "Infinity"
+            } else {
+                "-Infinity"
+            }
+        ))),
+        None => Err(invalid_event(format!(
+            "the key is a {}: a key must be a string or a finite number",
+            type_of(key)
+        ))),
+    }
+}
+
 /// Build a [`NewEvent`] from the JS arguments `(type, payload, { key, headers })`.
-fn new_event(event_type: &JsValue, payload: &JsValue, opts: &JsValue) -> Result<NewEvent, Error> {
-    let event_type = event_type
-        .as_string()
-        .ok_or_else(|| Error::InvalidEventType {
-            reason: "the type must be a string".into(),
-        })?;
-    let text = strict_json(payload).map_err(|e| Error::InvalidPayload {
-        reason: idb::error_parts(&e).1,
+/// Errors are `InvalidEventError`s that name the field and the cause.
+fn new_event(event_type: &JsValue, payload: &JsValue, opts: &JsValue) -> Result<NewEvent, JsValue> {
+    let event_type = exact_string(event_type, "the event type")?.ok_or_else(|| {
+        invalid_event(format!(
+            "the event type is a {}: it must be a string, such as \"TodoCreated\"",
+            type_of(event_type)
+        ))
     })?;
-    let mut event = NewEvent::from_json_text(event_type, text)?;
+    let text = strict_json(payload)
+        .map_err(|e| invalid_event(format!("invalid event payload: {}", idb::error_parts(&e).1)))?;
+    let mut event = NewEvent::from_json_text(event_type, text).map_err(js_err)?;
     let key = get(opts, "key");
     if present(&key) {
-        let key = key
-            .as_string()
-            .or_else(|| key.as_f64().map(|n| n.to_string()))
-            .ok_or_else(|| Error::InvalidHeader {
-                reason: "the ordering key must be a string or a number".into(),
-            })?;
-        event = event.key(key);
+        event = event.key(event_key(&key)?);
     }
     let headers = get(opts, "headers");
     if present(&headers) {
+        if !headers.is_object() {
+            return Err(invalid_event(format!(
+                "the headers are a {}: they must be an object of strings",
+                type_of(&headers)
+            )));
+        }
         for entry in Object::entries(headers.unchecked_ref()).iter() {
             let pair: Array = entry.unchecked_into();
-            let name = pair.get(0).as_string().unwrap_or_default();
-            let value = pair
-                .get(1)
-                .as_string()
-                .ok_or_else(|| Error::InvalidHeader {
-                    reason: format!("the header {name:?} is not a string"),
+            let name = exact_string(&pair.get(0), "a header name")?.unwrap_or_default();
+            let value = pair.get(1);
+            let value = exact_string(&value, &format!("the value of the header {name:?}"))?
+                .ok_or_else(|| {
+                    invalid_event(format!(
+                        "the value of the header {name:?} is a {}, not a string",
+                        type_of(&value)
+                    ))
                 })?;
             event = event.header(name, value);
         }
@@ -599,8 +665,12 @@ impl Outbox {
         payload: JsValue,
         options: JsValue,
     ) -> Result<String, JsValue> {
-        let result = new_event(&event_type, &payload, &options)
-            .and_then(|e| self.shared.store.enqueue_in(&transaction, &e));
+        let result = new_event(&event_type, &payload, &options).and_then(|e| {
+            self.shared
+                .store
+                .enqueue_in(&transaction, &e)
+                .map_err(js_err)
+        });
         match result {
             Ok(id) => {
                 let store = self.shared.store.clone();
@@ -611,7 +681,7 @@ impl Outbox {
             }
             Err(e) => {
                 let _ = transaction.abort();
-                Err(js_err(e))
+                Err(e)
             }
         }
     }
@@ -620,7 +690,7 @@ impl Outbox {
     pub fn enqueue(&self, event_type: JsValue, payload: JsValue, options: JsValue) -> Promise {
         let store = self.shared.store.clone();
         future_to_promise(async move {
-            let event = new_event(&event_type, &payload, &options).map_err(js_err)?;
+            let event = new_event(&event_type, &payload, &options)?;
             let stored = store
                 .enqueue(vec![event])
                 .await
@@ -943,14 +1013,18 @@ impl OutboxTransaction {
         payload: JsValue,
         options: JsValue,
     ) -> Result<String, JsValue> {
-        let result = new_event(&event_type, &payload, &options)
-            .and_then(|e| self.state.store.enqueue_in(&self.state.tx, &e));
+        let result = new_event(&event_type, &payload, &options).and_then(|e| {
+            self.state
+                .store
+                .enqueue_in(&self.state.tx, &e)
+                .map_err(js_err)
+        });
         match result {
             Ok(id) => {
                 self.state.enqueued.set(self.state.enqueued.get() + 1);
                 Ok(id.to_string())
             }
-            Err(e) => Err(self.state.fail(js_err(e))),
+            Err(e) => Err(self.state.fail(e)),
         }
     }
 
