@@ -89,11 +89,27 @@ pub enum Error {
         path: String,
     },
 
-    /// The database stayed locked by another writer for longer than the busy timeout.
+    /// The database was locked by another writer: it stayed locked for longer
+    /// than the busy timeout, or a transaction that began by reading (SQLite's
+    /// DEFERRED, the default of rusqlite's `Connection::transaction`) tried
+    /// to write while another connection held the write lock, which SQLite
+    /// refuses at once without waiting.
     #[error(
-        "the database stayed locked by another writer for longer than the busy timeout; retry, or raise Config::busy_timeout"
+        "the database is locked by another writer: it stayed locked for longer than the busy timeout, or a transaction that began by reading (DEFERRED, the default of conn.transaction()) tried to write while another connection was writing, which SQLite refuses at once; open transactions that write with TransactionBehavior::Immediate (conn.transaction_with_behavior), then retry, or raise Config::busy_timeout"
     )]
     Busy,
+
+    /// A transaction that began by reading (SQLite's DEFERRED, the default of
+    /// rusqlite's `Connection::transaction`) tried to write after another
+    /// connection had committed a write (`SQLITE_BUSY_SNAPSHOT`): its
+    /// snapshot is stale, so SQLite refuses at once and waiting cannot help.
+    /// Open the transaction with `TransactionBehavior::Immediate`, which takes
+    /// the write lock at `BEGIN` (waiting up to the busy timeout), or roll it
+    /// back and run the whole transaction again.
+    #[error(
+        "another connection wrote to the database after this transaction's first read, so this transaction cannot write (SQLITE_BUSY_SNAPSHOT; waiting cannot help); open it with TransactionBehavior::Immediate (conn.transaction_with_behavior), or roll back and retry the whole transaction"
+    )]
+    SnapshotConflict,
 
     /// The disk or the browser's storage quota is full.
     #[error(
@@ -172,7 +188,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Error::Busy | Error::Network { .. } | Error::Protocol { .. }
+            Error::Busy | Error::SnapshotConflict | Error::Network { .. } | Error::Protocol { .. }
         )
     }
 
@@ -218,7 +234,10 @@ impl Error {
             Error::Aborted { .. } => "AbortedError",
             Error::Network { .. } => "NetworkError",
             Error::Protocol { .. } => "ProtocolError",
-            Error::NotADatabase { .. } | Error::ReadOnly { .. } | Error::Busy => "StorageError",
+            Error::NotADatabase { .. }
+            | Error::ReadOnly { .. }
+            | Error::Busy
+            | Error::SnapshotConflict => "StorageError",
             Error::Storage { .. } => "StorageError",
         }
     }

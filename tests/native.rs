@@ -94,6 +94,12 @@ async fn sqlite_store_conforms() {
     .await;
 }
 
+/// The in-memory store of `edge_outbox::testing` keeps the same contract.
+#[tokio::test]
+async fn memory_store_conforms() {
+    conformance::run_all(|| async { edge_outbox::testing::MemoryStore::new() }).await;
+}
+
 #[test]
 fn transaction_commits_app_rows_and_events_together() {
     let (_dir, path, outbox) = open_new();

@@ -3,6 +3,7 @@
 //! commits both.
 
 mod http;
+mod lease;
 mod outbox;
 mod relay;
 mod sqlite;

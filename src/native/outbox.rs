@@ -153,6 +153,30 @@ impl Outbox {
     /// rusqlite connection to the same file (a `Transaction` or a `Savepoint`,
     /// both deref to `Connection`). The event commits or rolls back with it.
     ///
+    /// Open that transaction with
+    /// `conn.transaction_with_behavior(TransactionBehavior::Immediate)`.
+    /// rusqlite's `conn.transaction()` is DEFERRED: it starts as a reader,
+    /// and if another connection (the relay recording what it delivered, any
+    /// other writer) commits between its first read and its first write,
+    /// SQLite refuses the write at once, whatever the busy timeout: this
+    /// returns [`Error::SnapshotConflict`] (or [`Error::Busy`] if the other
+    /// writer is still writing), and the whole transaction must be rolled
+    /// back and run again. IMMEDIATE takes the write lock at `BEGIN`,
+    /// waiting for it up to the connection's busy timeout, so it never fails
+    /// that way.
+    ///
+    /// ```no_run
+    /// # fn demo(outbox: &edge_outbox::Outbox, conn: &mut rusqlite::Connection) -> edge_outbox::Result<()> {
+    /// use rusqlite::TransactionBehavior;
+    /// let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    /// let total: i64 = tx.query_row("SELECT count(*) FROM orders", [], |r| r.get(0))?;
+    /// tx.execute("INSERT INTO orders (id, amount) VALUES (?1, 250)", [total + 1])?;
+    /// outbox.enqueue_in(&tx, edge_outbox::NewEvent::json("OrderCreated", &total)?)?;
+    /// tx.commit()?;
+    /// outbox.notify();
+    /// # Ok(()) }
+    /// ```
+    ///
     /// The outbox tables must exist in that file (open it with
     /// [`Outbox::open`] first). Since the commit happens in the app's code,
     /// call [`Outbox::notify`] after it to wake the relay at once; otherwise
@@ -160,8 +184,8 @@ impl Outbox {
     pub fn enqueue_in(&self, conn: &Connection, event: NewEvent) -> Result<EventId> {
         if conn.is_autocommit() {
             return Err(Error::InvalidConfig {
-                reason: "enqueue_in needs an open transaction or savepoint; \
-                         pass &tx from conn.transaction()"
+                reason: "enqueue_in needs an open transaction or savepoint; pass &tx from \
+                         conn.transaction_with_behavior(TransactionBehavior::Immediate)"
                     .into(),
             });
         }
@@ -214,11 +238,22 @@ impl Outbox {
         self.store.inner.get(id)
     }
 
-    /// Make a dead event pending again (attempts reset). It keeps its `seq`,
-    /// so it reaches the server after events committed later that were
-    /// delivered meanwhile. Returns false when no dead event has this id.
+    /// Make a dead event pending again (attempts reset, `retried_at` set to
+    /// now, from which the retry policy's max age counts again). It keeps its
+    /// `seq`, so it reaches the server after events committed later that
+    /// were delivered meanwhile. Returns false when no dead event has this id.
     pub fn retry(&self, id: EventId) -> Result<bool> {
         self.store.inner.retry(id, Timestamp::now())
+    }
+
+    /// The app's "try now": every pending event waiting for its retry time
+    /// (a backoff after a failure, a server's `Retry-After`) becomes due now,
+    /// and the relay is woken, so its next flush sends them. Attempts, errors
+    /// and order are kept. Call it when the app knows the backend is back (a
+    /// user's "retry" button, a push notification). Returns how many pending
+    /// events were waiting.
+    pub fn retry_now(&self) -> Result<u64> {
+        self.store.inner.retry_now(Timestamp::now())
     }
 
     /// Delete a dead event for good. Returns false when no dead event has this id.

@@ -7,13 +7,25 @@
 //!   relay's lease,
 //! - the poll interval (default 1 s), so events committed by *another process*
 //!   on the same file are noticed too (an idle poll is one small read; it
-//!   claims, and so writes the lease, only when something is pending),
+//!   claims only when something is pending, and a claim writes nothing
+//!   either),
+//! - another process letting the relay lease go (it died or shut down):
+//!   a thread blocked on the lease's file lock wakes the relay at once,
 //! - an explicit [`RelayHandle::flush`], or [`RelayHandle::shutdown`].
+//!
+//! Only one relay per file sends. For an [`Outbox`]'s store the lease is an
+//! OS file lock next to the database, which the kernel drops when the process
+//! dies, however it dies (`kill -9` included): a relay in another process
+//! takes over within milliseconds, not after a lease time. Between relays of
+//! one process, the lease also has an expiry (see [`RelayBuilder::lease`]).
 //!
 //! Shutdown is checked between batches only, so a batch on the wire is always
 //! settled (or, if the process dies first, stays pending and is resent: the
 //! server dedupes). The lease is released at shutdown so another relay can
-//! start at once; a relay that dies holds it until it expires.
+//! start at once. A relay task that is aborted (or panics) in a process that
+//! lives on keeps the lease: another relay of that process takes over once
+//! the lease expires; relays of other processes wait until this process
+//! releases it or closes the outbox.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -123,7 +135,12 @@ impl<S: Store + Clone + 'static, T: Transport + 'static> RelayBuilder<S, T> {
         self
     }
 
-    /// Lease duration (default 30 s): how long another relay waits after this one dies.
+    /// Lease duration (default 30 s): how long another relay *of this process*
+    /// waits after this one stops renewing it without releasing it (an
+    /// aborted task). Between processes the lease of an [`Outbox`]'s store is
+    /// an OS file lock that ends when the holding process dies, whatever
+    /// this says; the length still bounds an expiry stored by a clock that
+    /// ran ahead.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.config = self.config.with_lease(lease);
         self
@@ -237,8 +254,10 @@ impl RelayHandle {
 
     /// Stop the task at once, as a crash would: the batch in flight is not
     /// settled (its events stay pending and are resent later, which the server
-    /// dedupes) and the lease is not released (another relay waits for it to
-    /// expire). For tests of crash recovery; prefer [`RelayHandle::shutdown`].
+    /// dedupes) and the lease is not released (another relay of this process
+    /// waits for it to expire; relays of other processes wait until this
+    /// process releases the file lock or closes the outbox). For tests of
+    /// crash recovery; prefer [`RelayHandle::shutdown`].
     pub fn abort(self) {
         self.task.abort();
     }
@@ -259,8 +278,8 @@ impl<S: Store + Clone + 'static, T: Transport> Driver<S, T> {
         let mut timer_only = false;
         loop {
             // A poll with nothing pending before and nothing pending now: skip
-            // the claim, which would write the lease to the file every second
-            // of an idle app's life. One small read instead.
+            // the claim (which would take the lease) and the relay's counts.
+            // One small read instead; nothing is written to the file.
             let idle = timer_only
                 && !failed
                 && self.waiters.is_empty()

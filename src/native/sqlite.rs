@@ -6,7 +6,38 @@
 //! statements cached. Writers in other processes are handled by `BEGIN
 //! IMMEDIATE` plus the busy timeout: the write lock is taken at the start of
 //! each transaction, so a transaction never has to upgrade from reader to
-//! writer, the one case a busy timeout cannot resolve ("database is locked").
+//! writer, the one case a busy timeout cannot resolve ("database is locked",
+//! or `SQLITE_BUSY_SNAPSHOT` when another connection wrote since the read:
+//! [`Error::SnapshotConflict`]). Apps that open their own transactions for
+//! `enqueue_in` should do the same (`TransactionBehavior::Immediate`).
+//!
+//! The relay writes only when it has something to record: a claim is a read
+//! transaction (DEFERRED) and the lease lives outside the database, so an
+//! idle relay, or one that polls while another holds the lease, never
+//! changes the file, never takes its write lock, and never makes an app's
+//! transaction fail.
+//!
+//! How each obligation of the contract is met:
+//! 1. one `enqueue` call is one IMMEDIATE transaction;
+//! 2. `seq` is an `INTEGER PRIMARY KEY AUTOINCREMENT`: writers are
+//!    serialized by SQLite's write lock (threads through the connection
+//!    mutex, processes through the file), so keys grow in commit order and
+//!    are never reused;
+//! 5. the lease is an exclusive OS file lock on `<database>-outbox.lock`
+//!    between processes (the kernel drops it when the holder dies, so a
+//!    successor takes over at once) and an owner plus expiry in memory
+//!    between relays of one process (see `lease.rs`); nothing about it is
+//!    written to the database (schema v2 kept it in meta, v3 removes it).
+//!    While another process holds the lock, `claim` answers
+//!    `LeaseHeld { until: now + lease }`. The batch is read in one DEFERRED
+//!    transaction that writes nothing;
+//! 6. the claim stops at the first event not due ([`ClaimRequest::is_due`]);
+//! 7. `settle` is one IMMEDIATE transaction whose every statement has
+//!    `status = 'pending'`; an empty settle takes no transaction at all;
+//! 8. `retry` sets `retried_at`, `retry_now` is one UPDATE from the pending
+//!    floor;
+//! 9. a claim writes nothing to the events, so an unsettled batch is simply
+//!    claimed again.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -15,6 +46,7 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::Notify;
 
+use super::lease::FileLease;
 use super::outbox::{Config, Durability};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventId, EventStatus, NewEvent};
@@ -22,10 +54,14 @@ use crate::store::{Claim, ClaimRequest, Outcome, Settlement, Stats, Store};
 use crate::time::Timestamp;
 
 /// The outbox schema version this build writes and understands.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
-/// Schema v2. Status is stored as text so the table reads well in any SQLite
-/// browser.
+/// Schema v3. Status is stored as text so the table reads well in any SQLite
+/// browser. v3 added `retried_at` (when the app last made a dead letter
+/// pending again; the retry policy's max age counts from it) and dropped the
+/// relay lease from meta (`lease_owner`, `lease_until`: the lease is an OS
+/// file lock now). v2 replaced v1's index of pending events by the pending
+/// floor. `migrate` upgrades v1 and v2 files in place.
 ///
 /// Pending events are found from the **pending floor** (meta key
 /// `pending_floor`): a `seq` at or below every pending event's. New events
@@ -61,7 +97,8 @@ CREATE TABLE IF NOT EXISTS edge_outbox_events (
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at INTEGER NOT NULL,
     last_error      TEXT,
-    sent_at         INTEGER
+    sent_at         INTEGER,
+    retried_at      INTEGER
 );
 CREATE INDEX IF NOT EXISTS edge_outbox_events_dead ON edge_outbox_events (seq)
     WHERE status = 'dead';
@@ -72,7 +109,7 @@ const INSERT_EVENT: &str = "INSERT INTO edge_outbox_events \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)";
 
 const SELECT_EVENT: &str = "SELECT seq, id, type, key, payload, headers, created_at, status, \
-     attempts, next_attempt_at, last_error, sent_at FROM edge_outbox_events";
+     attempts, next_attempt_at, last_error, sent_at, retried_at FROM edge_outbox_events";
 
 /// Up to `?1` pending events whose seq is `op` (`>` or `>=`) `?2`, in order.
 fn pending_from_sql(op: &str) -> String {
@@ -107,8 +144,11 @@ pub(crate) struct Inner {
     pub(crate) path: String,
     pub(crate) client_id: String,
     pub(crate) max_event_bytes: usize,
-    /// Woken after every commit that enqueued events (the relay waits on it).
+    /// Woken after every commit that enqueued events (the relay waits on it),
+    /// and when another process frees the relay lease.
     pub(crate) commits: Arc<Notify>,
+    /// The relay lease: a file lock between processes (see `lease.rs`).
+    lease: Arc<FileLease>,
 }
 
 /// The SQLite implementation of [`Store`]. Cheap to clone; all clones share
@@ -129,6 +169,11 @@ impl std::fmt::Debug for SqliteStore {
 
 /// Map an SQLite error to the crate's error, naming `path` where it helps.
 pub(crate) fn map_err(e: rusqlite::Error, path: &str) -> Error {
+    if let rusqlite::Error::SqliteFailure(failure, _) = &e
+        && failure.extended_code == rusqlite::ffi::SQLITE_BUSY_SNAPSHOT
+    {
+        return Error::SnapshotConflict;
+    }
     let code = e.sqlite_error_code();
     match code {
         Some(ErrorCode::NotADatabase) => Error::NotADatabase { path: path.into() },
@@ -190,12 +235,15 @@ impl Inner {
             MigrateError::Other(e) => e,
         })?;
 
+        let commits = Arc::new(Notify::new());
+        let lease = FileLease::for_database(conn.path(), &commits);
         Ok(Inner {
             conn: Mutex::new(conn),
             path: path.into(),
             client_id,
             max_event_bytes: config.max_event_bytes,
-            commits: Arc::new(Notify::new()),
+            commits,
+            lease,
         })
     }
 
@@ -263,37 +311,22 @@ impl Inner {
     }
 
     pub(crate) fn claim(&self, req: &ClaimRequest<'_>) -> Result<Claim> {
-        self.write(|tx| {
-            let lease: Option<(String, i64)> = tx
-                .query_row(
-                    "SELECT o.value, CAST(u.value AS INTEGER) FROM edge_outbox_meta o \
-                     JOIN edge_outbox_meta u ON u.key = 'lease_until' WHERE o.key = 'lease_owner'",
-                    [],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()
-                .map_err(|e| self.map(e))?;
-            if let Some((owner, until)) = lease
-                && owner != req.owner
-                && req.lease_holds(Timestamp::from_millis(until))
-            {
-                return Ok(Claim::LeaseHeld {
-                    until: Timestamp::from_millis(until),
-                });
-            }
-            let until = req.now.add(req.lease).as_millis();
-            tx.execute(
-                "INSERT OR REPLACE INTO edge_outbox_meta (key, value) VALUES \
-                 ('lease_owner', ?1), ('lease_until', ?2)",
-                params![req.owner, until.to_string()],
-            )
-            .map_err(|e| self.map(e))?;
-
+        // The lease first (see `lease.rs`): it lives outside the database,
+        // so the claim below is a pure read.
+        if let Some(held) = self.lease.take(req)? {
+            return Ok(Claim::LeaseHeld { until: held.until });
+        }
+        // A read transaction (DEFERRED): one snapshot for the floor and the
+        // events, and no write lock, so a claim never blocks or fails an
+        // app's transaction.
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(|e| self.map(e))?;
+        let claim = (|| {
             let mut stmt = tx
                 .prepare_cached(&pending_from_sql(">"))
                 .map_err(|e| self.map(e))?;
             let limit = i64::try_from(req.max_events.max(1)).unwrap_or(i64::MAX);
-            let floor = pending_floor(tx).map_err(|e| self.map(e))?;
+            let floor = pending_floor(&tx).map_err(|e| self.map(e))?;
             let after = req.after.unwrap_or(i64::MIN).max(floor - 1);
             let mut rows = stmt.query([limit, after]).map_err(|e| self.map(e))?;
             let mut batch = Vec::new();
@@ -315,10 +348,17 @@ impl Inner {
                 return Ok(Claim::Empty);
             }
             Ok(Claim::Batch(batch))
-        })
+        })();
+        // Ends the read transaction; nothing was written.
+        tx.finish().map_err(|e| self.map(e))?;
+        claim
     }
 
     pub(crate) fn settle(&self, outcomes: &[Settlement], now: Timestamp) -> Result<()> {
+        if outcomes.is_empty() {
+            // Nothing to record: no transaction, so no write lock taken.
+            return Ok(());
+        }
         // Outcomes sharing their new values go together (a whole batch is
         // usually all `Sent`, or all `Retry` at one time), and each run of
         // consecutive seqs among them is ONE ranged UPDATE on the primary key:
@@ -389,24 +429,8 @@ impl Inner {
     }
 
     pub(crate) fn release_lease(&self, owner: &str) -> Result<()> {
-        self.write(|tx| {
-            let held: Option<String> = tx
-                .query_row(
-                    "SELECT value FROM edge_outbox_meta WHERE key = 'lease_owner'",
-                    [],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(|e| self.map(e))?;
-            if held.as_deref() == Some(owner) {
-                tx.execute(
-                    "DELETE FROM edge_outbox_meta WHERE key IN ('lease_owner', 'lease_until')",
-                    [],
-                )
-                .map_err(|e| self.map(e))?;
-            }
-            Ok(())
-        })
+        self.lease.release(owner);
+        Ok(())
     }
 
     pub(crate) fn stats(&self) -> Result<Stats> {
@@ -483,8 +507,8 @@ impl Inner {
             let seq: Option<i64> = tx
                 .query_row(
                     "UPDATE edge_outbox_events SET status = 'pending', attempts = 0, \
-                     next_attempt_at = ?2, last_error = NULL WHERE id = ?1 AND status = 'dead' \
-                     RETURNING seq",
+                     next_attempt_at = ?2, retried_at = ?2, last_error = NULL \
+                     WHERE id = ?1 AND status = 'dead' RETURNING seq",
                     params![id.as_uuid().as_bytes(), now.as_millis()],
                     |r| r.get(0),
                 )
@@ -612,6 +636,23 @@ fn migrate(conn: &Connection) -> std::result::Result<String, MigrateError> {
              (SELECT count(*) FROM edge_outbox_events WHERE status = 'sent'))",
             [],
         )?;
+        // v2 -> v3: when the app last retried a dead letter (max age counts
+        // from it). Adding a nullable column rewrites no row.
+        let has_retried_at: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('edge_outbox_events') \
+             WHERE name = 'retried_at')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_retried_at {
+            conn.execute_batch("ALTER TABLE edge_outbox_events ADD COLUMN retried_at INTEGER")?;
+        }
+        // v2 -> v3: the relay lease is an OS file lock now (see `lease.rs`);
+        // the lease v2 wrote into meta is dead weight.
+        conn.execute(
+            "DELETE FROM edge_outbox_meta WHERE key IN ('lease_owner', 'lease_until')",
+            [],
+        )?;
         conn.execute(
             "INSERT OR REPLACE INTO edge_outbox_meta (key, value) VALUES ('schema_version', ?1)",
             [SCHEMA_VERSION.to_string()],
@@ -723,8 +764,7 @@ fn row_to_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
         next_attempt_at: Timestamp::from_millis(row.get(9)?),
         last_error: row.get(10)?,
         sent_at: row.get::<_, Option<i64>>(11)?.map(Timestamp::from_millis),
-        // Not stored yet: schema v3 adds the column.
-        retried_at: None,
+        retried_at: row.get::<_, Option<i64>>(12)?.map(Timestamp::from_millis),
     })
 }
 

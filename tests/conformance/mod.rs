@@ -43,6 +43,10 @@ where
     check!(prune_sent_removes_only_old_sent_events);
     check!(lists_are_ordered_and_limited);
     check!(client_id_is_a_stable_uuid);
+    check!(retry_now_makes_waiting_events_due_and_touches_nothing_else);
+    check!(a_retry_time_beyond_max_wait_is_not_believed);
+    check!(retry_records_retried_at);
+    check!(a_lease_expiry_beyond_the_lease_is_not_believed);
 }
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -494,4 +498,163 @@ async fn client_id_is_a_stable_uuid<S: Store>(s: &S) {
     );
     s.enqueue(vec![ev(0)]).await.unwrap();
     assert_eq!(s.client_id(), id);
+}
+
+async fn retry_now_makes_waiting_events_due_and_touches_nothing_else<S: Store>(s: &S) {
+    let e = s.enqueue((0..5).map(ev).collect()).await.unwrap();
+    claim_batch(s, "a", 4).await;
+    let now = Timestamp::now();
+    let later = now.add(Duration::from_secs(60));
+    let retry = |error: &str| Outcome::Retry {
+        at: later,
+        error: error.into(),
+    };
+    s.settle(
+        vec![
+            Settlement::new(&e[0], Outcome::Sent),
+            Settlement::new(&e[1], Outcome::Dead { reason: "r".into() }),
+            Settlement::new(&e[2], retry("HTTP 503")),
+            Settlement::new(&e[3], retry("HTTP 503")),
+        ],
+        now,
+    )
+    .await
+    .unwrap();
+    let mut untouched = Vec::new();
+    for i in [0, 1, 4] {
+        untouched.push(s.get(e[i].id).await.unwrap().unwrap());
+    }
+    assert_eq!(
+        s.claim(request("a", 10, usize::MAX, now)).await.unwrap(),
+        Claim::NotBefore(later)
+    );
+    // Two events were waiting; both are due now, the rest is as it was.
+    assert_eq!(s.retry_now(now).await.unwrap(), 2);
+    for i in [2, 3] {
+        let waiting = s.get(e[i].id).await.unwrap().unwrap();
+        assert_eq!(waiting.status, EventStatus::Pending);
+        assert_eq!(waiting.next_attempt_at, now, "due at `now`");
+        assert_eq!(waiting.attempts, 1, "attempts are kept");
+        assert_eq!(waiting.last_error.as_deref(), Some("HTTP 503"));
+        assert_eq!(waiting.seq, e[i].seq);
+    }
+    for old in untouched {
+        assert_eq!(s.get(old.id).await.unwrap().unwrap(), old);
+    }
+    let Claim::Batch(b) = s.claim(request("a", 10, usize::MAX, now)).await.unwrap() else {
+        panic!("expected a batch after retry_now");
+    };
+    assert_eq!(
+        b.iter().map(|x| x.seq).collect::<Vec<_>>(),
+        [e[2].seq, e[3].seq, e[4].seq]
+    );
+    assert_eq!(s.retry_now(now).await.unwrap(), 0, "nothing waits any more");
+    let stats = s.stats().await.unwrap();
+    assert_eq!((stats.pending, stats.sent, stats.dead), (3, 1, 1));
+}
+
+async fn a_retry_time_beyond_max_wait_is_not_believed<S: Store>(s: &S) {
+    let e = s.enqueue(vec![ev(0), ev(1)]).await.unwrap();
+    claim_batch(s, "a", 1).await;
+    let now = Timestamp::now();
+    let max_wait = request("a", 10, usize::MAX, now).max_wait;
+    // Within the bound, the retry time holds (head-of-line)...
+    let within = now.add(max_wait);
+    s.settle(
+        vec![Settlement::new(
+            &e[0],
+            Outcome::Retry {
+                at: within,
+                error: "HTTP 503".into(),
+            },
+        )],
+        now,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.claim(request("a", 10, usize::MAX, now)).await.unwrap(),
+        Claim::NotBefore(within)
+    );
+    // ...beyond it (a clock that ran ahead, a Retry-After from before the
+    // ceiling), it is not believed: the event is due now, in order.
+    let beyond = now.add(max_wait).add(Duration::from_secs(86_400));
+    s.settle(
+        vec![Settlement::new(
+            &e[0],
+            Outcome::Retry {
+                at: beyond,
+                error: "HTTP 503".into(),
+            },
+        )],
+        now,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.get(e[0].id).await.unwrap().unwrap().next_attempt_at,
+        beyond
+    );
+    let Claim::Batch(b) = s.claim(request("a", 10, usize::MAX, now)).await.unwrap() else {
+        panic!("an unbelievable retry time must not park the queue");
+    };
+    assert_eq!(
+        b.iter().map(|x| x.seq).collect::<Vec<_>>(),
+        [e[0].seq, e[1].seq]
+    );
+}
+
+async fn retry_records_retried_at<S: Store>(s: &S) {
+    let e = s.enqueue(vec![ev(0)]).await.unwrap();
+    assert_eq!(e[0].retried_at, None);
+    assert_eq!(s.get(e[0].id).await.unwrap().unwrap().retried_at, None);
+    claim_batch(s, "a", 1).await;
+    let now = Timestamp::now();
+    s.settle(
+        vec![Settlement::new(
+            &e[0],
+            Outcome::Dead {
+                reason: "expired".into(),
+            },
+        )],
+        now,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.get(e[0].id).await.unwrap().unwrap().retried_at, None);
+    let retried = now.add(Duration::from_secs(5));
+    assert!(s.retry(e[0].id, retried).await.unwrap());
+    let back = s.get(e[0].id).await.unwrap().unwrap();
+    assert_eq!(back.retried_at, Some(retried));
+    assert_eq!(back.created_at, e[0].created_at, "created_at is kept");
+    assert_eq!(back.age_base(), retried, "max age counts from the retry");
+    // It is listed and claimed with it.
+    assert_eq!(s.pending(1).await.unwrap()[0].retried_at, Some(retried));
+    let Claim::Batch(b) = s.claim(request("a", 1, usize::MAX, retried)).await.unwrap() else {
+        panic!("expected the retried event");
+    };
+    assert_eq!(b[0].retried_at, Some(retried));
+}
+
+async fn a_lease_expiry_beyond_the_lease_is_not_believed<S: Store>(s: &S) {
+    s.enqueue(vec![ev(0)]).await.unwrap();
+    let now = Timestamp::now();
+    // "a" claims under a clock one day ahead: its lease claims to last until
+    // a day from now.
+    let ahead = now.add(Duration::from_secs(86_400));
+    assert!(matches!(
+        s.claim(request("a", 10, usize::MAX, ahead)).await.unwrap(),
+        Claim::Batch(_)
+    ));
+    // The clock is corrected (or "a" died under it): "b" does not wait a day.
+    assert!(matches!(
+        s.claim(request("b", 10, usize::MAX, now)).await.unwrap(),
+        Claim::Batch(_)
+    ));
+    // And "b"'s own, believable lease holds against "a".
+    assert!(matches!(
+        s.claim(request("a", 10, usize::MAX, now)).await.unwrap(),
+        Claim::LeaseHeld { .. }
+    ));
+    s.release_lease("b").await.unwrap();
 }
