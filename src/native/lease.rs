@@ -94,7 +94,10 @@ impl FileLease {
                 }
             }
         };
-        lock(&lease.wakers).push(Arc::downgrade(wake));
+        let mut wakers = lock(&lease.wakers);
+        wakers.retain(|w| w.strong_count() > 0);
+        wakers.push(Arc::downgrade(wake));
+        drop(wakers);
         lease
     }
 
@@ -160,14 +163,17 @@ impl FileLease {
         let spawned = std::thread::Builder::new()
             .name("edge-outbox-lease".into())
             .spawn(move || {
-                if let Ok(file) = open(&path) {
-                    // Returns when the holder dies or releases.
-                    let _ = file.lock();
-                }
-                // Dropping the file lets the lock go again.
+                // Returns when the holder dies or releases. Dropping the
+                // file lets the lock go again at once.
+                let freed = open(&path).is_ok_and(|file| file.lock().is_ok());
                 if let Some(lease) = lease.upgrade() {
                     lock(&lease.state).waiting = false;
-                    lease.wake_all();
+                    // A lock that cannot be waited on (a file system
+                    // without blocking locks) wakes nobody: the relays
+                    // notice at their next poll instead of spinning.
+                    if freed {
+                        lease.wake_all();
+                    }
                 }
             });
         // Without the thread, the relay still notices at its next poll.
