@@ -334,6 +334,8 @@ fn a_schema_v1_file_is_migrated_in_place() {
     let dead = outbox.dead_letters().unwrap();
     assert!(outbox.retry(dead[0].id).unwrap());
     assert_eq!(seqs(outbox.pending(10).unwrap()), [2, 3, 4]);
+    // v3's column came along: the retry is recorded.
+    assert!(outbox.get(dead[0].id).unwrap().unwrap().retried_at.is_some());
     let conn = Connection::open(&path).unwrap();
     let version: String = conn
         .query_row(
