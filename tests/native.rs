@@ -335,7 +335,14 @@ fn a_schema_v1_file_is_migrated_in_place() {
     assert!(outbox.retry(dead[0].id).unwrap());
     assert_eq!(seqs(outbox.pending(10).unwrap()), [2, 3, 4]);
     // v3's column came along: the retry is recorded.
-    assert!(outbox.get(dead[0].id).unwrap().unwrap().retried_at.is_some());
+    assert!(
+        outbox
+            .get(dead[0].id)
+            .unwrap()
+            .unwrap()
+            .retried_at
+            .is_some()
+    );
     let conn = Connection::open(&path).unwrap();
     let version: String = conn
         .query_row(
