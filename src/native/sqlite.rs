@@ -23,6 +23,9 @@
 //!    serialized by SQLite's write lock (threads through the connection
 //!    mutex, processes through the file), so keys grow in commit order and
 //!    are never reused;
+//! 3. `insert` makes a fresh UUIDv7 for every event;
+//! 4. `insert` validates the event before its `INSERT`, and an error rolls
+//!    the whole transaction back;
 //! 5. the lease is an exclusive OS file lock on `<database>-outbox.lock`
 //!    between processes (the kernel drops it when the holder dies, so a
 //!    successor takes over at once) and an owner plus expiry in memory
