@@ -16,7 +16,7 @@ use std::time::Duration;
 use edge_outbox::transport::{Push, Response, credentials_fn};
 use edge_outbox::{
     Config, HttpTransport, NewEvent, Outbox, RelayBuilder, RelayHandle, Result, RetryPolicy,
-    SqliteStore, Transport,
+    SqliteStore, Store, Timestamp, Transport,
 };
 use edge_outbox_server::{Applied, Failure, Inbox, RunningServer, ServerConfig};
 use tempfile::TempDir;
@@ -277,7 +277,10 @@ async fn retry_after_of_a_503_is_honoured() {
         .faults()
         .fail_next(1, Failure::status(503).retry_after(1));
     enqueue(&outbox, "T", 10);
-    let relay = relay(&outbox, http(&server.events_url())).spawn();
+    // A cap above the Retry-After (the cap is its ceiling).
+    let relay = relay(&outbox, http(&server.events_url()))
+        .retry_policy(fast_retry().with_cap(Duration::from_secs(5)))
+        .spawn();
     drained(&outbox).await;
     assert_delivered_once_in_order(&server, &outbox, 10);
     let log = server.requests();
@@ -286,6 +289,87 @@ async fn retry_after_of_a_503_is_honoured() {
     // The backoff alone would have come back within 20 ms; Retry-After says 1 s.
     let waited = log[1].started_at - log[0].finished_at;
     assert!(waited >= 990, "came back after {waited} ms");
+    stop(relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_of_ten_years_is_capped_and_try_now_overrides_the_wait() {
+    let dir = TempDir::new().unwrap();
+    let outbox = open(&dir);
+    let server = server(anonymous()).await;
+    server
+        .faults()
+        .fail_next(1, Failure::status(503).retry_after(315_360_000));
+    enqueue(&outbox, "T", 10);
+    // The default cap, 5 minutes: the ceiling of any Retry-After.
+    let relay = relay(&outbox, http(&server.events_url()))
+        .retry_policy(RetryPolicy::new())
+        .spawn();
+    let report = relay.flush().await.unwrap();
+    let before = Timestamp::now();
+    let at = report.next_attempt.expect("waiting for the Retry-After");
+    assert!(at <= before.add(RetryPolicy::DEFAULT_CAP), "{at:?}");
+    assert!(at >= before.add(Duration::from_secs(200)), "{at:?}");
+    assert_eq!(relay.flush().await.unwrap().sent, 0, "not before");
+    // The app's "try now": the relay wakes and the waiting events go.
+    assert_eq!(
+        outbox.store().retry_now(Timestamp::now()).await.unwrap(),
+        10
+    );
+    drained(&outbox).await;
+    assert_delivered_once_in_order(&server, &outbox, 10);
+    stop(relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_400_for_every_push_dead_letters_nothing() {
+    // A proxy's header limit, a WAF, a backend that cannot read the body's
+    // encoding: the same 400 for every push, for a minute.
+    let dir = TempDir::new().unwrap();
+    let outbox = open(&dir);
+    let server = server(anonymous()).await;
+    server
+        .faults()
+        .fail_for(Duration::from_secs(60), Failure::status(400));
+    enqueue(&outbox, "T", 250);
+    let relay = relay(&outbox, http(&server.events_url())).spawn();
+    let report = relay.flush().await.unwrap();
+    assert_eq!((report.dead, report.pending), (0, 250), "{report:?}");
+    let error = report.last_error.expect("the report names the failure");
+    assert!(error.contains("400"), "{error}");
+    assert_eq!(relay.status().last_error.as_deref(), Some(error.as_str()));
+    // A few more attempts with backoff: still nothing dead, and no storm of
+    // requests (one per attempt, no bisection of a channel failure).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = outbox.stats().unwrap();
+    assert_eq!((stats.dead, stats.pending), (0, 250));
+    let requests = server.requests().len();
+    assert!(requests <= 30, "{requests} requests in 0.5 s");
+    server.faults().reset();
+    drained(&outbox).await;
+    assert_delivered_once_in_order(&server, &outbox, 250);
+    stop(relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_expired_dead_letter_is_sent() {
+    let dir = TempDir::new().unwrap();
+    let outbox = open(&dir);
+    let server = server(anonymous()).await;
+    enqueue(&outbox, "T", 1);
+    let id = outbox.pending(1).unwrap()[0].id;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let relay = relay(&outbox, http(&server.events_url()))
+        .retry_policy(fast_retry().with_max_age(Some(Duration::from_secs(1))))
+        .spawn();
+    assert_eq!(flushed(&relay, &outbox).await, (0, 1));
+    assert_eq!(
+        outbox.get(id).unwrap().unwrap().last_error.as_deref(),
+        Some("expired")
+    );
+    assert!(outbox.retry(id).unwrap());
+    assert_eq!(flushed(&relay, &outbox).await, (1, 0));
+    assert_delivered_once_in_order(&server, &outbox, 1);
     stop(relay).await;
 }
 
@@ -413,6 +497,58 @@ impl Inbox for RefusePoison {
             Applied::Accept
         })
     }
+}
+
+/// An inbox that cannot apply events of type "Unappliable" and fails the
+/// whole batch for them ("try later", a 500), every time: the docs' Orders
+/// inbox meeting a payload it cannot decode, before issue 9.
+struct FailsOnOne;
+
+impl Inbox for FailsOnOne {
+    fn apply(
+        &self,
+        _tx: &rusqlite::Transaction<'_>,
+        _client_id: &str,
+        event: &edge_outbox::protocol::WireEvent,
+    ) -> std::result::Result<Applied, edge_outbox_server::BoxError> {
+        if event.event_type == "Unappliable" {
+            return Err("invalid type: string \"250\", expected i64".into());
+        }
+        Ok(Applied::Accept)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_failing_one_event_with_500_still_gets_the_events_before_it() {
+    let dir = TempDir::new().unwrap();
+    let outbox = open(&dir);
+    let server = server(anonymous().inbox(FailsOnOne)).await;
+    enqueue_with_poison(&outbox, "Unappliable");
+    let relay = relay(&outbox, http(&server.events_url())).spawn();
+    // Repeated 500s narrow the pushes until the 17 events before the one
+    // the backend cannot apply are through.
+    eventually("the events before the failing one at the server", || {
+        server.count(Some(outbox.client_id())).unwrap() >= 17
+    })
+    .await;
+    eventually("the failing event pushed alone", || {
+        server
+            .requests()
+            .last()
+            .is_some_and(|r| r.events == 1 && r.status == 500)
+    })
+    .await;
+    let received = server.events(outbox.client_id()).unwrap();
+    let seqs: Vec<i64> = received.iter().map(|e| e.event.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=17).collect::<Vec<_>>(),
+        "in order, nothing after it"
+    );
+    let stats = outbox.stats().unwrap();
+    assert_eq!((stats.dead, stats.pending), (0, 23), "never dead for a 5xx");
+    assert!(relay.status().last_error.unwrap().contains("500"));
+    stop(relay).await;
 }
 
 fn enqueue_with_poison(outbox: &Outbox, poison_type: &str) {
