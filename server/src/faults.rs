@@ -12,12 +12,17 @@
 //! | `POST /__test/delay`              | `{"ms":3000}` or `{"ms":3000,"count":1}`           | [`Faults::delay`], [`Faults::delay_next`] |
 //! | `POST /__test/drop-after-commit`  | `{"count":1}`                                      | [`Faults::drop_response_after_commit`] |
 //! | `POST /__test/malformed`          | `{"count":1}`                                      | [`Faults::malformed_response`]         |
+//! | `POST /__test/early-413`          | `{"above":65536}` (`{"above":null}` clears)         | [`Faults::early_413_above`]            |
+//! | `POST /__test/slow-upload`        | `{"bytes_per_sec":8192}` (`0` clears)              | [`Faults::slow_upload`]                |
 //! | `GET /__test/requests`            |                                                    | [`Faults::requests`]                   |
 //! | `POST /__test/reset`              |                                                    | [`Faults::reset`]                      |
 //!
 //! Faults apply to pushes (`POST /v1/events`) whose body was read and parsed;
 //! a push that is malformed or too large gets its real answer and consumes
-//! no fault. At most one of fail / malformed / drop-after-commit applies to a
+//! no fault. Two act before the body is read, on every push until cleared
+//! or reset: early-413 (a proxy's body limit, answered from the head alone)
+//! and slow-upload (the body read at a limited rate: a slow uplink, as the
+//! client sees it, once the socket buffers between them are full). At most one of fail / malformed / drop-after-commit applies to a
 //! push, in that order of precedence; a delay comes on top of any answer.
 //! Fail and malformed act before authentication (like a proxy in front of
 //! the server would); drop-after-commit counts only pushes that committed.
@@ -42,6 +47,10 @@ const MAX_RECORDS: usize = 20_000;
 
 /// The request log's name of the drop-after-commit fault.
 pub(crate) const DROP_AFTER_COMMIT: &str = "drop_after_commit";
+/// The request log's name of the early-413 fault.
+pub(crate) const EARLY_413: &str = "early_413";
+/// The request log's name of the slow-upload fault.
+pub(crate) const SLOW_UPLOAD: &str = "slow_upload";
 
 /// An injected failure: the status to answer a push with.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +112,17 @@ struct State_ {
     delay: Option<(Duration, Option<u32>)>,
     drop_after_commit: u32,
     malformed: u32,
+    early_413_above: Option<usize>,
+    slow_upload: Option<u64>,
+}
+
+/// The faults that act before a push's body is read.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct BodyPlan {
+    /// Answer 413 at once when the declared Content-Length is over this.
+    pub early_413_above: Option<usize>,
+    /// Read the body at most this many bytes per second.
+    pub slow_upload: Option<u64>,
 }
 
 /// What to do with one push, decided once when it has been parsed.
@@ -187,6 +207,28 @@ impl Faults {
         lock(&self.state).malformed = n;
     }
 
+    /// Until cleared (`None`) or reset, answer every push whose declared
+    /// `Content-Length` is over `bytes` at once, from its head alone, with
+    /// `413 payload_too_large` and `Connection: close`, WITHOUT reading its
+    /// body, and close the connection: what a proxy or CDN with a body limit
+    /// does. A client still uploading usually sees a reset connection rather
+    /// than the 413. Nothing is stored; the log shows fault `early_413`.
+    /// Acts before authentication, like a proxy in front of the server.
+    pub fn early_413_above(&self, bytes: Option<usize>) {
+        lock(&self.state).early_413_above = bytes;
+    }
+
+    /// Until cleared (`None` or 0) or reset, read push bodies at most
+    /// `bytes_per_sec` (in the frames they arrive in, each followed by a
+    /// sleep as long as it takes at that rate): a slow uplink, as the client
+    /// sees it once the socket buffers between them are full (on loopback
+    /// they hold a few hundred KiB to a few MiB, so use bodies larger than
+    /// that, or count on the push's total time rather than the upload's).
+    /// The log shows fault `slow_upload`.
+    pub fn slow_upload(&self, bytes_per_sec: Option<u64>) {
+        lock(&self.state).slow_upload = bytes_per_sec.filter(|&r| r > 0);
+    }
+
     /// The request log: one record per push, oldest first.
     pub fn requests(&self) -> Vec<RequestRecord> {
         lock(&self.log).iter().cloned().collect()
@@ -202,6 +244,15 @@ impl Faults {
     pub(crate) fn now_ms(&self) -> i64 {
         self.epoch_unix_ms
             .saturating_add(i64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(i64::MAX))
+    }
+
+    /// The faults that act before a push's body is read.
+    pub(crate) fn body_plan(&self) -> BodyPlan {
+        let s = lock(&self.state);
+        BodyPlan {
+            early_413_above: s.early_413_above,
+            slow_upload: s.slow_upload,
+        }
     }
 
     /// Decide the faults of one push, consuming counts.
@@ -339,6 +390,20 @@ pub(crate) struct DelayBody {
     count: Option<u32>,
 }
 
+/// Body of `POST /__test/early-413`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Early413Body {
+    above: Option<usize>,
+}
+
+/// Body of `POST /__test/slow-upload`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SlowUploadBody {
+    bytes_per_sec: Option<u64>,
+}
+
 /// Body of `POST /__test/drop-after-commit` and `POST /__test/malformed`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -412,6 +477,28 @@ pub(crate) async fn post_malformed(
 ) -> Response {
     match body {
         Ok(Json(b)) => faults_of(&state).malformed_response(b.count),
+        Err(e) => return bad_request(e.body_text()),
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+pub(crate) async fn post_early_413(
+    State(state): State<AppState>,
+    body: JsonResult<Early413Body>,
+) -> Response {
+    match body {
+        Ok(Json(b)) => faults_of(&state).early_413_above(b.above),
+        Err(e) => return bad_request(e.body_text()),
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+pub(crate) async fn post_slow_upload(
+    State(state): State<AppState>,
+    body: JsonResult<SlowUploadBody>,
+) -> Response {
+    match body {
+        Ok(Json(b)) => faults_of(&state).slow_upload(b.bytes_per_sec),
         Err(e) => return bad_request(e.body_text()),
     }
     StatusCode::NO_CONTENT.into_response()

@@ -28,7 +28,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::services::ServeDir;
 
-use crate::faults::{self, Faults, Plan};
+use crate::faults::{self, BodyPlan, Faults, Plan};
 use crate::store::{EventStore, SqliteStore};
 use crate::{Database, Error, ServerConfig};
 
@@ -129,12 +129,22 @@ pub fn router(state: AppState) -> Router {
                 post(faults::post_drop_after_commit),
             )
             .route("/__test/malformed", post(faults::post_malformed))
+            .route("/__test/early-413", post(faults::post_early_413))
+            .route("/__test/slow-upload", post(faults::post_slow_upload))
             .route("/__test/requests", get(faults::get_requests))
             .route("/__test/reset", post(faults::post_reset));
     }
     // Gzip (and only gzip) request bodies are inflated before the handlers
     // see them; another Content-Encoding is answered 415.
     let mut app = api.layer(RequestDecompressionLayer::new());
+    if state.inner.faults_active {
+        // Outside decompression, which drops a gzip body's Content-Length:
+        // a proxy's body limit sees the bytes on the wire.
+        app = app.layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            early_413,
+        ));
+    }
     if let Some(cors) = &state.inner.cors {
         // Outermost, so preflights are answered before anything else runs.
         app = app.layer(cors.clone());
@@ -269,12 +279,17 @@ enum BodyError {
 /// cap): a server that answers 413 and closes while the client is still
 /// writing makes most clients report a reset connection instead of the 413,
 /// and the relay would retry the same batch forever instead of splitting it.
-async fn read_body(headers: &HeaderMap, mut body: Body, limit: usize) -> Result<Bytes, BodyError> {
+///
+/// `rate` (the slow-upload test control): read at most that many bytes per
+/// second, sleeping after each frame as long as it takes at that rate.
+async fn read_body(
+    headers: &HeaderMap,
+    mut body: Body,
+    limit: usize,
+    rate: Option<u64>,
+) -> Result<Bytes, BodyError> {
     let drain_cap = limit.saturating_mul(4).max(16 << 20);
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+    let declared = declared_length(headers);
     // Only a body sent as is has a Content-Length that says its real size.
     let compressed = headers.contains_key(header::CONTENT_ENCODING);
     if declared.is_some_and(|n| !compressed && n > drain_cap) {
@@ -296,6 +311,10 @@ async fn read_body(headers: &HeaderMap, mut body: Body, limit: usize) -> Result<
             continue;
         };
         seen = seen.saturating_add(data.len());
+        if let Some(rate) = rate {
+            let secs = data.len() as f64 / rate.max(1) as f64;
+            tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+        }
         if seen > limit {
             buf = BytesMut::new();
             if seen > drain_cap {
@@ -310,6 +329,14 @@ async fn read_body(headers: &HeaderMap, mut body: Body, limit: usize) -> Result<
     } else {
         Ok(buf.freeze())
     }
+}
+
+/// The request's `Content-Length`, if it has a readable one.
+fn declared_length(headers: &HeaderMap) -> Option<usize> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
 }
 
 /// Parse a push body, telling a wrong protocol version, malformed JSON and
@@ -388,16 +415,62 @@ async fn push(State(state): State<AppState>, headers: HeaderMap, body: Body) -> 
         .inner
         .faults_active
         .then(|| state.inner.faults.start());
-    let (response, plan) = push_inner(&state, &headers, body, record.as_mut()).await;
+    let body_plan = if state.inner.faults_active {
+        state.inner.faults.body_plan()
+    } else {
+        BodyPlan::default()
+    };
+    let (response, plan) = push_inner(
+        &state,
+        &headers,
+        body,
+        body_plan.slow_upload,
+        record.as_mut(),
+    )
+    .await;
     if !plan.delay.is_zero() {
         if let Some(r) = record.as_mut() {
             r.fault("delay");
         }
         tokio::time::sleep(plan.delay).await;
     }
-    if let Some(r) = record {
+    if let Some(mut r) = record {
+        if body_plan.slow_upload.is_some() {
+            // Noted last: a fault that shaped the answer shows first.
+            r.fault(faults::SLOW_UPLOAD);
+        }
         r.finish(response.status().as_u16());
     }
+    response
+}
+
+/// The early-413 test control ([`Faults::early_413_above`]): a push whose
+/// declared `Content-Length` is over the limit is answered from its head,
+/// its body never read; hyper then closes the connection with the body
+/// unread (a reset, for a client still sending).
+async fn early_413(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let above = state.inner.faults.body_plan().early_413_above;
+    let is_push = request.method() == Method::POST && request.uri().path() == "/v1/events";
+    let declared = declared_length(request.headers());
+    let Some(above) = above.filter(|&above| is_push && declared.is_some_and(|n| n > above)) else {
+        return next.run(request).await;
+    };
+    drop(request);
+    let mut response = error_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("the request body is larger than {above} bytes (early 413, a test control)"),
+    );
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    let mut record = state.inner.faults.start();
+    record.fault(faults::EARLY_413);
+    record.finish(response.status().as_u16());
     response
 }
 
@@ -405,11 +478,12 @@ async fn push_inner(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
+    upload_rate: Option<u64>,
     mut record: Option<&mut faults::RecordGuard>,
 ) -> (Response, Plan) {
     let none = Plan::default();
     let limit = state.inner.body_limit;
-    let bytes = match read_body(headers, body, limit).await {
+    let bytes = match read_body(headers, body, limit, upload_rate).await {
         Ok(b) => b,
         Err(BodyError::TooLarge) => {
             let msg =

@@ -824,6 +824,107 @@ async fn fault_malformed_200_body() {
     );
 }
 
+/// A push over the early-413 limit is answered from its head: the server
+/// never waits for (or reads) its body, and nothing is stored.
+#[tokio::test]
+async fn fault_early_413_answers_from_the_head_without_reading_the_body() {
+    let (server, _dir) = start(|c| c.test_controls(true)).await;
+    assert_eq!(
+        control(&server, "early-413", json!({"above": 64 * 1024})).await,
+        StatusCode::NO_CONTENT
+    );
+    let mut big = event(1, "Big");
+    big.payload = RawValue::from_string(format!("\"{}\"", "x".repeat(1 << 20))).unwrap();
+    let raw = body(CLIENT_A, std::slice::from_ref(&big));
+    // The client usually sees the 413; a reset while it uploads is fine too.
+    if let Ok(answer) = post_raw(&server, Some(TOKEN_A), raw.clone(), false).await {
+        assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(answer.headers["connection"], "close");
+        assert_eq!(answer.error().error, "payload_too_large");
+    }
+
+    // A head that announces 1 MiB and no body at all is answered at once.
+    let addr = server.addr();
+    let head_only = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let head = format!(
+            "POST /v1/events HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n",
+            1 << 20
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(head_only.starts_with("HTTP/1.1 413"), "{head_only:?}");
+
+    // The limit is on the bytes on the wire: gzip that inflates past it passes.
+    let zipped = post_raw(&server, Some(TOKEN_A), gzip(&raw), true)
+        .await
+        .unwrap();
+    assert_eq!(zipped.statuses(), vec![ResultStatus::Accepted]);
+    // Small pushes pass.
+    assert_eq!(
+        push(&server, TOKEN_A, CLIENT_A, &events(2..4)).await.status,
+        StatusCode::OK
+    );
+    let early = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.fault.as_deref() == Some("early_413"))
+        .collect::<Vec<_>>();
+    assert!(!early.is_empty() && early.iter().all(|r| r.status == 413));
+    assert_eq!(server.count(None).unwrap(), 3);
+
+    assert_eq!(
+        control(&server, "early-413", json!({"above": null})).await,
+        StatusCode::NO_CONTENT
+    );
+    big.id = EventId::new();
+    assert_eq!(
+        push(&server, TOKEN_A, CLIENT_A, &[big]).await.statuses(),
+        vec![ResultStatus::Accepted]
+    );
+    assert_eq!(
+        control(&server, "early-413", json!({"above": "64k"})).await,
+        StatusCode::BAD_REQUEST
+    );
+}
+
+/// A slow upload: the server reads the body at the given rate, so a 64 KiB
+/// push at 32 KiB/s takes about 2 s.
+#[tokio::test]
+async fn fault_slow_upload_reads_the_body_at_the_given_rate() {
+    let (server, _dir) = start(|c| c.test_controls(true)).await;
+    assert_eq!(
+        control(&server, "slow-upload", json!({"bytes_per_sec": 32 * 1024})).await,
+        StatusCode::NO_CONTENT
+    );
+    let mut big = event(1, "Big");
+    big.payload = RawValue::from_string(format!("\"{}\"", "x".repeat(64 * 1024))).unwrap();
+    let started = Instant::now();
+    let a = push(&server, TOKEN_A, CLIENT_A, &[big]).await;
+    let took = started.elapsed();
+    assert_eq!(a.statuses(), vec![ResultStatus::Accepted]);
+    assert!(took >= Duration::from_millis(1500), "took {took:?}");
+    assert_eq!(
+        server.requests().last().unwrap().fault.as_deref(),
+        Some("slow_upload")
+    );
+
+    assert_eq!(
+        control(&server, "slow-upload", json!({"bytes_per_sec": 0})).await,
+        StatusCode::NO_CONTENT
+    );
+    push(&server, TOKEN_A, CLIENT_A, &events(2..3)).await;
+    assert_eq!(server.requests().last().unwrap().fault, None);
+}
+
 #[tokio::test]
 async fn request_log_and_reset() {
     let (server, _dir) = start(|c| c).await;
