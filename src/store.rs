@@ -43,7 +43,8 @@
 //!    counts from it); `retry_now` makes waiting pending events due and
 //!    touches nothing else.
 //! 9. Nothing a crash interrupts is lost: an event claimed but never settled is
-//!    still pending and is claimed again once the lease expires.
+//!    still pending and is claimed again once the lease is free (released,
+//!    its holder died, or it expired).
 
 use std::future::Future;
 use std::time::Duration;
