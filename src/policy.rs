@@ -367,18 +367,28 @@ pub(crate) fn error_text(body: &[u8]) -> String {
 /// connections carrying large bodies, a backend that fails with 5xx on one
 /// event of a batch. The events before the trouble then get through, and the
 /// event that fails alone is retried alone, with backoff, and never
-/// dead-lettered for it. A 413 halves the window at once. Every push that
-/// passes doubles it back, up to the configured most events per push.
+/// dead-lettered for it. A 413 halves the window at once.
+///
+/// Every push that passes doubles the window back, up to the configured most
+/// events per push, but below the size that last failed (its *ceiling*)
+/// until [`PushWindow::PROBE_AFTER`] pushes in a row have passed: a link
+/// that cannot carry two events in time is not asked to, push after push.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PushWindow {
     max: usize,
     limit: usize,
+    /// Pushes of this many events or more failed lately.
+    ceiling: Option<usize>,
     failures: u32,
+    passes: u32,
 }
 
 impl PushWindow {
     /// Channel failures in a row after which the window narrows.
     pub const NARROW_AFTER: u32 = 2;
+    /// Passed pushes in a row after which the ceiling is forgotten (and
+    /// larger pushes tried again).
+    pub const PROBE_AFTER: u32 = 16;
 
     /// A full window of `max` events per push (at least 1).
     pub fn new(max: usize) -> Self {
@@ -386,7 +396,9 @@ impl PushWindow {
         PushWindow {
             max,
             limit: max,
+            ceiling: None,
             failures: 0,
+            passes: 0,
         }
     }
 
@@ -398,7 +410,18 @@ impl PushWindow {
     /// A push passed (the server answered 200): widen again.
     pub fn passed(&mut self) {
         self.failures = 0;
-        self.limit = self.limit.saturating_mul(2).min(self.max);
+        self.passes += 1;
+        if self.passes >= Self::PROBE_AFTER {
+            self.ceiling = None;
+        }
+        let below_ceiling = self
+            .ceiling
+            .map_or(self.max, |c| c.saturating_sub(1).max(1));
+        self.limit = self
+            .limit
+            .saturating_mul(2)
+            .min(self.max)
+            .min(below_ceiling);
     }
 
     /// A push of `events` events failed on the channel; `narrows` as in
@@ -409,12 +432,18 @@ impl PushWindow {
         }
         self.failures += 1;
         if self.failures >= Self::NARROW_AFTER {
-            self.limit = (events / 2).clamp(1, self.limit);
+            self.narrow(events);
         }
     }
 
     /// A push of `events` events was refused as too large: narrow at once.
     pub fn too_large(&mut self, events: usize) {
+        self.narrow(events);
+    }
+
+    fn narrow(&mut self, events: usize) {
+        self.passes = 0;
+        self.ceiling = Some(events.max(1));
         self.limit = (events / 2).clamp(1, self.limit);
     }
 }
@@ -550,12 +579,24 @@ mod tests {
             w.failed(w.limit(), true);
             assert_eq!(w.limit(), expected);
         }
+        // Back up to just below the size that failed last (2 events)...
+        for expected in [1, 1] {
+            w.passed();
+            assert_eq!(w.limit(), expected);
+        }
+        // ...until enough pushes passed to try larger ones again.
+        for _ in 2..PushWindow::PROBE_AFTER - 1 {
+            w.passed();
+        }
+        assert_eq!(w.limit(), 1);
         for expected in [2, 4, 8, 16, 32, 64, 100, 100] {
             w.passed();
             assert_eq!(w.limit(), expected);
         }
         w.too_large(100);
         assert_eq!(w.limit(), 50, "a 413 narrows at once");
+        w.passed();
+        assert_eq!(w.limit(), 99, "below the size refused");
     }
 
     #[test]

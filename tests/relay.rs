@@ -22,6 +22,10 @@ use edge_outbox_server::{Applied, Failure, Inbox, RunningServer, ServerConfig};
 use tempfile::TempDir;
 use tokio::time::Instant;
 
+#[path = "support/fault_proxy.rs"]
+mod fault_proxy;
+use fault_proxy::{FaultProxy, Mode};
+
 /// Generous bound for any wait: only reached when something is broken.
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -348,6 +352,99 @@ async fn a_400_for_every_push_dead_letters_nothing() {
     server.faults().reset();
     drained(&outbox).await;
     assert_delivered_once_in_order(&server, &outbox, 250);
+    stop(relay).await;
+}
+
+/// `n` events whose push JSON is about `kib` KiB each.
+fn enqueue_large(outbox: &Outbox, n: usize, kib: usize) -> Vec<i64> {
+    let events = (0..n).map(|i| {
+        NewEvent::json(
+            "Large",
+            &serde_json::json!({ "i": i, "data": "x".repeat(kib * 1024 - 64) }),
+        )
+        .unwrap()
+    });
+    outbox
+        .enqueue(events)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_uplink_delays_large_events_but_delivers_them() {
+    // A 40 KiB/s uplink; 16 KiB events take 0.4 s each to upload. A push of
+    // two or more times out (0.45 s plus the body at 160 KiB/s is not
+    // enough), a push of one does not: the relay must narrow its pushes
+    // to single events instead of rebuilding the same push forever.
+    let dir = TempDir::new().unwrap();
+    let outbox = open(&dir);
+    let server = server(anonymous()).await;
+    let proxy = FaultProxy::start(server.addr()).await;
+    proxy.set_mode(Mode::ThrottleUpload {
+        bytes_per_sec: 40 * 1024,
+    });
+    let seqs = enqueue_large(&outbox, 6, 16);
+    let transport = HttpTransport::builder(proxy.events_url())
+        .timeout(Duration::from_millis(450))
+        .min_upload_rate(160 * 1024)
+        .build()
+        .unwrap();
+    let relay = relay(&outbox, transport).spawn();
+    drained(&outbox).await;
+    let received: Vec<i64> = server
+        .events(outbox.client_id())
+        .unwrap()
+        .iter()
+        .map(|e| e.event.seq)
+        .collect();
+    assert_eq!(received, seqs, "every event once, in order");
+    assert_eq!(outbox.stats().unwrap().dead, 0);
+    // The server finishes a push the client has given up on (and answers
+    // the resend `duplicate`), so its log shows the attempts, not timeouts.
+    let mut log = server.requests();
+    log.sort_by_key(|r| r.started_at);
+    assert!(
+        log.iter().filter(|r| r.events > 1).count() >= 2,
+        "large pushes were tried, timed out and tried again: {log:?}"
+    );
+    assert!(
+        log.iter().rev().take(3).all(|r| r.events == 1),
+        "then single events: {log:?}"
+    );
+    stop(relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_413_seen_as_a_reset_leads_to_smaller_pushes() {
+    // A proxy that answers 413 from the head and closes while a large push
+    // is still uploading: the client mostly sees a connection reset.
+    let dir = TempDir::new().unwrap();
+    let outbox = open(&dir);
+    let server = server(anonymous()).await;
+    let proxy = FaultProxy::start(server.addr()).await;
+    proxy.set_mode(Mode::EarlyRejectAbove {
+        body_bytes: 256 * 1024,
+    });
+    // 24 events of 64 KiB: 8 per push under the 512 KiB default, and no
+    // more than 3 fit under the proxy's limit.
+    let seqs = enqueue_large(&outbox, 24, 64);
+    let relay = relay(&outbox, http(&proxy.events_url())).spawn();
+    drained(&outbox).await;
+    let received: Vec<i64> = server
+        .events(outbox.client_id())
+        .unwrap()
+        .iter()
+        .map(|e| e.event.seq)
+        .collect();
+    assert_eq!(received, seqs, "every event once, in order");
+    assert_eq!(
+        outbox.stats().unwrap().dead,
+        0,
+        "nothing dead for the proxy's limit"
+    );
+    assert!(proxy.requests_cut() > 0, "the proxy cut large pushes");
     stop(relay).await;
 }
 
