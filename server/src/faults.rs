@@ -12,6 +12,7 @@
 //! | `POST /__test/delay`              | `{"ms":3000}` or `{"ms":3000,"count":1}`           | [`Faults::delay`], [`Faults::delay_next`] |
 //! | `POST /__test/drop-after-commit`  | `{"count":1}`                                      | [`Faults::drop_response_after_commit`] |
 //! | `POST /__test/malformed`          | `{"count":1}`                                      | [`Faults::malformed_response`]         |
+//! | `POST /__test/reject`             | `{"count":2}`                                      | [`Faults::reject_next_events`]         |
 //! | `POST /__test/early-413`          | `{"above":65536}` (`{"above":null}` clears)         | [`Faults::early_413_above`]            |
 //! | `POST /__test/slow-upload`        | `{"bytes_per_sec":8192}` (`0` clears)              | [`Faults::slow_upload`]                |
 //! | `GET /__test/requests`            |                                                    | [`Faults::requests`]                   |
@@ -114,6 +115,8 @@ struct State_ {
     malformed: u32,
     early_413_above: Option<usize>,
     slow_upload: Option<u64>,
+    /// Events still to answer `rejected` (a per-event refusal).
+    reject_events: u32,
 }
 
 /// The faults that act before a push's body is read.
@@ -238,6 +241,22 @@ impl Faults {
     pub fn reset(&self) {
         *lock(&self.state) = State_::default();
         lock(&self.log).clear();
+    }
+
+    /// Answer the next `n` valid events (counted across pushes, in request
+    /// order) `rejected` in a `200`, storing nothing of them: the per-event
+    /// verdict of a backend that refuses an event for good. The rest of each
+    /// push is handled as usual.
+    pub fn reject_next_events(&self, n: u32) {
+        lock(&self.state).reject_events = n;
+    }
+
+    /// Whether the next valid event is to be rejected (consumes a count).
+    pub(crate) fn take_event_rejection(&self) -> bool {
+        let mut s = lock(&self.state);
+        let reject = s.reject_events > 0;
+        s.reject_events = s.reject_events.saturating_sub(1);
+        reject
     }
 
     /// Unix milliseconds on this server's monotonic clock.
@@ -477,6 +496,17 @@ pub(crate) async fn post_malformed(
 ) -> Response {
     match body {
         Ok(Json(b)) => faults_of(&state).malformed_response(b.count),
+        Err(e) => return bad_request(e.body_text()),
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+pub(crate) async fn post_reject(
+    State(state): State<AppState>,
+    body: JsonResult<CountBody>,
+) -> Response {
+    match body {
+        Ok(Json(b)) => faults_of(&state).reject_next_events(b.count),
         Err(e) => return bad_request(e.body_text()),
     }
     StatusCode::NO_CONTENT.into_response()

@@ -129,6 +129,7 @@ pub fn router(state: AppState) -> Router {
                 post(faults::post_drop_after_commit),
             )
             .route("/__test/malformed", post(faults::post_malformed))
+            .route("/__test/reject", post(faults::post_reject))
             .route("/__test/early-413", post(faults::post_early_413))
             .route("/__test/slow-upload", post(faults::post_slow_upload))
             .route("/__test/requests", get(faults::get_requests))
@@ -542,7 +543,14 @@ async fn push_inner(
         return (response, plan);
     }
 
-    let verdicts: Vec<Option<String>> = req.events.iter().map(invalid_event).collect();
+    let mut verdicts: Vec<Option<String>> = req.events.iter().map(invalid_event).collect();
+    if state.inner.faults_active {
+        for verdict in verdicts.iter_mut().filter(|v| v.is_none()) {
+            if state.inner.faults.take_event_rejection() {
+                *verdict = Some("injected: rejected by the test control".into());
+            }
+        }
+    }
     let store = Arc::clone(&state.inner.store);
     // SQLite blocks; it runs on the blocking pool. Once started, the batch
     // commits even if the client goes away meanwhile (that is the "lost

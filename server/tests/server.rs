@@ -824,6 +824,32 @@ async fn fault_malformed_200_body() {
     );
 }
 
+#[tokio::test]
+async fn fault_reject_answers_the_next_events_rejected_and_stores_the_rest() {
+    let (server, _dir) = start(|c| c.test_controls(true)).await;
+    assert_eq!(
+        control(&server, "reject", json!({"count": 3})).await,
+        StatusCode::NO_CONTENT
+    );
+    // Counted across pushes: two in the first, one in the second.
+    let first = push(&server, TOKEN_A, CLIENT_A, &events(1..3)).await;
+    assert_eq!(first.statuses(), vec![ResultStatus::Rejected; 2]);
+    let second = push(&server, TOKEN_A, CLIENT_A, &events(3..6)).await;
+    assert_eq!(
+        second.statuses(),
+        [
+            ResultStatus::Rejected,
+            ResultStatus::Accepted,
+            ResultStatus::Accepted
+        ]
+    );
+    assert_eq!(
+        server.count(None).unwrap(),
+        2,
+        "rejected events are not stored"
+    );
+}
+
 /// A push over the early-413 limit is answered from its head: the server
 /// never waits for (or reads) its body, and nothing is stored.
 #[tokio::test]
