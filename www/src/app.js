@@ -429,7 +429,7 @@ async function detectFaultControls() {
   const faults = {
     fail500: ["/__test/fail", { status: 500, for_ms: 10_000 }, "pushes answer 500 for 10 s"],
     slow: ["/__test/delay", { ms: 3000 }, "every push answer waits 3 s"],
-    reject: ["/__test/fail", { status: 422, for_ms: 5000 }, "pushes answer 422 for 5 s: events sent now become dead letters"],
+    reject: ["/__test/reject", { count: 3 }, "the server rejects the next 3 events: they become dead letters"],
     reset: ["/__test/reset", null, "server back to normal"],
   };
   $("faults").addEventListener("click", async (e) => {
