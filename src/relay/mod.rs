@@ -447,7 +447,7 @@ impl<S: Store, T: Transport> Relay<S, T> {
                 }
                 Verdict::Refused { reason, .. } => {
                     trial.refused(range.start, reason, &wire, &mut outcomes);
-                    if trial.is_channel() || queue.is_empty() {
+                    if !trial.is_empty() && (trial.is_channel() || queue.is_empty()) {
                         // Refused alike, part after part, and nothing passed:
                         // the channel's doing (a proxy, a WAF, a gateway), not
                         // the events'. They all stay pending.
@@ -1203,6 +1203,22 @@ mod tests {
         make_due(&store);
         assert_eq!(block_on(relay.flush()).unwrap().sent, 250);
         assert_eq!(seqs(&server), (1..=250).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_poison_event_at_the_tail_goes_dead_alone_and_the_flush_is_not_a_failure() {
+        let (mut relay, store, server) = setup(0);
+        let mut events: Vec<_> = (0..9)
+            .map(|i| NewEvent::json("Good", &i).unwrap())
+            .collect();
+        events.push(NewEvent::json("Poison", &0).unwrap());
+        block_on(store.enqueue(events)).unwrap();
+        server.poison_type("Poison");
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!((report.sent, report.dead, report.pending), (9, 1, 0));
+        assert_eq!(report.last_error, None);
+        assert_eq!(report.next_attempt, None);
+        assert_eq!(block_on(store.dead_letters(10)).unwrap()[0].seq, 10);
     }
 
     #[test]
