@@ -22,37 +22,17 @@ export const Outbox = {
   },
 };
 
-// Names and shapes of the outbox stores. They mirror `create_outbox_stores` in
-// src/web/idb.rs (kept in plain JS so an app's synchronous upgrade handler can
-// call it before the wasm module is loaded); the browser tests open databases
-// created by both.
-const EVENTS = "edge_outbox_events";
-const META = "edge_outbox_meta";
+// The outbox's stores: one copy of the schema, shared with the Rust store
+// (src/web/idb.rs imports js/schema.js too). Plain JS, so an app's
+// synchronous upgrade handler can call it before the wasm module is loaded.
+import { EVENTS, createOutboxStores } from "./schema.js";
 
 /**
  * Create the outbox stores in the app's own upgrade handler (idb, Dexie's
  * underlying IDBDatabase, raw IndexedDB). Pass the upgrade transaction too
  * when the database may already hold the outbox stores.
  */
-export function createOutboxStores(db, transaction) {
-  const names = db.objectStoreNames;
-  let events;
-  if (names.contains(EVENTS)) {
-    if (!transaction) return createMeta(db);
-    events = transaction.objectStore(EVENTS);
-  } else {
-    events = db.createObjectStore(EVENTS, { keyPath: "seq", autoIncrement: true });
-  }
-  const indexes = events.indexNames;
-  if (!indexes.contains("id")) events.createIndex("id", "id", { unique: true });
-  if (!indexes.contains("status_seq")) events.createIndex("status_seq", ["status", "seq"]);
-  if (!indexes.contains("sent_at")) events.createIndex("sent_at", "sent_at");
-  createMeta(db);
-}
-
-function createMeta(db) {
-  if (!db.objectStoreNames.contains(META)) db.createObjectStore(META);
-}
+export { createOutboxStores };
 
 /** The names of the outbox stores, to include in an `enqueueIn` transaction's scope. */
 export const OUTBOX_STORES = Object.freeze([EVENTS]);

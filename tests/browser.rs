@@ -36,6 +36,56 @@ async fn conformance_suite_on_indexeddb() {
     .await;
 }
 
+#[wasm_bindgen::prelude::wasm_bindgen(module = "/js/schema.js")]
+extern "C" {
+    /// The npm package's `createOutboxStores` (the schema's one copy).
+    #[wasm_bindgen(js_name = createOutboxStores)]
+    fn js_create_outbox_stores(db: &web_sys::IdbDatabase, tx: &web_sys::IdbTransaction);
+}
+
+/// Open `name` at version 1 the way an app that owns its database does: its
+/// own store and the outbox's, created by the package's JS
+/// `createOutboxStores` in its upgrade handler.
+async fn app_made_database(name: &str) -> web_sys::IdbDatabase {
+    let factory: web_sys::IdbFactory = Reflect::get(&js_sys::global(), &"indexedDB".into())
+        .unwrap()
+        .unchecked_into();
+    let req = factory.open_with_u32(name, 1).unwrap();
+    let req2 = req.clone();
+    let upgrade = wasm_bindgen::closure::Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| {
+        let db: web_sys::IdbDatabase = req2.result().unwrap().unchecked_into();
+        db.create_object_store("orders").unwrap();
+        js_create_outbox_stores(&db, &req2.transaction().unwrap());
+    });
+    req.set_onupgradeneeded(Some(upgrade.as_ref().unchecked_ref()));
+    let req3 = req.clone();
+    let db = wait(Promise::new(&mut |resolve, reject| {
+        req3.set_onsuccess(Some(&resolve));
+        req3.set_onerror(Some(&reject));
+    }))
+    .await
+    .map(|_| req.result().unwrap());
+    drop(upgrade);
+    db.unwrap().unchecked_into()
+}
+
+/// Where the languages meet: the Rust store over a database whose outbox
+/// stores the app made with the package's JS `createOutboxStores`.
+#[wasm_bindgen_test]
+async fn conformance_suite_on_a_database_made_by_the_js_schema() {
+    conformance::run_all(|| async {
+        let db = app_made_database(&fresh_name("js-schema")).await;
+        IdbStore::from_database(
+            db,
+            Durability::Relaxed,
+            edge_outbox::DEFAULT_MAX_EVENT_BYTES,
+        )
+        .await
+        .unwrap()
+    })
+    .await;
+}
+
 #[wasm_bindgen_test]
 async fn close_and_reopen_keeps_pending_events() {
     let name = fresh_name("reopen");

@@ -1034,14 +1034,3 @@ impl OutboxTransaction {
         self.state.tx.clone()
     }
 }
-
-/// Create the outbox stores in the app's own upgrade handler (apps that
-/// manage their database with Dexie or idb). Pass the upgrade transaction
-/// too when the database may already hold an older outbox schema.
-#[wasm_bindgen(js_name = createOutboxStores, skip_typescript)]
-pub fn create_outbox_stores(
-    db: IdbDatabase,
-    transaction: Option<IdbTransaction>,
-) -> Result<(), JsValue> {
-    idb::create_outbox_stores(&db, transaction.as_ref())
-}

@@ -16,8 +16,7 @@ use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{
-    DomException, IdbDatabase, IdbFactory, IdbIndexParameters, IdbObjectStore,
-    IdbObjectStoreParameters, IdbOpenDbRequest, IdbRequest, IdbTransaction,
+    DomException, IdbDatabase, IdbFactory, IdbOpenDbRequest, IdbRequest, IdbTransaction,
 };
 
 use crate::error::{Error, Result};
@@ -290,48 +289,17 @@ pub(crate) async fn open(
     Ok(result?.unchecked_into())
 }
 
-/// Create the outbox stores and indexes that `db` lacks. Only valid inside
-/// an upgrade (`versionchange`) transaction; `tx` is that transaction.
-pub(crate) fn create_outbox_stores(
-    db: &IdbDatabase,
-    tx: Option<&IdbTransaction>,
-) -> std::result::Result<(), JsValue> {
-    let names = db.object_store_names();
-    let events: IdbObjectStore = if names.contains(EVENTS) {
-        match tx {
-            Some(tx) => tx.object_store(EVENTS)?,
-            None => return create_meta(db),
-        }
-    } else {
-        let params = IdbObjectStoreParameters::new();
-        params.set_key_path(&JsValue::from_str("seq"));
-        params.set_auto_increment(true);
-        db.create_object_store_with_optional_parameters(EVENTS, &params)?
-    };
-    let indexes = events.index_names();
-    if !indexes.contains(BY_ID) {
-        let unique = IdbIndexParameters::new();
-        unique.set_unique(true);
-        events.create_index_with_str_and_optional_parameters(BY_ID, "id", &unique)?;
-    }
-    if !indexes.contains(BY_STATUS) {
-        let path: Array = ["status", "seq"]
-            .iter()
-            .map(|s| JsValue::from_str(s))
-            .collect();
-        events.create_index_with_str_sequence(BY_STATUS, &path)?;
-    }
-    if !indexes.contains(BY_SENT_AT) {
-        events.create_index_with_str(BY_SENT_AT, "sent_at")?;
-    }
-    create_meta(db)
-}
-
-fn create_meta(db: &IdbDatabase) -> std::result::Result<(), JsValue> {
-    if !db.object_store_names().contains(META) {
-        db.create_object_store(META)?;
-    }
-    Ok(())
+#[wasm_bindgen(module = "/js/schema.js")]
+extern "C" {
+    /// Create the outbox stores and indexes that `db` lacks. Only valid inside
+    /// an upgrade (`versionchange`) transaction; `tx` is that transaction.
+    /// The schema's one copy is `js/schema.js`, which the npm package's
+    /// `createOutboxStores` is too.
+    #[wasm_bindgen(catch, js_name = createOutboxStores)]
+    pub(crate) fn create_outbox_stores(
+        db: &IdbDatabase,
+        tx: Option<&IdbTransaction>,
+    ) -> std::result::Result<(), JsValue>;
 }
 
 /// True when `db` already has every outbox store (and, when the versionchange

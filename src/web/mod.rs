@@ -11,7 +11,7 @@ mod relay;
 mod store;
 mod transport;
 
-pub use api::{Outbox, OutboxTransaction, create_outbox_stores, to_js_error};
+pub use api::{Outbox, OutboxTransaction, to_js_error};
 pub use relay::{ConnectionState, Driver, DriverConfig, FlushOutcome, FlushSkipped, Status};
 pub use store::{Connection, ConnectionListener, Durability, IdbStore};
 pub use transport::FetchTransport;
