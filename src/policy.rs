@@ -430,6 +430,13 @@ impl PushWindow {
         if !narrows {
             return;
         }
+        if events <= 1 {
+            // A single event failing as well: the size was not the cause
+            // (a channel that is down altogether), so once pushes pass again
+            // they may widen at once instead of staying small.
+            self.ceiling = None;
+            return;
+        }
         self.failures += 1;
         if self.failures >= Self::NARROW_AFTER {
             self.narrow(events);
@@ -575,21 +582,17 @@ mod tests {
         assert_eq!(w.limit(), 50);
         w.failed(50, false);
         assert_eq!(w.limit(), 50, "a failure a smaller push cannot help");
-        for expected in [25, 12, 6, 3, 1, 1] {
+        for expected in [25, 12, 6, 3, 1] {
             w.failed(w.limit(), true);
             assert_eq!(w.limit(), expected);
         }
-        // Back up to just below the size that failed last (2 events)...
-        for expected in [1, 1] {
+        // Pushes of 3 failed: stay below that size...
+        for _ in 0..PushWindow::PROBE_AFTER - 1 {
             w.passed();
-            assert_eq!(w.limit(), expected);
+            assert_eq!(w.limit(), 2);
         }
         // ...until enough pushes passed to try larger ones again.
-        for _ in 2..PushWindow::PROBE_AFTER - 1 {
-            w.passed();
-        }
-        assert_eq!(w.limit(), 1);
-        for expected in [2, 4, 8, 16, 32, 64, 100, 100] {
+        for expected in [4, 8, 16, 32, 64, 100, 100] {
             w.passed();
             assert_eq!(w.limit(), expected);
         }
@@ -597,6 +600,20 @@ mod tests {
         assert_eq!(w.limit(), 50, "a 413 narrows at once");
         w.passed();
         assert_eq!(w.limit(), 99, "below the size refused");
+    }
+
+    #[test]
+    fn a_channel_that_was_down_altogether_widens_at_once_when_it_is_back() {
+        let mut w = PushWindow::new(100);
+        // An outage: every push fails, down to single events.
+        while w.limit() > 1 {
+            w.failed(w.limit(), true);
+        }
+        w.failed(1, true);
+        for expected in [2, 4, 8, 16, 32, 64, 100] {
+            w.passed();
+            assert_eq!(w.limit(), expected);
+        }
     }
 
     #[test]
