@@ -12,10 +12,24 @@
 //!   already excludes other senders, every holder uses the same store lease
 //!   owner, so a new holder renews a closed tab's lease at once; an event that
 //!   tab had in flight is still pending and is sent again (the server dedupes).
+//! - Without Web Locks (insecure origins, WebKit before 15.4) every context
+//!   runs its loop with a lease owner of its own, and the store lease elects
+//!   the sender; `leader` follows the lease.
+//! - A frozen page (`freeze`, `pagehide`) gives up the lock while it can
+//!   still run code, and queues again on `resume`/`pageshow`.
+//! - `stop`/`close` hand the lock over only after the push in flight settled
+//!   (the flush stops between batches): never two pushes of one batch at once.
+//! - The IndexedDB connection closed under the outbox is reopened by the
+//!   store; when it is lost for good the lock is given up at once.
 //! - Counts in the status follow local commits even when this context will
 //!   not send (offline, another tab sends, stopped): a commit schedules one
 //!   recount, and commits that land while it runs share the next one, so a
-//!   burst of commits costs at most two counts.
+//!   burst of commits costs at most two counts. Other contexts get the counts
+//!   in the BroadcastChannel messages: a message handler never starts
+//!   IndexedDB work, which a tab frozen in the middle of it would leave
+//!   hanging, blocking every other tab's commits.
+//! - The core is taken out of its cell for a flush or a stop; callers wait
+//!   in line for it (woken by whoever puts it back), never by polling.
 
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
@@ -197,6 +211,8 @@ struct State {
     store: IdbStore,
     /// The core; taken out while a flush runs (one flush at a time).
     relay: RefCell<Option<Relay<IdbStore, FetchTransport>>>,
+    /// Callers waiting for the core, first come first served.
+    relay_waiters: RefCell<std::collections::VecDeque<Function>>,
     lock_name: String,
     error_pause_ms: f64,
     running: Cell<bool>,
@@ -265,6 +281,7 @@ impl Driver {
         let state = Rc::new(State {
             store: store.clone(),
             relay: RefCell::new(Some(relay)),
+            relay_waiters: RefCell::new(std::collections::VecDeque::new()),
             lock_name,
             error_pause_ms: config.error_pause_ms,
             running: Cell::new(false),
@@ -479,13 +496,14 @@ impl Driver {
         wake(st);
         // Wait for the flush in progress (it stops before its next batch),
         // then give up the store lease so another sender need not wait for it.
-        if let Some(mut relay) = take_relay(st).await {
+        {
+            let mut relay = take_relay(st).await;
             // With Web Locks every holder shares the lease owner: only the
             // holder may release it. Without, the owner is this context's.
             if st.leader.get() || st.no_locks {
                 let _ = relay.release_lease().await;
             }
-            *st.relay.borrow_mut() = Some(relay);
+            put_relay(st, relay);
         }
         release_lock(st);
         if st.no_locks
@@ -678,28 +696,31 @@ async fn sleep(st: &State, ms: Option<f64>) {
     st.dirty.set(false);
 }
 
-/// Take the core out for one flush, waiting while another flush has it.
-async fn take_relay(st: &State) -> Option<Relay<IdbStore, FetchTransport>> {
-    for _ in 0..600 {
+/// Take the core out for one flush (or a stop), waiting in line while
+/// another flush has it: whoever puts it back ([`put_relay`]) wakes the next.
+async fn take_relay(st: &State) -> Relay<IdbStore, FetchTransport> {
+    loop {
         if let Some(relay) = st.relay.borrow_mut().take() {
-            return Some(relay);
+            return relay;
         }
-        // Another flush runs: poll again shortly (flushes are short).
         let promise = Promise::new(&mut |resolve, _| {
-            set_timeout(&resolve, 50.0);
+            st.relay_waiters.borrow_mut().push_back(resolve);
         });
         let _ = JsFuture::from(promise).await;
     }
-    None
+}
+
+/// Put the core back and wake the first caller waiting for it.
+fn put_relay(st: &State, relay: Relay<IdbStore, FetchTransport>) {
+    *st.relay.borrow_mut() = Some(relay);
+    let next = st.relay_waiters.borrow_mut().pop_front();
+    if let Some(resolve) = next {
+        let _ = resolve.call0(&JsValue::UNDEFINED);
+    }
 }
 
 async fn flush_now(st: &Rc<State>) -> Result<FlushReport> {
-    let Some(mut relay) = take_relay(st).await else {
-        return Err(Error::storage(
-            "another flush did not finish within 30 s",
-            None,
-        ));
-    };
+    let mut relay = take_relay(st).await;
     st.status.borrow_mut().flushing = true;
     emit(st);
     // Commits since the core's last count (this tab's or another's): count
@@ -719,7 +740,7 @@ async fn flush_now(st: &Rc<State>) -> Result<FlushReport> {
                     && (flushing.leader.get() || flushing.no_locks))
         })
         .await;
-    *st.relay.borrow_mut() = Some(relay);
+    put_relay(st, relay);
     st.status.borrow_mut().flushing = false;
     if let Err(e) = &result {
         st.relay_counts_stale.set(true);
