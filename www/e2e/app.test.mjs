@@ -364,3 +364,22 @@ test("screenshot: the app with sent, pending and dead events", { timeout: TEST_T
     console.log(`screenshot: ${path}`);
   });
 });
+
+test("the Retry now button: waiting events are made due, the page says how many, all arrive", { timeout: TEST_TIMEOUT_MS }, async () => {
+  await scenario(async ({ server, context }) => {
+    const page = await openApp(context, server.url);
+    const client = await clientId(page);
+    // A 503 with Retry-After parks the event (for at most the app's 5 s cap);
+    // outbox.retryNow() itself is tested against a 60 s wait in tests/browser.rs.
+    await server.control("fail", { status: 503, count: 1, retry_after: 60 });
+    await addItem(page, "parked");
+    await waitFor(async () => (await server.requests()).some((r) => r.status === 503),
+      { message: "the 503" });
+    await page.getByTestId("retry-now").click();
+    await waitFor(async () => /retrying \d+ waiting events?/.test(await page.getByTestId("flush-result").textContent()),
+      { message: "the retry-now result" });
+    await waitServerCount(server, client, 1);
+    await waitStat(page, "pending", 0);
+    assert.deepEqual(titlesOf(await checkedEvents(server, client)), ["parked"]);
+  });
+});

@@ -33,6 +33,8 @@ const state = {
   status: null,
   /** `outbox.stats()`: pending, sent, dead as stored. */
   counts: null,
+  /** A status event came while the tab was hidden: re-read the counts when shown. */
+  statsStale: false,
   deadLetters: [],
   server: {
     cursor: 0,
@@ -64,6 +66,9 @@ async function main() {
     // Short backoff so a recovered server is visibly caught up within
     // seconds in the demo; real apps can keep the defaults (1 s up to 5 min).
     retry: { baseMs: 500, capMs: 5000 },
+    // A newer version of the app upgrades the database; an old tab that does
+    // not let go blocks it. Say so (open gives up after 10 s with a BlockedError).
+    onBlocked: () => showBanner("Another tab of this app keeps the database open in an older version: close it (or reload it) to continue."),
   });
   const outbox = state.outbox;
   outbox.addEventListener("status", (e) => onStatus(e.detail));
@@ -80,16 +85,21 @@ async function main() {
     else stale = true;
   };
   document.addEventListener("visibilitychange", () => {
-    if (document.visibilityState === "visible" && stale) {
+    if (document.visibilityState !== "visible") return;
+    if (stale) {
       stale = false;
       refreshItems();
+    }
+    if (state.statsStale) {
+      state.statsStale = false;
+      refreshStats();
     }
   });
   globalThis.addEventListener("online", renderNetwork);
   globalThis.addEventListener("offline", renderNetwork);
   wireUi();
   await Promise.all([refreshItems(), refreshDeadLetters(), refreshStats()]);
-  for (const el of [$("new-title"), $("add-button"), $("flush"), $("prune")]) el.disabled = false;
+  for (const el of [$("new-title"), $("add-button"), $("flush"), $("retry-now"), $("prune")]) el.disabled = false;
   document.body.dataset.ready = "true"; // tests wait for this
   $("new-title").focus();
 
@@ -209,7 +219,13 @@ async function refreshDeadLetters() {
 function onStatus(status) {
   state.status = status;
   renderStatus();
-  refreshStats();
+  if (status.connection === "lost") {
+    showBanner(`This tab lost its database connection (${status.lastError}); reload the page.`);
+  }
+  // Status events also come from other tabs' messages: a hidden tab (the kind
+  // a browser freezes) does not read IndexedDB for them; it catches up when shown.
+  if (document.visibilityState === "visible") refreshStats();
+  else state.statsStale = true;
 }
 
 /**
@@ -278,6 +294,18 @@ function wireUi() {
         : `sent ${report.sent}, pending ${report.pending}` + (report.lastError ? ` (failed: ${report.lastError})` : "");
     } catch (e) {
       out.textContent = `flush failed: ${describe(e)}`;
+    }
+    refreshStats();
+  });
+
+  $("retry-now").addEventListener("click", async () => {
+    const out = $("flush-result");
+    try {
+      // Events waiting for their backoff (or the server's Retry-After) go now.
+      const n = await state.outbox.retryNow();
+      out.textContent = `retrying ${n} waiting event${n === 1 ? "" : "s"} now`;
+    } catch (e) {
+      out.textContent = `retry failed: ${describe(e)}`;
     }
     refreshStats();
   });
