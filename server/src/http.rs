@@ -29,7 +29,7 @@ use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::services::ServeDir;
 
 use crate::faults::{self, BodyPlan, Faults, Plan};
-use crate::store::{EventStore, SqliteStore};
+use crate::store::EventStore;
 use crate::{Database, Error, ServerConfig};
 
 /// Longest accepted `client_id`, in bytes.
@@ -73,20 +73,30 @@ impl std::fmt::Debug for AppState {
 }
 
 impl AppState {
-    /// Open the configured database and build the state for [`router`].
+    /// Open the configured SQLite database (or custom store) and build the
+    /// state for [`router`]. PostgreSQL connects asynchronously: use
+    /// [`open`](Self::open) for it (or for any database).
     pub fn new(config: ServerConfig) -> Result<Self, Error> {
-        Self::build(config, false)
+        if matches!(config.database, Database::Postgres { .. }) {
+            return Err(Error::Config(
+                "a PostgreSQL server state is opened with AppState::open (async)".into(),
+            ));
+        }
+        // SQLite and custom stores open without awaiting anything.
+        futures_util::FutureExt::now_or_never(Self::build(config, false))
+            .unwrap_or_else(|| Err(Error::Internal("opening the store did not complete".into())))
+    }
+
+    /// Open the configured database, whichever it is, and build the state for [`router`].
+    pub async fn open(config: ServerConfig) -> Result<Self, Error> {
+        Self::build(config, false).await
     }
 
     /// `in_process`: the fault controls are reachable from Rust (a
     /// [`crate::RunningServer`]), so they are active even without the HTTP endpoints.
-    pub(crate) fn build(config: ServerConfig, in_process: bool) -> Result<Self, Error> {
+    pub(crate) async fn build(config: ServerConfig, in_process: bool) -> Result<Self, Error> {
         let cors = cors_layer(&config.cors_origins)?;
-        let store: Arc<dyn EventStore> = match config.database {
-            Database::File(path) => Arc::new(SqliteStore::open(&path, config.inbox)?),
-            Database::InMemory => Arc::new(SqliteStore::in_memory(config.inbox)?),
-            Database::Custom(store) => store,
-        };
+        let store = crate::store::open(config.database, config.inbox, config.pg_inbox).await?;
         Ok(AppState {
             inner: Arc::new(Inner {
                 store,

@@ -1,5 +1,15 @@
-//! The [`Inbox`]: where a Rust backend applies each received event, inside the
-//! same SQLite transaction as the event's dedupe record.
+//! Where a Rust backend applies each received event, inside the same database
+//! transaction as the event's dedupe record: one trait per storage, with the
+//! same contract and the same verdicts ([`Applied`], [`Rejection`]):
+//!
+//! - [`Inbox`] for SQLite (synchronous, a `rusqlite::Transaction`);
+//! - [`PgInbox`] for PostgreSQL (asynchronous, a `tokio_postgres::Transaction`).
+//!
+//! One trait per storage rather than one trait generic over the transaction:
+//! SQLite is called from a blocking thread and PostgreSQL's client is async,
+//! so the two `apply`s cannot share a signature without making one of them
+//! awkward. Everything else (what the verdicts mean, the contract below on
+//! [`Inbox`]) is shared.
 //!
 //! Because the dedupe record and the app's effect commit together, a resend
 //! (after a lost response, a timeout, a relay restart) finds the record and is
@@ -13,8 +23,14 @@
 //! answered `500` and the client retries it later). An event that can never
 //! be applied but is answered "try later" stops its client's queue for good.
 
+use std::future::Future;
+use std::pin::Pin;
+
 use edge_outbox::protocol::WireEvent;
 use serde::de::DeserializeOwned;
+
+/// The future a [`PgInbox`] method returns (a boxed `async` block).
+pub type InboxFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send + 'a>>;
 
 /// A boxed error an [`Inbox`] may return.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -150,9 +166,10 @@ fn cut(mut s: String) -> String {
     s
 }
 
-/// Applies received events to a backend's own tables.
+/// Applies received events to a backend's own tables, on SQLite (for
+/// PostgreSQL see [`PgInbox`], same contract).
 ///
-/// Contract, one obligation a line:
+/// Contract, one obligation a line (for both storages):
 /// - `apply` runs inside the server's transaction, after the event's dedupe
 ///   record was inserted and only when it was new (duplicates never reach it);
 /// - it writes only through `tx`, never through another connection, or the
@@ -232,6 +249,69 @@ impl Inbox for StoreOnly {
     ) -> Result<Applied, BoxError> {
         Ok(Applied::Accept)
     }
+}
+
+/// Applies received events to a backend's own tables, on PostgreSQL: the
+/// same contract as [`Inbox`] (its list of obligations applies word for
+/// word), asynchronous, with a `tokio_postgres::Transaction`.
+///
+/// Differences that follow from PostgreSQL:
+/// - `apply` may run concurrently for different batches (several pooled
+///   connections, several server instances); each call has its own `tx`;
+/// - the server wraps each event in a savepoint, so a failed statement of
+///   yours followed by a rejection leaves the transaction usable;
+/// - `migrate` runs inside the server's migration transaction, under the
+///   advisory lock that serializes instances starting at the same moment:
+///   `CREATE TABLE IF NOT EXISTS` is then safe.
+///
+/// ```
+/// use edge_outbox::protocol::WireEvent;
+/// use edge_outbox_server::{Applied, BoxError, InboxFuture, PgInbox, Rejection, decode_payload};
+///
+/// struct Orders;
+///
+/// impl PgInbox for Orders {
+///     fn migrate<'a>(&'a self, tx: &'a tokio_postgres::Transaction<'a>) -> InboxFuture<'a, ()> {
+///         Box::pin(async move {
+///             tx.batch_execute("CREATE TABLE IF NOT EXISTS orders (id BIGINT PRIMARY KEY, amount BIGINT)")
+///                 .await?;
+///             Ok(())
+///         })
+///     }
+///
+///     fn apply<'a>(&'a self, tx: &'a tokio_postgres::Transaction<'a>, _client: &'a str, e: &'a WireEvent)
+///         -> InboxFuture<'a, Applied>
+///     {
+///         Box::pin(async move {
+///             #[derive(serde::Deserialize)]
+///             struct Order { order_id: i64, amount: i64 }
+///             let o: Order = decode_payload(e)?; // cannot decode: this event is rejected
+///             if o.amount <= 0 {
+///                 return Err(Rejection::new("amount must be positive").into());
+///             }
+///             // A database error: the batch is answered 500 and retried later.
+///             tx.execute("INSERT INTO orders (id, amount) VALUES ($1, $2)", &[&o.order_id, &o.amount])
+///                 .await?;
+///             Ok(Applied::Accept)
+///         })
+///     }
+/// }
+/// ```
+pub trait PgInbox: Send + Sync + 'static {
+    /// Create the backend's tables if needed; called once per server start,
+    /// after the server's own schema exists, under the migration lock.
+    fn migrate<'a>(&'a self, tx: &'a tokio_postgres::Transaction<'a>) -> InboxFuture<'a, ()> {
+        let _ = tx;
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Apply one new event from `client_id` inside `tx`.
+    fn apply<'a>(
+        &'a self,
+        tx: &'a tokio_postgres::Transaction<'a>,
+        client_id: &'a str,
+        event: &'a WireEvent,
+    ) -> InboxFuture<'a, Applied>;
 }
 
 #[cfg(test)]

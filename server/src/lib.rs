@@ -7,10 +7,11 @@
 //! - [`serve`] runs it on a listener with graceful shutdown;
 //! - [`spawn`] runs it in-process on `127.0.0.1:0` for tests and demos, with
 //!   fault injection ([`Faults`]) and inspection of what arrived;
-//! - an [`Inbox`] applies each event to your own tables inside the same
-//!   SQLite transaction as the event's dedupe record; it rejects an event it
-//!   can never apply (a [`Rejection`], e.g. from [`decode_payload`]) apart
-//!   from failing the whole batch for later (any other error: `500`).
+//! - an [`Inbox`] (SQLite) or a [`PgInbox`] (PostgreSQL) applies each event
+//!   to your own tables inside the same database transaction as the event's
+//!   dedupe record; it rejects an event it can never apply (a [`Rejection`],
+//!   e.g. from [`decode_payload`]) apart from failing the whole batch for
+//!   later (any other error: `500`).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), edge_outbox_server::Error> {
@@ -25,9 +26,10 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Storage sits behind the [`EventStore`] trait; SQLite ([`SqliteStore`]) is
-//! the one implementation so far. A PostgreSQL store (for several server
-//! instances behind a load balancer) would be another implementation of it.
+//! Storage sits behind the [`EventStore`] trait: SQLite ([`SqliteStore`],
+//! the default: one instance) or PostgreSQL ([`PgStore`],
+//! [`ServerConfig::postgres`]: several stateless instances behind a load
+//! balancer, all on one database).
 #![warn(missing_docs)]
 
 use std::collections::HashMap;
@@ -44,11 +46,15 @@ use tokio::task::JoinHandle;
 mod faults;
 mod http;
 mod inbox;
+mod postgres;
 mod store;
 
 pub use faults::{Failure, Faults, RequestRecord};
 pub use http::{AppState, router};
-pub use inbox::{Applied, BoxError, Inbox, Rejection, StoreOnly, decode_payload};
+pub use inbox::{
+    Applied, BoxError, Inbox, InboxFuture, PgInbox, Rejection, StoreOnly, decode_payload,
+};
+pub use postgres::{DEFAULT_POOL_SIZE, PG_SCHEMA_VERSION, PgStore};
 pub use store::{EventStore, SqliteStore};
 
 /// Default limit on a push body, after gzip inflation: 4 MiB.
@@ -61,6 +67,9 @@ pub enum Error {
     /// The SQLite database failed.
     #[error("database: {0}")]
     Database(#[from] rusqlite::Error),
+    /// PostgreSQL failed, or no pooled connection could be had in time.
+    #[error("postgres: {0}")]
+    Postgres(String),
     /// An [`Inbox`] failed: its `migrate`, or its `apply` with an error that
     /// is not a [`Rejection`] ("try later": the whole batch is rolled back).
     #[error("inbox: {0}")]
@@ -81,6 +90,7 @@ pub enum Error {
 pub(crate) enum Database {
     File(PathBuf),
     InMemory,
+    Postgres { url: String, pool_size: usize },
     Custom(Arc<dyn EventStore>),
 }
 
@@ -102,7 +112,8 @@ pub struct ServerConfig {
     pub(crate) static_dir: Option<PathBuf>,
     pub(crate) cors_origins: Vec<String>,
     pub(crate) test_controls: bool,
-    pub(crate) inbox: Arc<dyn Inbox>,
+    pub(crate) inbox: Option<Arc<dyn Inbox>>,
+    pub(crate) pg_inbox: Option<Arc<dyn PgInbox>>,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -131,7 +142,8 @@ impl ServerConfig {
             static_dir: None,
             cors_origins: Vec::new(),
             test_controls: false,
-            inbox: Arc::new(StoreOnly),
+            inbox: None,
+            pg_inbox: None,
         }
     }
 
@@ -144,6 +156,28 @@ impl ServerConfig {
     /// Events in a private in-memory SQLite database, gone with the server.
     pub fn in_memory() -> Self {
         Self::with_database(Database::InMemory)
+    }
+
+    /// Events in PostgreSQL at `url` (`postgres://USER@HOST:PORT/DB`), so
+    /// that several server instances can share them. Tables are created or
+    /// migrated at start (safe when instances start at the same moment).
+    /// Set the effect with [`pg_inbox`](Self::pg_inbox), the pool size with
+    /// [`pool_size`](Self::pool_size). Only [`spawn`], [`serve`] and
+    /// [`AppState::open`] can open it (connecting is async).
+    pub fn postgres(url: impl Into<String>) -> Self {
+        Self::with_database(Database::Postgres {
+            url: url.into(),
+            pool_size: DEFAULT_POOL_SIZE,
+        })
+    }
+
+    /// Connections in this instance's PostgreSQL pool (default
+    /// [`DEFAULT_POOL_SIZE`]); ignored on SQLite.
+    pub fn pool_size(mut self, n: usize) -> Self {
+        if let Database::Postgres { pool_size, .. } = &mut self.database {
+            *pool_size = n.max(1);
+        }
+        self
     }
 
     /// Events in a store of your own (the [`Inbox`] setting is then unused:
@@ -202,9 +236,15 @@ impl ServerConfig {
         self
     }
 
-    /// Apply events with `inbox` (default [`StoreOnly`]).
+    /// Apply events with `inbox` on SQLite (default [`StoreOnly`]).
     pub fn inbox(mut self, inbox: impl Inbox) -> Self {
-        self.inbox = Arc::new(inbox);
+        self.inbox = Some(Arc::new(inbox));
+        self
+    }
+
+    /// Apply events with `inbox` on PostgreSQL (default: store events only).
+    pub fn pg_inbox(mut self, inbox: impl PgInbox) -> Self {
+        self.pg_inbox = Some(Arc::new(inbox));
         self
     }
 }
@@ -216,7 +256,7 @@ pub async fn serve(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let state = AppState::new(config)?;
+    let state = AppState::open(config).await?;
     serve_state(listener, state, shutdown).await
 }
 
@@ -238,7 +278,7 @@ async fn serve_state(
 pub async fn spawn(config: ServerConfig) -> Result<RunningServer, Error> {
     let listener = TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
-    let state = AppState::build(config, true)?;
+    let state = AppState::build(config, true).await?;
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(serve_state(listener, state.clone(), async {
         // Either an explicit shutdown or the RunningServer being dropped.

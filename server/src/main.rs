@@ -9,7 +9,8 @@ use clap::Parser;
 use edge_outbox_server::{DEFAULT_BODY_LIMIT, ServerConfig};
 
 /// Receives events pushed by edge-outbox relays (sync protocol v1) and stores
-/// them, exactly once in effect, in a SQLite file.
+/// them, exactly once in effect, in a SQLite file (one instance) or in
+/// PostgreSQL (several instances on one database, behind a load balancer).
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
@@ -17,9 +18,23 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
 
-    /// SQLite database file (created if missing, WAL mode).
+    /// SQLite database file (created if missing, WAL mode). Unused with --database-url.
     #[arg(long, default_value = "edge-outbox-server.db")]
     database: PathBuf,
+
+    /// PostgreSQL instead of SQLite: postgres://USER@HOST:PORT/DB (any number of
+    /// instances may share it; tables are created or migrated at start).
+    #[arg(
+        long,
+        env = "EDGE_OUTBOX_DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
+
+    /// Connections in this instance's PostgreSQL pool.
+    #[arg(long, env = "EDGE_OUTBOX_POOL_SIZE", default_value_t = edge_outbox_server::DEFAULT_POOL_SIZE)]
+    pool_size: usize,
 
     /// A bearer token and the client id it may push for, as TOKEN:CLIENT_ID. Repeatable.
     #[arg(long = "token", value_name = "TOKEN:CLIENT_ID", value_parser = parse_token)]
@@ -60,10 +75,13 @@ fn parse_token(s: &str) -> Result<(String, String), String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let mut config = ServerConfig::new(&args.database)
-        .allow_anonymous(args.allow_anonymous)
-        .body_limit(args.body_limit)
-        .test_controls(args.enable_test_controls);
+    let mut config = match &args.database_url {
+        Some(url) => ServerConfig::postgres(url).pool_size(args.pool_size),
+        None => ServerConfig::new(&args.database),
+    }
+    .allow_anonymous(args.allow_anonymous)
+    .body_limit(args.body_limit)
+    .test_controls(args.enable_test_controls);
     for (token, client) in &args.tokens {
         config = config.token(token, client);
     }
@@ -102,7 +120,14 @@ async fn main() -> ExitCode {
     // Test scripts read this line to learn the port.
     println!("listening on http://{addr}");
     let _ = std::io::stdout().flush();
-    eprintln!("edge-outbox-server: database {}", args.database.display());
+    match &args.database_url {
+        // The URL may hold a password: name the storage, not the URL.
+        Some(_) => eprintln!(
+            "edge-outbox-server: database PostgreSQL (--database-url), pool of {}",
+            args.pool_size
+        ),
+        None => eprintln!("edge-outbox-server: database {}", args.database.display()),
+    }
 
     match edge_outbox_server::serve(listener, config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,

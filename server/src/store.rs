@@ -1,9 +1,9 @@
-//! Storage of received events behind the [`EventStore`] trait, and its SQLite
-//! implementation [`SqliteStore`].
+//! Storage of received events behind the [`EventStore`] trait, its SQLite
+//! implementation [`SqliteStore`], and [`open`]: the one place where a
+//! [`Database`] setting becomes a store (the PostgreSQL one is
+//! [`crate::PgStore`]).
 //!
-//! The HTTP layer only talks to [`EventStore`], so another backend (PostgreSQL
-//! for several server instances behind a load balancer) is one more
-//! implementation of it; it is not written yet.
+//! The HTTP layer only talks to [`EventStore`].
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -13,8 +13,46 @@ use edge_outbox::protocol::{EventResult, ReceivedEvent, ResultStatus, WireEvent}
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde_json::value::RawValue;
 
-use crate::Error;
-use crate::inbox::{Applied, Inbox, classify};
+use crate::inbox::{Applied, Inbox, PgInbox, StoreOnly, classify};
+use crate::postgres::PgStore;
+use crate::{Database, Error};
+
+/// The store for `database`, with the inbox meant for it: the one place
+/// where the storage is chosen. An inbox of the other storage is a
+/// configuration error rather than silently unused.
+pub(crate) async fn open(
+    database: Database,
+    inbox: Option<Arc<dyn Inbox>>,
+    pg_inbox: Option<Arc<dyn PgInbox>>,
+) -> Result<Arc<dyn EventStore>, Error> {
+    let sqlite_inbox = || inbox.clone().unwrap_or_else(|| Arc::new(StoreOnly));
+    let no_pg_inbox = || match pg_inbox.is_some() {
+        true => Err(Error::Config(
+            "a PgInbox was set but the database is SQLite: use ServerConfig::inbox".into(),
+        )),
+        false => Ok(()),
+    };
+    Ok(match database {
+        Database::File(path) => {
+            no_pg_inbox()?;
+            Arc::new(SqliteStore::open(&path, sqlite_inbox())?)
+        }
+        Database::InMemory => {
+            no_pg_inbox()?;
+            Arc::new(SqliteStore::in_memory(sqlite_inbox())?)
+        }
+        Database::Postgres { url, pool_size } => {
+            if inbox.is_some() {
+                return Err(Error::Config(
+                    "an Inbox (SQLite) was set but the database is PostgreSQL: use ServerConfig::pg_inbox"
+                        .into(),
+                ));
+            }
+            Arc::new(PgStore::open(&url, pool_size, pg_inbox).await?)
+        }
+        Database::Custom(store) => store,
+    })
+}
 
 /// Where received events live.
 ///
