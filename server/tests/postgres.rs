@@ -772,3 +772,159 @@ async fn postgres_restarted_under_load_gives_5xx_then_recovers_with_nothing_lost
         expected.iter().map(|(_, s)| s.len()).sum::<usize>()
     );
 }
+
+/// An `edge-outbox-server` binary on `url`, on a free port.
+struct Instance {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Instance {
+    fn start(database_url: &str) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_edge-outbox-server"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--allow-anonymous",
+                "--pool-size",
+                "8",
+            ])
+            .arg("--database-url")
+            .arg(database_url)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the server binary starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("its first line");
+        let base = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        Instance {
+            child,
+            url: format!("{base}/v1/events"),
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// 50 clients push through three server processes; one is killed with
+/// SIGKILL mid-run and started again. Every event is stored once, each
+/// client's in `seq` order, and nothing answered `accepted` is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_clients_through_three_processes_one_killed_mid_run() {
+    let pg = Postgres::start();
+    let urls: Arc<std::sync::RwLock<Vec<String>>> = Arc::new(std::sync::RwLock::new(Vec::new()));
+    let mut procs: Vec<Instance> = (0..3).map(|_| Instance::start(&pg.url())).collect();
+    *urls.write().unwrap() = procs.iter().map(|p| p.url.clone()).collect();
+    let mut clients = Vec::new();
+    for c in 0..50usize {
+        let urls = Arc::clone(&urls);
+        clients.push(tokio::spawn(async move {
+            let http = http();
+            let client = format!("0192f0c1-7c1e-7000-8000-0000000005{c:02}");
+            let (mut sent, mut failures, mut seq) = (Vec::new(), 0usize, 0i64);
+            for b in 0..12usize {
+                let batch: Vec<WireEvent> = (0..10)
+                    .map(|_| {
+                        seq += 1;
+                        event(seq, "OrderCreated", r#"{"amount":250}"#)
+                    })
+                    .collect();
+                let body = serde_json::to_vec(&PushRequest {
+                    protocol: PROTOCOL_VERSION,
+                    client_id: client.clone(),
+                    events: batch.clone(),
+                })
+                .unwrap();
+                let mut attempt = 0usize;
+                loop {
+                    let url = {
+                        let urls = urls.read().unwrap();
+                        urls[(c + b + attempt) % urls.len()].clone()
+                    };
+                    let answer = http
+                        .post(url)
+                        .header("content-type", "application/json")
+                        .timeout(Duration::from_secs(10))
+                        .body(body.clone())
+                        .send()
+                        .await;
+                    match answer {
+                        Ok(a) if a.status() == reqwest::StatusCode::OK => {
+                            let a: PushResponse =
+                                serde_json::from_slice(&a.bytes().await.unwrap()).unwrap();
+                            assert!(a.results.iter().all(|r| r.status != ResultStatus::Rejected));
+                            break;
+                        }
+                        other => {
+                            if let Ok(a) = &other {
+                                assert!(a.status().is_server_error(), "{:?}", a.status());
+                            }
+                            failures += 1;
+                            attempt += 1;
+                            assert!(attempt < 100, "{client}: batch {b} never answered");
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+                sent.push(batch.iter().map(|e| e.seq).collect::<Vec<_>>());
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            (client, sent.concat(), failures)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // SIGKILL, mid-run: in-flight transactions roll back, answers are lost.
+    procs[1].child.kill().unwrap();
+    procs[1].child.wait().unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let restarted = tokio::task::spawn_blocking({
+        let url = pg.url();
+        move || Instance::start(&url)
+    })
+    .await
+    .unwrap();
+    urls.write().unwrap()[1] = restarted.url.clone();
+    procs[1] = restarted;
+
+    let mut expected = Vec::new();
+    let mut failures = 0;
+    for c in clients {
+        let (client, seqs, f) = c.await.unwrap();
+        failures += f;
+        expected.push((client, seqs));
+    }
+    eprintln!("{failures} failed pushes (retried)");
+    let db = pg.connect().await;
+    let rows = db
+        .query(
+            "SELECT client_id, seq FROM edge_outbox_server_events ORDER BY cursor",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut stored: HashMap<String, Vec<i64>> = HashMap::new();
+    for r in rows {
+        stored.entry(r.get(0)).or_default().push(r.get(1));
+    }
+    for (client, seqs) in &expected {
+        assert_eq!(
+            stored.get(client),
+            Some(seqs),
+            "{client}: every event once, in seq order"
+        );
+    }
+    drop(procs);
+}
