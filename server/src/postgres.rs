@@ -298,16 +298,9 @@ impl PgStore {
         }
 
         if !accepted.is_empty() {
-            // Cursors last: this row lock is held until the commit, so
-            // cursors are handed out in commit order (see the module docs).
+            // Cursors last: the counter row's lock is held until the commit,
+            // so cursors are handed out in commit order (see the module docs).
             let n = accepted.len() as i64;
-            let take = tx
-                .prepare_cached(
-                    "UPDATE edge_outbox_server_cursor SET last = last + $1 RETURNING last",
-                )
-                .await?;
-            let last: i64 = tx.query_one(&take, &[&n]).await?.get(0);
-            let first_cursor = last - n + 1;
             let received_at = Timestamp::now().to_rfc3339();
             let mut ids = Vec::with_capacity(accepted.len());
             let mut seqs = Vec::with_capacity(accepted.len());
@@ -330,19 +323,22 @@ impl PgStore {
             }
             let store = tx
                 .prepare_cached(
-                    "INSERT INTO edge_outbox_server_events
+                    "WITH c AS (
+                         UPDATE edge_outbox_server_cursor SET last = last + $1 RETURNING last
+                     )
+                     INSERT INTO edge_outbox_server_events
                        (cursor, client_id, id, seq, type, key, payload, headers, created_at, received_at)
-                     SELECT $1 + t.n - 1, $2, t.id, t.seq, t.type, t.key, t.payload, t.headers,
+                     SELECT c.last - $1 + t.n, $2, t.id, t.seq, t.type, t.key, t.payload, t.headers,
                             t.created_at, $3
-                       FROM unnest($4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[],
-                                   $9::text[], $10::text[])
+                       FROM c, unnest($4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[],
+                                      $9::text[], $10::text[])
                             WITH ORDINALITY AS t(id, seq, type, key, payload, headers, created_at, n)",
                 )
                 .await?;
             tx.execute(
                 &store,
                 &[
-                    &first_cursor,
+                    &n,
                     &client_id,
                     &received_at,
                     &ids,
