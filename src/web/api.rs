@@ -24,122 +24,7 @@ use crate::relay::RelayConfig;
 use crate::store::Store;
 use crate::time::Timestamp;
 
-#[wasm_bindgen(inline_js = r#"
-const loneSurrogate = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
-const wellFormed = (s) => (typeof s.isWellFormed === "function" ? s.isWellFormed() : !loneSurrogate.test(s));
-const LONE = "holds a lone UTF-16 surrogate (text cut inside a character, e.g. by slice() in the middle of an emoji), which UTF-8 and strict JSON readers cannot hold; fix the text (toWellFormed() replaces it with U+FFFD, if that is what you mean)";
-export function strictJson(value) {
-  const where = (holder, key) => (key === "" ? "the payload" : `the value at ${JSON.stringify(key)}`);
-  const text = JSON.stringify(value, function (key, v) {
-    if (!wellFormed(key)) throw new TypeError(`the property name ${JSON.stringify(key)} ${LONE}`);
-    switch (typeof v) {
-      case "string":
-        if (!wellFormed(v)) throw new TypeError(`${where(this, key)} ${LONE}`);
-        break;
-      case "function": case "symbol":
-        throw new TypeError(`${where(this, key)} is a ${typeof v}, which JSON cannot represent`);
-      case "bigint":
-        throw new TypeError(`${where(this, key)} is a BigInt, which JSON cannot represent; convert it to a string`);
-      case "number":
-        if (!Number.isFinite(v)) throw new TypeError(`${where(this, key)} is ${v}, which JSON cannot represent; use null or a string`);
-        break;
-      case "undefined":
-        if (key === "" || Array.isArray(this)) throw new TypeError(`${where(this, key)} is undefined, which JSON cannot represent; use null`);
-        break;
-      case "object":
-        if (v !== null && !Array.isArray(v)) {
-          const p = Object.getPrototypeOf(v);
-          if (p !== Object.prototype && p !== null) {
-            const name = (v.constructor && v.constructor.name) || "object";
-            throw new TypeError(`${where(this, key)} is a ${name}, not a plain object or array, and has no toJSON(); JSON would not keep it (convert it, e.g. Object.fromEntries(map) or [...set])`);
-          }
-        }
-        break;
-    }
-    return v;
-  });
-  return text;
-}
-export function guardedCall(tx, store, callback, handle, foreign) {
-  let result;
-  try {
-    result = callback(handle);
-  } catch (e) {
-    return Promise.reject(e);
-  }
-  if (result === null || (typeof result !== "object" && typeof result !== "function") || typeof result.then !== "function") {
-    return Promise.resolve(result);
-  }
-  // An async callback. IndexedDB commits a transaction as soon as it has no
-  // request left when control returns to the event loop: a callback awaiting
-  // a fetch, a timer or Blob.arrayBuffer() would see its first writes
-  // committed alone. So keep the transaction open with one cheap request at a
-  // time (a keep-alive), and watch the callback's own requests: requests of a
-  // transaction complete in the order they were placed, so while the callback
-  // waits for one of them, some request other than the keep-alive completes
-  // between two keep-alives. Rounds with none mean it waits for something
-  // else: abort before anything is written and say why.
-  return new Promise((resolve, reject) => {
-    let settled = false, finished = false, others = 0, idle = 0, keepAlive = null;
-    const onRequest = (e) => { if (e.target !== keepAlive) others++; };
-    const onEnd = () => { finished = true; };
-    tx.addEventListener("success", onRequest, true);
-    tx.addEventListener("error", onRequest, true);
-    tx.addEventListener("abort", onEnd);
-    tx.addEventListener("complete", onEnd);
-    const cleanup = () => {
-      settled = true;
-      tx.removeEventListener("success", onRequest, true);
-      tx.removeEventListener("error", onRequest, true);
-    };
-    const inactive = () => {
-      if (finished) return false;
-      try { store.get(0); return false; } catch (e) { return e && e.name === "TransactionInactiveError"; }
-    };
-    const refuse = (cause) => {
-      cleanup();
-      try { tx.abort(); } catch (_) { /* already finished */ }
-      reject(foreign(cause));
-    };
-    const spin = () => {
-      if (settled || finished) return;
-      idle = others === 0 ? idle + 1 : 0;
-      others = 0;
-      if (idle >= 3) return refuse(undefined);
-      try {
-        keepAlive = store.get(0);
-        keepAlive.onsuccess = spin;
-      } catch (e) {
-        refuse(e);
-      }
-    };
-    spin();
-    Promise.resolve(result).then(
-      (value) => {
-        if (settled) return;
-        if (inactive()) return refuse(undefined);
-        cleanup();
-        resolve(value);
-      },
-      (error) => {
-        if (settled) return;
-        if ((error && error.name === "TransactionInactiveError") || inactive()) return refuse(error);
-        cleanup();
-        reject(error);
-      },
-    );
-  });
-}
-export function isInactive(tx, name) {
-  try { tx.objectStore(name).get(0); return false; } catch (e) { return e && e.name === "TransactionInactiveError"; }
-}
-export function requestPromise(req) {
-  return new Promise((resolve, reject) => {
-    req.onsuccess = () => resolve(req.result);
-    req.onerror = () => reject(req.error);
-  });
-}
-"#)]
+#[wasm_bindgen(module = "/src/web/glue.js")]
 extern "C" {
     /// JSON text of `value`, throwing a TypeError for anything JSON would
     /// drop or change (functions, symbols, BigInt, NaN/Infinity, cycles,
@@ -153,11 +38,18 @@ extern "C" {
     #[wasm_bindgen(js_name = guardedCall)]
     fn guarded_call(
         tx: &IdbTransaction,
-        store: &web_sys::IdbObjectStore,
+        store: &str,
         callback: &Function,
         handle: &JsValue,
-        foreign: &Function,
     ) -> Promise;
+
+    /// The `ForeignAwaitError` (with `cause`, unless undefined).
+    #[wasm_bindgen(js_name = foreignAwaitError)]
+    fn foreign_await_error(cause: JsValue) -> JsValue;
+
+    /// True when `s` holds no lone surrogate (`String.prototype.isWellFormed`).
+    #[wasm_bindgen(js_name = isWellFormed)]
+    fn is_well_formed(s: &js_sys::JsString) -> bool;
 
     /// True when `tx` is alive but inactive (used outside its callbacks).
     #[wasm_bindgen(js_name = isInactive)]
@@ -219,7 +111,7 @@ fn exact_string(v: &JsValue, what: &str) -> Result<Option<String>, JsValue> {
     let Some(s) = v.dyn_ref::<js_sys::JsString>() else {
         return Ok(None);
     };
-    if !s.is_valid_utf16() {
+    if !is_well_formed(s) {
         return Err(invalid_event(format!(
             "{what} holds a lone UTF-16 surrogate (text cut inside a character, e.g. by slice() \
              in the middle of an emoji), which UTF-8 cannot hold; fix the text \
@@ -619,20 +511,10 @@ impl Outbox {
                 state: state.clone(),
             }
             .into();
-            let keep_alive = tx.object_store(EVENTS)?;
-            let foreign = Closure::<dyn Fn(JsValue) -> JsValue>::new(foreign_await_error);
             // An async callback may await this transaction's own requests
             // (tx.get); awaiting anything else is refused before IndexedDB
             // can commit part of the work (see `guardedCall`).
-            let outcome = JsFuture::from(guarded_call(
-                &tx,
-                &keep_alive,
-                &callback,
-                &handle,
-                foreign.as_ref().unchecked_ref(),
-            ))
-            .await;
-            drop(foreign);
+            let outcome = JsFuture::from(guarded_call(&tx, EVENTS, &callback, &handle)).await;
             // The handle is only valid inside the callback.
             if let Some(free) = get(&handle, "free").dyn_ref::<Function>() {
                 let _ = free.call0(&handle);
@@ -906,26 +788,6 @@ pub(crate) fn named_error(name: &str, message: &str) -> JsValue {
     let err = js_sys::Error::new(message);
     err.set_name(name);
     err.into()
-}
-
-/// Name of the error of a transaction callback that awaited something else
-/// than its own requests.
-pub const FOREIGN_AWAIT_ERROR: &str = "ForeignAwaitError";
-
-/// The error of a callback that awaited something else than this
-/// transaction's requests (`cause`: the error it got, if any).
-fn foreign_await_error(cause: JsValue) -> JsValue {
-    let err = named_error(
-        FOREIGN_AWAIT_ERROR,
-        "the transaction callback awaited something other than this transaction's own \
-         requests (a fetch, a timer, Blob.arrayBuffer(), another transaction): IndexedDB would \
-         have committed the writes made before it alone, so the transaction was aborted and \
-         nothing was written; do that work before or after outbox.transaction",
-    );
-    if !cause.is_undefined() {
-        let _ = Reflect::set(&err, &"cause".into(), &cause);
-    }
-    err
 }
 
 struct TxState {

@@ -167,38 +167,7 @@ pub(crate) fn factory() -> Result<IdbFactory> {
         })
 }
 
-#[wasm_bindgen(inline_js = r#"
-export function openRequest(req, upgrade, onBlocked, timeoutMs, blockedError) {
-  return new Promise((resolve, reject) => {
-    let gaveUp = false;
-    let timer;
-    req.onupgradeneeded = (e) => {
-      // Given up while blocked: leave the database as it was.
-      if (gaveUp) { try { req.transaction.abort(); } catch (_) {} return; }
-      upgrade(e.oldVersion);
-    };
-    req.onsuccess = () => {
-      clearTimeout(timer);
-      if (gaveUp) { req.result.close(); return; }
-      resolve(req.result);
-    };
-    req.onerror = (e) => {
-      clearTimeout(timer);
-      // An aborted open is this module's choice, not an app error event.
-      e.preventDefault();
-      if (!gaveUp) reject(req.error);
-    };
-    req.onblocked = (e) => {
-      if (onBlocked) {
-        try { onBlocked({ oldVersion: e.oldVersion, newVersion: e.newVersion }); } catch (err) { console.error(err); }
-      }
-      if (timer === undefined && timeoutMs !== undefined) {
-        timer = setTimeout(() => { gaveUp = true; reject(blockedError(e.oldVersion, e.newVersion)); }, timeoutMs);
-      }
-    };
-  });
-}
-"#)]
+#[wasm_bindgen(module = "/src/web/glue.js")]
 extern "C" {
     /// Wait for an open request: runs `upgrade(oldVersion)` in its
     /// `upgradeneeded`, calls `on_blocked({ oldVersion, newVersion })` when

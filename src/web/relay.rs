@@ -47,29 +47,7 @@ use crate::relay::{FlushReport, Relay, RelayConfig, RelayStatus};
 use crate::store::Store;
 use crate::time::Timestamp;
 
-#[wasm_bindgen(inline_js = r#"
-export function hasWebLocks() {
-  const nav = globalThis.navigator;
-  return !!(nav && nav.locks && typeof nav.locks.request === "function");
-}
-export function acquireLock(name, onAcquired) {
-  if (!hasWebLocks()) return null;
-  let release;
-  let released = false;
-  const held = new Promise((resolve) => { release = () => { released = true; resolve(); }; });
-  // A request released before it was granted lets go at once, unannounced.
-  globalThis.navigator.locks.request(name, () => { if (!released) onAcquired(); return held; }).catch(() => {});
-  return release;
-}
-export function countsMessage(pending, sent, dead) {
-  return { kind: "counts", pending, sent, dead };
-}
-export function tryLock(name, work) {
-  const locks = globalThis.navigator && globalThis.navigator.locks;
-  if (!locks) return work(true);
-  return locks.request(name, { ifAvailable: true }, (lock) => work(lock !== null));
-}
-"#)]
+#[wasm_bindgen(module = "/src/web/glue.js")]
 extern "C" {
     /// Queue for the Web Lock `name`; `on_acquired` runs once it is held.
     /// Returns the function that releases it, or null without Web Locks.

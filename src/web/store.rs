@@ -127,15 +127,7 @@ pub enum Connection {
 /// the connection is given up.
 const REOPEN_TIMEOUT_MS: f64 = 10_000.0;
 
-#[wasm_bindgen(inline_js = r#"
-export function timeout(promise, ms) {
-  let timer;
-  return Promise.race([
-    promise.finally(() => clearTimeout(timer)),
-    new Promise((resolve) => { timer = setTimeout(() => resolve("timeout"), ms); }),
-  ]);
-}
-"#)]
+#[wasm_bindgen(module = "/src/web/glue.js")]
 extern "C" {
     /// `promise`'s value, or `"timeout"` after `ms` milliseconds.
     fn timeout(promise: &Promise, ms: f64) -> Promise;

@@ -1,0 +1,205 @@
+// The JavaScript side of the browser backend: helpers the Rust code imports
+// through wasm-bindgen (`#[wasm_bindgen(module = "/src/web/glue.js")]`).
+// One module file, so the package (and the test page) load one snippet for
+// all of them.
+
+// ---- used by src/web/api.rs ----
+
+const loneSurrogate = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
+const wellFormed = (s) => (typeof s.isWellFormed === "function" ? s.isWellFormed() : !loneSurrogate.test(s));
+const LONE = "holds a lone UTF-16 surrogate (text cut inside a character, e.g. by slice() in the middle of an emoji), which UTF-8 and strict JSON readers cannot hold; fix the text (toWellFormed() replaces it with U+FFFD, if that is what you mean)";
+export function strictJson(value) {
+  const where = (holder, key) => (key === "" ? "the payload" : `the value at ${JSON.stringify(key)}`);
+  const text = JSON.stringify(value, function (key, v) {
+    if (!wellFormed(key)) throw new TypeError(`the property name ${JSON.stringify(key)} ${LONE}`);
+    switch (typeof v) {
+      case "string":
+        if (!wellFormed(v)) throw new TypeError(`${where(this, key)} ${LONE}`);
+        break;
+      case "function": case "symbol":
+        throw new TypeError(`${where(this, key)} is a ${typeof v}, which JSON cannot represent`);
+      case "bigint":
+        throw new TypeError(`${where(this, key)} is a BigInt, which JSON cannot represent; convert it to a string`);
+      case "number":
+        if (!Number.isFinite(v)) throw new TypeError(`${where(this, key)} is ${v}, which JSON cannot represent; use null or a string`);
+        break;
+      case "undefined":
+        if (key === "" || Array.isArray(this)) throw new TypeError(`${where(this, key)} is undefined, which JSON cannot represent; use null`);
+        break;
+      case "object":
+        if (v !== null && !Array.isArray(v)) {
+          const p = Object.getPrototypeOf(v);
+          if (p !== Object.prototype && p !== null) {
+            const name = (v.constructor && v.constructor.name) || "object";
+            throw new TypeError(`${where(this, key)} is a ${name}, not a plain object or array, and has no toJSON(); JSON would not keep it (convert it, e.g. Object.fromEntries(map) or [...set])`);
+          }
+        }
+        break;
+    }
+    return v;
+  });
+  return text;
+}
+export function isWellFormed(s) {
+  return wellFormed(s);
+}
+function foreign(cause) {
+  const err = new Error(
+    "the transaction callback awaited something other than this transaction's own requests " +
+    "(a fetch, a timer, Blob.arrayBuffer(), another transaction): IndexedDB would have committed " +
+    "the writes made before it alone, so the transaction was aborted and nothing was written; " +
+    "do that work before or after outbox.transaction");
+  err.name = "ForeignAwaitError";
+  if (cause !== undefined) err.cause = cause;
+  return err;
+}
+export function foreignAwaitError(cause) {
+  return foreign(cause);
+}
+export function guardedCall(tx, storeName, callback, handle) {
+  let result;
+  try {
+    result = callback(handle);
+  } catch (e) {
+    return Promise.reject(e);
+  }
+  if (result === null || (typeof result !== "object" && typeof result !== "function") || typeof result.then !== "function") {
+    return Promise.resolve(result);
+  }
+  // An async callback. IndexedDB commits a transaction as soon as it has no
+  // request left when control returns to the event loop: a callback awaiting
+  // a fetch, a timer or Blob.arrayBuffer() would see its first writes
+  // committed alone. So keep the transaction open with one cheap request at a
+  // time (a keep-alive), and watch the callback's own requests: requests of a
+  // transaction complete in the order they were placed, so while the callback
+  // waits for one of them, some request other than the keep-alive completes
+  // between two keep-alives. Rounds with none mean it waits for something
+  // else: abort before anything is written and say why.
+  const store = tx.objectStore(storeName);
+  return new Promise((resolve, reject) => {
+    let settled = false, finished = false, others = 0, idle = 0, keepAlive = null;
+    const onRequest = (e) => { if (e.target !== keepAlive) others++; };
+    const onEnd = () => { finished = true; };
+    tx.addEventListener("success", onRequest, true);
+    tx.addEventListener("error", onRequest, true);
+    tx.addEventListener("abort", onEnd);
+    tx.addEventListener("complete", onEnd);
+    const cleanup = () => {
+      settled = true;
+      tx.removeEventListener("success", onRequest, true);
+      tx.removeEventListener("error", onRequest, true);
+    };
+    const inactive = () => {
+      if (finished) return false;
+      try { store.get(0); return false; } catch (e) { return e && e.name === "TransactionInactiveError"; }
+    };
+    const refuse = (cause) => {
+      cleanup();
+      try { tx.abort(); } catch (_) { /* already finished */ }
+      reject(foreign(cause));
+    };
+    const spin = () => {
+      if (settled || finished) return;
+      idle = others === 0 ? idle + 1 : 0;
+      others = 0;
+      if (idle >= 3) return refuse(undefined);
+      try {
+        keepAlive = store.get(0);
+        keepAlive.onsuccess = spin;
+      } catch (e) {
+        refuse(e);
+      }
+    };
+    spin();
+    Promise.resolve(result).then(
+      (value) => {
+        if (settled) return;
+        if (inactive()) return refuse(undefined);
+        cleanup();
+        resolve(value);
+      },
+      (error) => {
+        if (settled) return;
+        if ((error && error.name === "TransactionInactiveError") || inactive()) return refuse(error);
+        cleanup();
+        reject(error);
+      },
+    );
+  });
+}
+export function isInactive(tx, name) {
+  try { tx.objectStore(name).get(0); return false; } catch (e) { return e && e.name === "TransactionInactiveError"; }
+}
+export function requestPromise(req) {
+  return new Promise((resolve, reject) => {
+    req.onsuccess = () => resolve(req.result);
+    req.onerror = () => reject(req.error);
+  });
+}
+
+// ---- used by src/web/idb.rs ----
+
+export function openRequest(req, upgrade, onBlocked, timeoutMs, blockedError) {
+  return new Promise((resolve, reject) => {
+    let gaveUp = false;
+    let timer;
+    req.onupgradeneeded = (e) => {
+      // Given up while blocked: leave the database as it was.
+      if (gaveUp) { try { req.transaction.abort(); } catch (_) {} return; }
+      upgrade(e.oldVersion);
+    };
+    req.onsuccess = () => {
+      clearTimeout(timer);
+      if (gaveUp) { req.result.close(); return; }
+      resolve(req.result);
+    };
+    req.onerror = (e) => {
+      clearTimeout(timer);
+      // An aborted open is this module's choice, not an app error event.
+      e.preventDefault();
+      if (!gaveUp) reject(req.error);
+    };
+    req.onblocked = (e) => {
+      if (onBlocked) {
+        try { onBlocked({ oldVersion: e.oldVersion, newVersion: e.newVersion }); } catch (err) { console.error(err); }
+      }
+      if (timer === undefined && timeoutMs !== undefined) {
+        timer = setTimeout(() => { gaveUp = true; reject(blockedError(e.oldVersion, e.newVersion)); }, timeoutMs);
+      }
+    };
+  });
+}
+
+// ---- used by src/web/relay.rs ----
+
+export function hasWebLocks() {
+  const nav = globalThis.navigator;
+  return !!(nav && nav.locks && typeof nav.locks.request === "function");
+}
+export function acquireLock(name, onAcquired) {
+  if (!hasWebLocks()) return null;
+  let release;
+  let released = false;
+  const held = new Promise((resolve) => { release = () => { released = true; resolve(); }; });
+  // A request released before it was granted lets go at once, unannounced.
+  globalThis.navigator.locks.request(name, () => { if (!released) onAcquired(); return held; }).catch(() => {});
+  return release;
+}
+export function countsMessage(pending, sent, dead) {
+  return { kind: "counts", pending, sent, dead };
+}
+export function tryLock(name, work) {
+  const locks = globalThis.navigator && globalThis.navigator.locks;
+  if (!locks) return work(true);
+  return locks.request(name, { ifAvailable: true }, (lock) => work(lock !== null));
+}
+
+// ---- used by src/web/store.rs ----
+
+export function timeout(promise, ms) {
+  let timer;
+  return Promise.race([
+    promise.finally(() => clearTimeout(timer)),
+    new Promise((resolve) => { timer = setTimeout(() => resolve("timeout"), ms); }),
+  ]);
+}
