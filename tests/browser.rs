@@ -1227,3 +1227,75 @@ async fn keys_and_payload_types_follow_the_docs() {
     );
     wait(outbox.close()).await.unwrap();
 }
+
+/// Case 1, an upgrade this outbox cannot follow: another connection's
+/// upgrade deletes the outbox stores. The outbox gives up at once (no
+/// reopen can help), says why, and another outbox over the database sends.
+#[wasm_bindgen_test]
+async fn an_upgrade_that_removes_the_outbox_stores_gives_up_with_the_reason() {
+    let server = server();
+    let name = fresh_name("incompatible");
+    let opts = format!(r#", endpoint: "{server}/v1/events", retry: {{ baseMs: 100, capMs: 400 }}"#);
+    let a = open_todos(&name, &opts).await;
+    leader_is(&a, true).await;
+    let version = a.db().version();
+    run_js(&format!(
+        "const db = await new Promise((resolve, reject) => {{
+            const r = indexedDB.open({name:?}, {next});
+            r.onupgradeneeded = () => {{
+                r.result.deleteObjectStore('edge_outbox_events');
+                r.result.deleteObjectStore('edge_outbox_meta');
+            }};
+            r.onsuccess = () => resolve(r.result); r.onerror = () => reject(r.error);
+        }});
+        db.close();",
+        next = version + 1.0
+    ))
+    .await;
+    leader_is(&a, false).await;
+    assert_eq!(status_str(&a, "connection"), "lost");
+    let why = status_str(&a, "lastError");
+    assert!(why.contains("no outbox stores"), "{why}");
+    let err = within(5_000, a.enqueue("A".into(), js("1"), JsValue::UNDEFINED))
+        .await
+        .unwrap_err();
+    assert_eq!(error_name(&err), "ConnectionLostError", "{err:?}");
+    assert!(message(&err).contains("no outbox stores"), "{err:?}");
+    // A newer build that declares the outbox again takes over.
+    let b = open_todos(&name, &opts).await;
+    leader_is(&b, true).await;
+    let expected = commit_todos(&b, 0..2).await;
+    drained(&b, 10).await;
+    assert_eq!(received(server, &b.client_id()).await, expected);
+    wait(a.close()).await.unwrap();
+    wait(b.close()).await.unwrap();
+}
+
+/// Case 3, single page: `pagehide` (the back/forward cache, which freezes
+/// the page) gives the sender lock up at once so another context sends;
+/// `pageshow` queues for it again.
+#[wasm_bindgen_test]
+async fn pagehide_gives_the_sender_lock_up_and_pageshow_queues_again() {
+    let server = server();
+    let name = fresh_name("pagehide");
+    let opts = format!(r#", endpoint: "{server}/v1/events", retry: {{ baseMs: 100, capMs: 400 }}"#);
+    let a = open_todos(&name, &opts).await;
+    leader_is(&a, true).await;
+    // `b` runs in a worker-like context of its own in a real app; here it is
+    // a second outbox of the same page, which the page's events reach too,
+    // so it starts after the event.
+    run_js("globalThis.dispatchEvent(new PageTransitionEvent('pagehide', { persisted: true }));")
+        .await;
+    leader_is(&a, false).await;
+    let b = open_todos(&name, &opts).await;
+    leader_is(&b, true).await;
+    let expected = commit_todos(&a, 0..2).await;
+    drained(&a, 10).await;
+    assert_eq!(received(server, &a.client_id()).await, expected);
+    run_js("globalThis.dispatchEvent(new PageTransitionEvent('pageshow', { persisted: true }));")
+        .await;
+    // The page is shown again: `a` queues behind `b` and takes over when it closes.
+    wait(b.close()).await.unwrap();
+    leader_is(&a, true).await;
+    wait(a.close()).await.unwrap();
+}
