@@ -23,7 +23,7 @@ export const Outbox = {
 };
 
 // The outbox's stores: one copy of the schema, shared with the Rust store
-// (src/web/idb.rs imports js/schema.js too). Plain JS, so an app's
+// (src/web/idb/mod.rs imports js/schema.js too). Plain JS, so an app's
 // synchronous upgrade handler can call it before the wasm module is loaded.
 import { EVENTS, createOutboxStores } from "./schema.js";
 

@@ -1,7 +1,7 @@
 // The outbox's IndexedDB schema: its object stores and indexes. The ONE copy:
 // the npm package's `createOutboxStores` (an app's synchronous upgrade
 // handler may call it before the wasm module is loaded) and the Rust store
-// (src/web/idb.rs imports this file through wasm-bindgen) both run it. The
+// (src/web/idb/mod.rs imports this file through wasm-bindgen) both run it. The
 // Rust store's queries use the names below; tests/browser.rs runs the store
 // contract over a database made by an app's own upgrade with this function.
 

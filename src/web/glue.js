@@ -3,7 +3,7 @@
 // One module file, so the package (and the test page) load one snippet for
 // all of them.
 
-// ---- used by src/web/api.rs ----
+// ---- used by src/web/bindings.rs ----
 
 const loneSurrogate = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
 const wellFormed = (s) => (typeof s.isWellFormed === "function" ? s.isWellFormed() : !loneSurrogate.test(s));
@@ -137,7 +137,7 @@ export function requestPromise(req) {
   });
 }
 
-// ---- used by src/web/idb.rs ----
+// ---- used by src/web/idb/mod.rs ----
 
 export function openRequest(req, upgrade, onBlocked, timeoutMs, blockedError) {
   return new Promise((resolve, reject) => {
@@ -170,7 +170,7 @@ export function openRequest(req, upgrade, onBlocked, timeoutMs, blockedError) {
   });
 }
 
-// ---- used by src/web/relay.rs ----
+// ---- used by src/web/driver.rs ----
 
 export function hasWebLocks() {
   const nav = globalThis.navigator;
@@ -194,7 +194,7 @@ export function tryLock(name, work) {
   return locks.request(name, { ifAvailable: true }, (lock) => work(lock !== null));
 }
 
-// ---- used by src/web/store.rs ----
+// ---- used by src/web/idb/store.rs ----
 
 export function timeout(promise, ms) {
   let timer;

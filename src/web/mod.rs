@@ -1,17 +1,25 @@
 //! Browser backend (`wasm32-unknown-unknown`): the outbox in IndexedDB, the
 //! relay over `fetch`, and the JavaScript API of the npm package.
 //!
-//! Rust code uses [`IdbStore`] (the [`crate::Store`] contract over IndexedDB),
-//! [`FetchTransport`] and [`Driver`] directly; JavaScript code uses the
-//! `Outbox` class exported by wasm-bindgen (see `js/index.d.ts`).
+//! - `idb/`: the IndexedDB backend ([`IdbStore`], the [`crate::Store`]
+//!   contract, and the connection's lifecycle: reopen after another tab's
+//!   upgrade, give up when it cannot);
+//! - `transport.rs`: [`FetchTransport`], the HTTP transport over `fetch`;
+//! - `driver.rs`: [`Driver`], the relay core on the browser's event loop (Web
+//!   Lock or lease election, tabs, freezing, the network's state);
+//! - `bindings.rs`: the JavaScript API (`Outbox`, exported by wasm-bindgen,
+//!   typed by hand in `js/index.d.ts`), a thin layer over the three above;
+//! - `glue.js`: the JavaScript helpers the Rust code imports.
+//!
+//! Rust code uses [`IdbStore`], [`FetchTransport`] and [`Driver`] directly;
+//! JavaScript code uses the `Outbox` class.
 
-mod api;
+mod bindings;
+mod driver;
 mod idb;
-mod relay;
-mod store;
 mod transport;
 
-pub use api::{Outbox, OutboxTransaction, to_js_error};
-pub use relay::{ConnectionState, Driver, DriverConfig, FlushOutcome, FlushSkipped, Status};
-pub use store::{Connection, ConnectionListener, Durability, IdbStore};
+pub use bindings::{Outbox, OutboxTransaction, to_js_error};
+pub use driver::{ConnectionState, Driver, DriverConfig, FlushOutcome, FlushSkipped, Status};
+pub use idb::store::{Connection, ConnectionListener, Durability, IdbStore};
 pub use transport::FetchTransport;

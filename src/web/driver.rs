@@ -40,7 +40,7 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{JsFuture, spawn_local};
 use web_sys::{BroadcastChannel, EventTarget};
 
-use super::store::{Connection, IdbStore};
+use super::idb::store::{Connection, IdbStore};
 use super::transport::{FetchTransport, clear_timeout, set_timeout};
 use crate::error::{Error, Result};
 use crate::relay::{FlushReport, Relay, RelayConfig, RelayStatus};

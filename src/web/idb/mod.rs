@@ -1,4 +1,8 @@
-//! Thin async helpers over raw IndexedDB (web-sys).
+//! The IndexedDB backend: [`store::IdbStore`] (the [`crate::Store`] contract
+//! over IndexedDB, the connection's lifecycle) and, here, thin async helpers
+//! over raw IndexedDB (web-sys). The schema itself is `js/schema.js`, shared
+//! with the npm package. Nothing here knows the JavaScript API
+//! (`super::bindings`) or the relay driver (`super::driver`).
 //!
 //! Why raw IndexedDB and not a wrapper crate: an `IDBTransaction` commits on
 //! its own as soon as the task that uses it yields to anything but one of its
@@ -6,6 +10,8 @@
 //! request's `success` event (wasm-bindgen-futures polls on microtasks), so
 //! code that awaits only these futures keeps its transaction alive, and code
 //! that awaits anything else (a `fetch`, a timer) must not hold one.
+
+pub(crate) mod store;
 
 use std::future::Future;
 use std::pin::Pin;

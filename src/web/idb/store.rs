@@ -21,8 +21,8 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{IdbDatabase, IdbKeyRange, IdbObjectStore, IdbTransaction};
 
-use super::idb::{
-    self, BY_ID, BY_SENT_AT, BY_STATUS, Blocked, EVENTS, IdbResult, META, SCHEMA_VERSION,
+use super::{
+    self as idb, BY_ID, BY_SENT_AT, BY_STATUS, Blocked, EVENTS, IdbResult, META, SCHEMA_VERSION,
 };
 use crate::error::{Error, Result};
 use crate::event::{DEFAULT_MAX_EVENT_BYTES, Event, EventId, EventStatus, NewEvent};

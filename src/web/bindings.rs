@@ -12,10 +12,12 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{JsFuture, future_to_promise};
 use web_sys::{CustomEvent, CustomEventInit, EventTarget, IdbDatabase, IdbTransaction};
 
+use super::driver::{Driver, DriverConfig, Status, report_to_js};
 use super::idb::Blocked;
+use super::idb::store::{
+    AppIndex, AppStore, Durability, IdbStore, KeyPath, OpenFailure, open_database,
+};
 use super::idb::{self, EVENTS};
-use super::relay::{Driver, DriverConfig, Status, report_to_js};
-use super::store::{AppIndex, AppStore, Durability, IdbStore, KeyPath, OpenFailure, open_database};
 use super::transport::FetchTransport;
 use crate::error::Error;
 use crate::event::{DEFAULT_MAX_EVENT_BYTES, Event, EventId, NewEvent};
