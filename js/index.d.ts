@@ -264,6 +264,11 @@ export interface Outbox {
   setOnline(online: boolean | null): void;
   readonly status: OutboxStatus;
   readonly clientId: string;
+  /**
+   * The outbox's IndexedDB connection (read your stores with it). It is
+   * replaced when the outbox reopens the database after another tab's
+   * upgrade: read this property each time rather than keeping it.
+   */
   readonly db: IDBDatabase;
   addEventListener(type: "status", listener: (event: CustomEvent<OutboxStatus>) => void): void;
   removeEventListener(type: "status", listener: (event: CustomEvent<OutboxStatus>) => void): void;
