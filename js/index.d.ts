@@ -66,7 +66,8 @@ export interface OutboxOptions {
    */
   onBlocked?: (info: { oldVersion: number; newVersion: number | null }) => void;
   /**
-   * How long `open` waits once blocked before it rejects with a
+   * How long `open` may wait for the database (blocked by another connection,
+   * or queued behind another tab's blocked upgrade) before it rejects with a
    * `BlockedError`, leaving the database unchanged (default 10000 ms; `null`:
    * wait for as long as it takes).
    */

@@ -1299,3 +1299,40 @@ async fn pagehide_gives_the_sender_lock_up_and_pageshow_queues_again() {
     leader_is(&a, true).await;
     wait(a.close()).await.unwrap();
 }
+
+/// Case 2, one step removed: an outbox whose open only queues behind
+/// another connection's blocked upgrade (no `blocked` event of its own)
+/// rejects with a `BlockedError` within `blockedTimeoutMs` too.
+#[wasm_bindgen_test]
+async fn an_open_queued_behind_a_blocked_upgrade_rejects_in_bounded_time() {
+    let name = fresh_name("queued");
+    run_js(&format!(
+        "globalThis.oldTab = await new Promise((resolve, reject) => {{
+            const r = indexedDB.open({name:?}, 1);
+            r.onsuccess = () => resolve(r.result); r.onerror = () => reject(r.error);
+        }});
+        // Another tab's upgrade, blocked by the old tab, which ignores versionchange.
+        globalThis.newTab = indexedDB.open({name:?}, 2);
+        await new Promise((resolve) => {{ globalThis.newTab.onblocked = resolve; }});"
+    ))
+    .await;
+    let options = js(&format!(
+        r#"{{ database: {name:?}, stores: {{ todos: {{ keyPath: "id" }} }}, blockedTimeoutMs: 300 }}"#
+    ));
+    let err = within(5_000, Outbox::open(options)).await.unwrap_err();
+    assert_eq!(error_name(&err), "BlockedError", "{err:?}");
+    assert!(
+        message(&err).contains("waited behind another connection's upgrade"),
+        "{err:?}"
+    );
+    // Once the old tab goes, the other upgrade and then the outbox open.
+    run_js(
+        "globalThis.oldTab.close();
+         const db = await new Promise((resolve) => { globalThis.newTab.onsuccess = () => resolve(globalThis.newTab.result); });
+         db.close();",
+    )
+    .await;
+    let outbox = open_todos(&name, "").await;
+    assert_eq!(outbox.db().version(), 3.0);
+    wait(outbox.close()).await.unwrap();
+}

@@ -142,10 +142,17 @@ export function requestPromise(req) {
 export function openRequest(req, upgrade, onBlocked, timeoutMs, blockedError) {
   return new Promise((resolve, reject) => {
     let gaveUp = false;
-    let timer;
+    let seen; // the versions of the blocked event, if there was one
+    // Bounded from the start: an open also waits, without a blocked event of
+    // its own, behind another connection's upgrade that is itself blocked.
+    const timer = timeoutMs === undefined ? undefined : setTimeout(() => {
+      gaveUp = true;
+      reject(blockedError(seen && seen.oldVersion, seen && seen.newVersion));
+    }, timeoutMs);
     req.onupgradeneeded = (e) => {
       // Given up while blocked: leave the database as it was.
       if (gaveUp) { try { req.transaction.abort(); } catch (_) {} return; }
+      clearTimeout(timer);
       upgrade(e.oldVersion);
     };
     req.onsuccess = () => {
@@ -160,11 +167,9 @@ export function openRequest(req, upgrade, onBlocked, timeoutMs, blockedError) {
       if (!gaveUp) reject(req.error);
     };
     req.onblocked = (e) => {
+      seen = { oldVersion: e.oldVersion, newVersion: e.newVersion };
       if (onBlocked) {
-        try { onBlocked({ oldVersion: e.oldVersion, newVersion: e.newVersion }); } catch (err) { console.error(err); }
-      }
-      if (timer === undefined && timeoutMs !== undefined) {
-        timer = setTimeout(() => { gaveUp = true; reject(blockedError(e.oldVersion, e.newVersion)); }, timeoutMs);
+        try { onBlocked(seen); } catch (err) { console.error(err); }
       }
     };
   });

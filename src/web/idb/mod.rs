@@ -178,9 +178,11 @@ extern "C" {
     /// Wait for an open request: runs `upgrade(oldVersion)` in its
     /// `upgradeneeded`, calls `on_blocked({ oldVersion, newVersion })` when
     /// another connection blocks it, and rejects with
-    /// `blocked_error(oldVersion, newVersion)` when it is still blocked
-    /// `timeout_ms` later (an upgrade that would run after that is aborted,
-    /// a connection that opens after that is closed).
+    /// `blocked_error(oldVersion, newVersion)` (versions undefined when it
+    /// was not blocked itself but queued behind a blocked upgrade) when it
+    /// has neither upgraded nor opened `timeout_ms` after the request (an
+    /// upgrade that would run after that is aborted, a connection that opens
+    /// after that is closed).
     #[wasm_bindgen(js_name = openRequest)]
     fn open_request(
         req: &IdbOpenDbRequest,
@@ -197,7 +199,8 @@ extern "C" {
 pub(crate) struct Blocked {
     /// Called with `{ oldVersion, newVersion }` each time the open is blocked.
     pub on_blocked: Option<Function>,
-    /// Give up this long after the open was first blocked (`None`: wait).
+    /// Give up when the open has neither upgraded nor opened this long after
+    /// it was requested (`None`: wait).
     pub timeout_ms: Option<f64>,
 }
 
@@ -207,13 +210,19 @@ pub(crate) const BLOCKED_ERROR: &str = "BlockedError";
 fn blocked_error(name: &str) -> Closure<dyn Fn(JsValue, JsValue) -> JsValue> {
     let name = name.to_owned();
     Closure::new(move |old: JsValue, new: JsValue| {
-        let err = js_sys::Error::new(&format!(
-            "the upgrade of the IndexedDB database {name:?} from version {} to {} is blocked by \
-             another connection that does not close (another tab of an older version of this \
-             app, or a connection of the app's own); close the other tabs and try again",
-            old.as_f64().unwrap_or(0.0),
-            new.as_f64().unwrap_or(0.0),
-        ));
+        let err = js_sys::Error::new(&match (old.as_f64(), new.as_f64()) {
+            (Some(old), Some(new)) => format!(
+                "the upgrade of the IndexedDB database {name:?} from version {old} to {new} is \
+                 blocked by another connection that does not close (another tab of an older \
+                 version of this app, or a connection of the app's own); close the other tabs \
+                 and try again"
+            ),
+            _ => format!(
+                "opening the IndexedDB database {name:?} waited behind another connection's \
+                 upgrade, which another connection blocks (another tab of an older version of \
+                 this app, or a connection of the app's own); close the other tabs and try again"
+            ),
+        });
         err.set_name(BLOCKED_ERROR);
         err.into()
     })
