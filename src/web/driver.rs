@@ -40,12 +40,13 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{JsFuture, spawn_local};
 use web_sys::{BroadcastChannel, EventTarget};
 
-use super::idb::store::{Connection, IdbStore};
+use super::idb::store::{Connection, ConnectionListener, IdbStore};
 use super::transport::{FetchTransport, clear_timeout, set_timeout};
 use crate::error::{Error, Result};
 use crate::relay::{FlushReport, Relay, RelayConfig, RelayStatus};
 use crate::store::Store;
 use crate::time::Timestamp;
+use crate::transport::Transport;
 
 #[wasm_bindgen(module = "/src/web/glue.js")]
 extern "C" {
@@ -179,16 +180,49 @@ impl Waiter {
     }
 }
 
-/// The running relay of one outbox in this context. Cheap to clone.
-#[derive(Clone)]
-pub struct Driver {
-    state: Rc<State>,
+/// What the driver needs from a store beyond the [`Store`] contract: a
+/// name (the Web Lock's and the BroadcastChannel's) and the commit and
+/// connection callbacks. [`IdbStore`] has them; another browser store (OPFS)
+/// would plug in by implementing this.
+pub trait DriverStore: Store + Clone + 'static {
+    /// The outbox's name, unique per origin (the database name).
+    fn name(&self) -> &str;
+    /// Call `f` after every local commit that added events.
+    fn set_on_commit(&self, f: Option<Rc<dyn Fn()>>);
+    /// Call `f` when the connection is lost, reopened or given up.
+    fn set_on_connection(&self, f: Option<ConnectionListener>);
 }
 
-struct State {
-    store: IdbStore,
+impl DriverStore for IdbStore {
+    fn name(&self) -> &str {
+        IdbStore::name(self)
+    }
+    fn set_on_commit(&self, f: Option<Rc<dyn Fn()>>) {
+        IdbStore::set_on_commit(self, f);
+    }
+    fn set_on_connection(&self, f: Option<ConnectionListener>) {
+        IdbStore::set_on_connection(self, f);
+    }
+}
+
+/// The running relay of one outbox in this context, generic over the store
+/// and the transport (the browser's are the defaults). Cheap to clone.
+pub struct Driver<S: DriverStore = IdbStore, T: Transport + 'static = FetchTransport> {
+    state: Rc<State<S, T>>,
+}
+
+impl<S: DriverStore, T: Transport + 'static> Clone for Driver<S, T> {
+    fn clone(&self) -> Self {
+        Driver {
+            state: self.state.clone(),
+        }
+    }
+}
+
+struct State<S: DriverStore, T: Transport + 'static> {
+    store: S,
     /// The core; taken out while a flush runs (one flush at a time).
-    relay: RefCell<Option<Relay<IdbStore, FetchTransport>>>,
+    relay: RefCell<Option<Relay<S, T>>>,
     /// Callers waiting for the core, first come first served.
     relay_waiters: RefCell<std::collections::VecDeque<Function>>,
     lock_name: String,
@@ -239,10 +273,10 @@ fn global_navigator_online() -> bool {
         .unwrap_or(true)
 }
 
-impl Driver {
+impl<S: DriverStore, T: Transport + 'static> Driver<S, T> {
     /// A driver for `store`, sending with `transport`. Not running until
     /// [`Driver::start`].
-    pub fn new(store: IdbStore, transport: FetchTransport, config: DriverConfig) -> Driver {
+    pub fn new(store: S, transport: T, config: DriverConfig) -> Driver<S, T> {
         let lock_name = format!("edge-outbox:{}", store.name());
         let no_locks = !has_web_locks();
         // The Web Lock excludes other senders, so all holders share one lease
@@ -385,7 +419,7 @@ impl Driver {
         // The network coming back, or going away.
         let global: EventTarget = js_sys::global().unchecked_into();
         for kind in ["online", "offline"] {
-            let weak: Weak<State> = Rc::downgrade(st);
+            let weak: Weak<State<S, T>> = Rc::downgrade(st);
             let cb = Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| {
                 if let Some(st) = weak.upgrade() {
                     let online = is_online(&st);
@@ -411,7 +445,7 @@ impl Driver {
             let Some(target) = target.dyn_ref::<EventTarget>().cloned() else {
                 continue; // a worker: no document, no page lifecycle
             };
-            let weak: Weak<State> = Rc::downgrade(st);
+            let weak: Weak<State<S, T>> = Rc::downgrade(st);
             let cb = Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| {
                 if let Some(st) = weak.upgrade() {
                     if suspend {
@@ -577,13 +611,13 @@ impl Driver {
     }
 }
 
-fn is_online(st: &State) -> bool {
+fn is_online<S: DriverStore, T: Transport + 'static>(st: &State<S, T>) -> bool {
     st.online_override
         .get()
         .unwrap_or_else(global_navigator_online)
 }
 
-fn emit(st: &Rc<State>) {
+fn emit<S: DriverStore, T: Transport + 'static>(st: &Rc<State<S, T>>) {
     let listener = st.listener.borrow().clone();
     if let Some(f) = listener {
         let status = st.status.borrow().clone();
@@ -591,7 +625,7 @@ fn emit(st: &Rc<State>) {
     }
 }
 
-fn wake(st: &State) {
+fn wake<S: DriverStore, T: Transport + 'static>(st: &State<S, T>) {
     st.dirty.set(true);
     let waiting = st.wake.borrow_mut().take();
     if let Some((resolve, timer)) = waiting {
@@ -604,7 +638,7 @@ fn wake(st: &State) {
 
 /// Queue for the sender lock (nothing to queue for without Web Locks: the
 /// loop then tries the store lease, which elects one sender).
-fn request_lock(st: &Rc<State>) {
+fn request_lock<S: DriverStore, T: Transport + 'static>(st: &Rc<State<S, T>>) {
     if st.no_locks {
         wake(st);
         return;
@@ -629,7 +663,7 @@ fn request_lock(st: &Rc<State>) {
 /// sender lock now (while code still runs), so another tab sends. A push on
 /// the wire settles when the tab runs again (the server dedupes the batch if
 /// the next sender pushed it too); no further batch starts here.
-fn suspend_sender(st: &Rc<State>) {
+fn suspend_sender<S: DriverStore, T: Transport + 'static>(st: &Rc<State<S, T>>) {
     if st.suspended.replace(true) || !st.running.get() {
         return;
     }
@@ -638,7 +672,7 @@ fn suspend_sender(st: &Rc<State>) {
 }
 
 /// The tab runs again: queue for the lock again.
-fn resume_sender(st: &Rc<State>) {
+fn resume_sender<S: DriverStore, T: Transport + 'static>(st: &Rc<State<S, T>>) {
     if !st.suspended.replace(false) || !st.running.get() {
         return;
     }
@@ -648,7 +682,7 @@ fn resume_sender(st: &Rc<State>) {
     wake(st);
 }
 
-fn release_lock(st: &State) {
+fn release_lock<S: DriverStore, T: Transport + 'static>(st: &State<S, T>) {
     let release = st.release_lock.replace(JsValue::NULL);
     if let Some(f) = release.dyn_ref::<Function>() {
         let _ = f.call0(&JsValue::UNDEFINED);
@@ -658,7 +692,7 @@ fn release_lock(st: &State) {
 }
 
 /// Wait until woken, or `ms` milliseconds (forever when `None`).
-async fn sleep(st: &State, ms: Option<f64>) {
+async fn sleep<S: DriverStore, T: Transport + 'static>(st: &State<S, T>, ms: Option<f64>) {
     if st.dirty.replace(false) {
         return;
     }
@@ -676,7 +710,7 @@ async fn sleep(st: &State, ms: Option<f64>) {
 
 /// Take the core out for one flush (or a stop), waiting in line while
 /// another flush has it: whoever puts it back ([`put_relay`]) wakes the next.
-async fn take_relay(st: &State) -> Relay<IdbStore, FetchTransport> {
+async fn take_relay<S: DriverStore, T: Transport + 'static>(st: &State<S, T>) -> Relay<S, T> {
     loop {
         if let Some(relay) = st.relay.borrow_mut().take() {
             return relay;
@@ -689,7 +723,7 @@ async fn take_relay(st: &State) -> Relay<IdbStore, FetchTransport> {
 }
 
 /// Put the core back and wake the first caller waiting for it.
-fn put_relay(st: &State, relay: Relay<IdbStore, FetchTransport>) {
+fn put_relay<S: DriverStore, T: Transport + 'static>(st: &State<S, T>, relay: Relay<S, T>) {
     *st.relay.borrow_mut() = Some(relay);
     let next = st.relay_waiters.borrow_mut().pop_front();
     if let Some(resolve) = next {
@@ -697,7 +731,9 @@ fn put_relay(st: &State, relay: Relay<IdbStore, FetchTransport>) {
     }
 }
 
-async fn flush_now(st: &Rc<State>) -> Result<FlushReport> {
+async fn flush_now<S: DriverStore, T: Transport + 'static>(
+    st: &Rc<State<S, T>>,
+) -> Result<FlushReport> {
     let mut relay = take_relay(st).await;
     st.status.borrow_mut().flushing = true;
     emit(st);
@@ -739,7 +775,7 @@ async fn flush_now(st: &Rc<State>) -> Result<FlushReport> {
 
 /// Tell the other contexts the counts (they never read the store from a
 /// message handler).
-fn broadcast_counts(st: &State) {
+fn broadcast_counts<S: DriverStore, T: Transport + 'static>(st: &State<S, T>) {
     if let Some(ch) = &st.channel {
         let r = &st.status.borrow().relay;
         let _ = ch.post_message(&counts_message(
@@ -751,7 +787,10 @@ fn broadcast_counts(st: &State) {
 }
 
 /// A skipped flush's outcome: the counts as the store has them now.
-async fn counts_report(st: &Rc<State>, why: FlushSkipped) -> Result<FlushOutcome> {
+async fn counts_report<S: DriverStore, T: Transport + 'static>(
+    st: &Rc<State<S, T>>,
+    why: FlushSkipped,
+) -> Result<FlushOutcome> {
     let stats = st.store.stats().await?;
     set_counts(st, &stats);
     Ok(FlushOutcome {
@@ -764,7 +803,10 @@ async fn counts_report(st: &Rc<State>, why: FlushSkipped) -> Result<FlushOutcome
 }
 
 /// Publish fresh counts (read outside the core, which is not running).
-fn set_counts(st: &Rc<State>, stats: &crate::store::Stats) {
+fn set_counts<S: DriverStore, T: Transport + 'static>(
+    st: &Rc<State<S, T>>,
+    stats: &crate::store::Stats,
+) {
     let changed = {
         let mut s = st.status.borrow_mut();
         let before = (s.relay.pending, s.relay.sent, s.relay.dead);
@@ -780,7 +822,7 @@ fn set_counts(st: &Rc<State>, stats: &crate::store::Stats) {
 
 /// Events were committed here (`local`), or another context said it
 /// committed or asked for a flush.
-fn committed(st: &Rc<State>, local: bool) {
+fn committed<S: DriverStore, T: Transport + 'static>(st: &Rc<State<S, T>>, local: bool) {
     st.relay_counts_stale.set(true);
     let sends = st.running.get()
         && !st.suspended.get()
@@ -799,7 +841,7 @@ fn committed(st: &Rc<State>, local: bool) {
 /// Count the store, publish and tell the other contexts, coalescing
 /// requests: while a count runs, more requests make exactly one more count
 /// after it (one per burst of commits).
-fn request_count(st: &Rc<State>) {
+fn request_count<S: DriverStore, T: Transport + 'static>(st: &Rc<State<S, T>>) {
     if st.counting.replace(true) {
         st.recount.set(true);
         return;
@@ -821,7 +863,10 @@ fn request_count(st: &Rc<State>) {
 }
 
 /// Hand every queued flush request `outcome` (or its copy).
-fn settle_waiters(st: &State, outcome: &Result<FlushOutcome>) {
+fn settle_waiters<S: DriverStore, T: Transport + 'static>(
+    st: &State<S, T>,
+    outcome: &Result<FlushOutcome>,
+) {
     let waiters: Vec<_> = st.flush_waiters.borrow_mut().drain(..).collect();
     for waiter in waiters {
         waiter.settle(match outcome {
@@ -879,7 +924,7 @@ fn duplicate(e: &Error) -> Error {
 }
 
 /// The loop: one per running driver.
-async fn run(st: Rc<State>) {
+async fn run<S: DriverStore, T: Transport + 'static>(st: Rc<State<S, T>>) {
     // Let the first round happen at once (events left from earlier sessions).
     st.dirty.set(true);
     while st.running.get() {

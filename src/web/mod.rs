@@ -20,6 +20,8 @@ mod idb;
 mod transport;
 
 pub use bindings::{Outbox, OutboxTransaction, to_js_error};
-pub use driver::{ConnectionState, Driver, DriverConfig, FlushOutcome, FlushSkipped, Status};
+pub use driver::{
+    ConnectionState, Driver, DriverConfig, DriverStore, FlushOutcome, FlushSkipped, Status,
+};
 pub use idb::store::{Connection, ConnectionListener, Durability, IdbStore};
 pub use transport::FetchTransport;
