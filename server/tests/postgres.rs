@@ -928,3 +928,126 @@ async fn fifty_clients_through_three_processes_one_killed_mid_run() {
     }
     drop(procs);
 }
+
+/// The `PgInbox` example of docs/protocol.md, exactly as written there
+/// (checked by `protocol_doc_pg_inbox_example_is_the_one_tested_and_works`).
+#[rustfmt::skip]
+mod doc_example {
+    // docs-example: begin
+    use edge_outbox::protocol::WireEvent;
+    use edge_outbox_server::{Applied, InboxFuture, PgInbox, Rejection, ServerConfig, decode_payload};
+
+    struct Orders;
+
+    impl PgInbox for Orders {
+        fn migrate<'a>(&'a self, tx: &'a tokio_postgres::Transaction<'a>) -> InboxFuture<'a, ()> {
+            Box::pin(async move {
+                tx.batch_execute("CREATE TABLE IF NOT EXISTS orders (id BIGINT PRIMARY KEY, amount BIGINT)").await?;
+                Ok(())
+            })
+        }
+        fn apply<'a>(&'a self, tx: &'a tokio_postgres::Transaction<'a>, _client: &'a str, e: &'a WireEvent)
+            -> InboxFuture<'a, Applied>
+        {
+            Box::pin(async move {
+                #[derive(serde::Deserialize)]
+                struct Order { order_id: i64, amount: i64 }
+                let o: Order = decode_payload(e)?;
+                if o.amount <= 0 {
+                    return Err(Rejection::new("amount must be positive").into());
+                }
+                let inserted = tx.execute(
+                    "INSERT INTO orders (id, amount) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+                    &[&o.order_id, &o.amount],
+                ).await?;
+                if inserted == 0 {
+                    return Ok(Applied::Reject(format!("order {} exists already", o.order_id)));
+                }
+                Ok(Applied::Accept)
+            })
+        }
+    }
+    // docs-example: end
+
+    pub(super) fn config(url: String) -> ServerConfig {
+        ServerConfig::postgres(url).allow_anonymous(true).pg_inbox(Orders)
+    }
+}
+
+/// The `PgInbox` example of docs/protocol.md is this code, and it does what
+/// the page says: rejections undo one event, the rest of the batch commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_doc_pg_inbox_example_is_the_one_tested_and_works() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("../docs/protocol.md")).unwrap();
+    let block = doc
+        .split_once("the same inbox is a `PgInbox`")
+        .and_then(|(_, rest)| rest.split_once("```rust"))
+        .and_then(|(_, rest)| rest.split_once('\n'))
+        .and_then(|(_, rest)| rest.split_once("\n```"))
+        .expect("the PgInbox block of docs/protocol.md")
+        .0;
+    let this = std::fs::read_to_string(root.join("tests/postgres.rs")).unwrap();
+    let mirror = this
+        .split_once("// docs-example: begin\n")
+        .and_then(|(_, rest)| rest.split_once("// docs-example: end"))
+        .unwrap()
+        .0;
+    let lines = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("let config"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(
+        lines(mirror),
+        lines(block),
+        "docs/protocol.md's PgInbox example"
+    );
+
+    let pg = Postgres::start();
+    let server = edge_outbox_server::spawn(doc_example::config(pg.url()))
+        .await
+        .unwrap();
+    let batch = [
+        event(1, "OrderCreated", r#"{"order_id": 1, "amount": 250}"#),
+        event(2, "OrderCreated", r#"{"order_id": 2, "amount": -5}"#),
+        event(3, "OrderCreated", r#"{"order_id": 3, "amount": "250"}"#),
+        event(4, "OrderCreated", r#"{"order_id": 1, "amount": 100}"#),
+        event(5, "OrderCreated", r#"{"order_id": 5, "amount": 100}"#),
+    ];
+    let answer = push(&http(), &server, "doc", &batch, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let statuses: Vec<ResultStatus> = answer.results.iter().map(|r| r.status).collect();
+    use ResultStatus::{Accepted, Rejected};
+    assert_eq!(statuses, [Accepted, Rejected, Rejected, Rejected, Accepted]);
+    assert_eq!(
+        answer.results[1].reason.as_deref(),
+        Some("amount must be positive")
+    );
+    let orders: Vec<i64> = pg
+        .connect()
+        .await
+        .query("SELECT id FROM orders ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(orders, [1, 5]);
+    // A rejected event leaves no dedupe record: its resend is judged again.
+    let again = push(
+        &http(),
+        &server,
+        "doc",
+        &batch[1..2],
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.results[0].status, Rejected);
+    let stored = pull_all(&http(), &server).await;
+    assert_eq!(stored.len(), 2);
+}
