@@ -383,3 +383,24 @@ test("the Retry now button: waiting events are made due, the page says how many,
     assert.deepEqual(titlesOf(await checkedEvents(server, client)), ["parked"]);
   });
 });
+
+test("site data cleared under the app: the connection is lost for good, the page says so and gives the sender lock up", { timeout: TEST_TIMEOUT_MS }, async () => {
+  await scenario(async ({ server, context }) => {
+    const page = await openApp(context, server.url);
+    await waitFor(async () => (await page.getByTestId("sender").textContent()) === "this tab sends",
+      { message: "the tab to send" });
+    // What "Clear site data" does: the browser closes the IndexedDB
+    // connections (their `close` event) and deletes the databases.
+    const cdp = await context.newCDPSession(page);
+    await cdp.send("Storage.clearDataForOrigin", { origin: server.url, storageTypes: "indexeddb" });
+    await waitFor(async () => {
+      const banner = page.getByTestId("banner");
+      return (await banner.isVisible()) && /lost its (database|IndexedDB) connection/.test(await banner.textContent());
+    }, { message: "the banner saying the connection is lost" });
+    await waitFor(async () => (await page.getByTestId("sender").textContent()) === "another tab sends",
+      { message: "the tab to stop sending" });
+    const held = await page.evaluate(async () => (await navigator.locks.query()).held.map((l) => l.name));
+    assert.deepEqual(held.filter((n) => n.startsWith("edge-outbox:")), [], "the sender lock was given up");
+    page.problems.length = 0; // the banner is the expected outcome here
+  });
+});
