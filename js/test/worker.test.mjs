@@ -6,42 +6,24 @@
 // Fails (never skips) when the server, the package or the browser is missing.
 import assert from "node:assert/strict";
 import fs from "node:fs";
-import http from "node:http";
 import os from "node:os";
 import path from "node:path";
 import { test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 
+import { staticServer } from "./static.mjs";
+
 const here = path.dirname(fileURLToPath(import.meta.url));
 const root = path.resolve(here, "../..");
 const server = process.env.EDGE_OUTBOX_TEST_SERVER;
 const chromiumPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
-const types = { ".html": "text/html", ".js": "text/javascript", ".wasm": "application/wasm", ".json": "application/json" };
-
-/** Serve /pkg/** from pkg/ and /test/** from js/test/ on a loopback port. */
-async function staticServer() {
-  const dirs = { pkg: path.join(root, "pkg"), test: here };
-  const srv = http.createServer((req, res) => {
-    const [, top, ...rest] = new URL(req.url, "http://x").pathname.split("/");
-    const base = dirs[top];
-    const file = base && path.join(base, ...rest);
-    if (!file || !file.startsWith(base) || !fs.existsSync(file) || fs.statSync(file).isDirectory()) {
-      res.writeHead(404).end();
-      return;
-    }
-    res.writeHead(200, { "content-type": types[path.extname(file)] ?? "application/octet-stream" });
-    fs.createReadStream(file).pipe(res);
-  });
-  await new Promise((resolve) => srv.listen(0, "127.0.0.1", resolve));
-  return srv;
-}
 
 test("outbox + relay in a dedicated module Worker deliver once, in order", { timeout: 120_000 }, async () => {
   assert.ok(server, "EDGE_OUTBOX_TEST_SERVER is not set: run scripts/test-browser (it starts the reference server)");
   assert.ok(fs.existsSync(path.join(root, "pkg/index.js")), "pkg/ is not built: run scripts/build-pkg");
   assert.ok(fs.existsSync(chromiumPath), `no browser at ${chromiumPath}`);
-  const files = await staticServer();
+  const files = await staticServer(root, here);
   const origin = `http://127.0.0.1:${files.address().port}`;
   const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), "edge-outbox-worker-"));
   const context = await chromium.launchPersistentContext(userDataDir, {
