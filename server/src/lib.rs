@@ -341,7 +341,11 @@ impl RunningServer {
         self.faults().requests()
     }
 
-    /// The event store, for direct queries.
+    /// The event store, for direct queries. Its methods block: on
+    /// PostgreSQL they wait for the runtime the server runs on, so from
+    /// async code call them inside `tokio::task::spawn_blocking` (or use
+    /// [`PgStore`]'s `*_async` methods); the same holds for [`events`](Self::events),
+    /// [`all_events`](Self::all_events), [`count`](Self::count) and [`stats`](Self::stats).
     pub fn store(&self) -> &Arc<dyn EventStore> {
         self.state.store()
     }

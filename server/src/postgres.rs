@@ -352,7 +352,11 @@ impl PgStore {
             )
             .await?;
         }
-        tx.commit().await?;
+        tx.commit().await.map_err(|e| {
+            // The connection broke during COMMIT: the batch may be stored or
+            // not. The client's resend finds out (`duplicate` or `accepted`).
+            Error::Postgres(format!("commit not confirmed (a resend is safe): {e}"))
+        })?;
         Ok(results)
     }
 
