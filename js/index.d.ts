@@ -56,8 +56,16 @@ export interface OutboxOptions {
   batchBytes?: number;
   /** Largest event (type + key + payload + headers) in bytes (default 256 KiB). */
   maxEventBytes?: number;
-  /** Abort a request after this long (default 20000 ms). */
+  /**
+   * Base time allowed for a request (default 20000 ms): a push of `n` bytes
+   * may take `timeoutMs + n / minUploadRate` seconds' worth, so a slow uplink
+   * delays a large push instead of failing it forever. After repeated
+   * timeouts (and 5xx, resets) the relay also sends smaller pushes, down to
+   * one event; nothing is dead-lettered for it.
+   */
   timeoutMs?: number;
+  /** The slowest uplink, in bytes per second, a push is given time for (default 2048). */
+  minUploadRate?: number;
   /**
    * Called when opening has to upgrade the database (new stores or indexes)
    * and another connection blocks it: another tab of an older version of the
@@ -72,7 +80,19 @@ export interface OutboxOptions {
    * wait for as long as it takes).
    */
   blockedTimeoutMs?: number | null;
-  /** Backoff with full jitter: first retry within `baseMs` (1000), at most `capMs` (300000); events older than `maxAgeMs` go dead. */
+  /**
+   * Backoff with full jitter: first retry within `baseMs` (1000), at most
+   * `capMs` (300000), which is also the ceiling of a server's `Retry-After`
+   * (a stored retry time further ahead is not believed). Events older than
+   * `maxAgeMs` go dead ("expired"): the age is the clock now minus the
+   * commit time (or the app's last `retry` of the event, so a retried
+   * expired event is sent); a commit time before 2026 (a reset clock) never
+   * expires, and an event is never older than one committed before it.
+   * Only evidence against one event dead-letters it: a `rejected` result,
+   * or a 400/422 with the protocol's error body that a lone event still
+   * gets while others pass. A proxy's 400, 5xx, timeouts and auth failures
+   * leave every event pending, with the error in `status.lastError`.
+   */
   retry?: { baseMs?: number; capMs?: number; maxAgeMs?: number };
 }
 

@@ -1336,3 +1336,120 @@ async fn an_open_queued_behind_a_blocked_upgrade_rejects_in_bounded_time() {
     assert_eq!(outbox.db().version(), 3.0);
     wait(outbox.close()).await.unwrap();
 }
+
+/// Issue 9, case 1, in the browser: a 400 for every push (a proxy's header
+/// or cookie limit, a WAF, a backend that cannot read the body) is the
+/// channel's failure, not the events': nothing is dead-lettered, the error
+/// shows, and everything goes once the channel is back.
+#[wasm_bindgen_test]
+async fn a_400_for_every_push_dead_letters_nothing() {
+    let server = server();
+    http("POST", &format!("{server}/__test/reset"), Some("{}")).await;
+    let outbox = open_todos(
+        &fresh_name("proxy-400"),
+        &format!(r#", endpoint: "{server}/v1/events", retry: {{ baseMs: 50, capMs: 200 }}"#),
+    )
+    .await;
+    leader_is(&outbox, true).await;
+    http(
+        "POST",
+        &format!("{server}/__test/fail"),
+        Some(r#"{"status":400,"for_ms":60000}"#),
+    )
+    .await;
+    let expected = commit_todos(&outbox, 0..30).await;
+    until(10, "the 400 to show in the status", || {
+        prop(&outbox.status(), "lastError")
+            .as_string()
+            .is_some_and(|e| e.contains("400"))
+    })
+    .await;
+    // Several attempts later (backoff at most 200 ms): still nothing dead.
+    sleep_ms(600).await;
+    assert_eq!(num(&outbox.status(), "dead"), 0.0, "{:?}", outbox.status());
+    assert_eq!(pending_count(&outbox).await, 30.0);
+    http("POST", &format!("{server}/__test/reset"), Some("{}")).await;
+    drained(&outbox, 10).await;
+    assert_eq!(received(server, &outbox.client_id()).await, expected);
+    wait(outbox.close()).await.unwrap();
+}
+
+/// Events in each push of `client` in the server's log, by start; a push
+/// whose body never arrived whole (the page gave up on it) counts as 0.
+async fn push_sizes(server: &str, client: &str) -> Vec<f64> {
+    let log = http("GET", &format!("{server}/__test/requests"), None).await;
+    let mut out: Vec<(f64, f64)> = js_sys::Array::from(&log)
+        .iter()
+        .filter(|r| {
+            let id = prop(r, "client_id").as_string();
+            id.is_none() || id.as_deref() == Some(client)
+        })
+        .map(|r| (num(&r, "started_at"), num(&r, "events")))
+        .collect();
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    out.into_iter().map(|(_, n)| n).collect()
+}
+
+/// Issue 9, case 8, in the browser: a slow uplink (the server reads push
+/// bodies at 40 KiB/s) delays 16 KiB events but delivers them. A push of two
+/// or more times out (450 ms plus the body at 160 KiB/s is not enough), a
+/// push of one does not: the relay narrows to single events instead of
+/// sending the same push forever.
+#[wasm_bindgen_test]
+async fn a_slow_uplink_delays_large_events_but_delivers_them() {
+    let server = server();
+    http("POST", &format!("{server}/__test/reset"), Some("{}")).await;
+    let outbox = open_todos(
+        &fresh_name("slow-uplink"),
+        &format!(
+            r#", endpoint: "{server}/v1/events", timeoutMs: 450, minUploadRate: 163840,
+                retry: {{ baseMs: 50, capMs: 200 }}"#
+        ),
+    )
+    .await;
+    leader_is(&outbox, true).await;
+    http(
+        "POST",
+        &format!("{server}/__test/slow-upload"),
+        Some(r#"{"bytes_per_sec":40960}"#),
+    )
+    .await;
+    // Six 16 KiB events committed in one transaction: one push at first.
+    let ids = wait(outbox.transaction(
+        js("['todos']"),
+        callback(
+            "const ids = []; for (let id = 0; id < 6; id++) { \
+               tx.put('todos', { id, done: 0 }); \
+               ids.push(tx.enqueue('Large', { id, data: 'x'.repeat(16 * 1024 - 64) })); \
+             } return Promise.all(ids);",
+        ),
+    ))
+    .await
+    .unwrap();
+    let expected: Vec<String> = js_sys::Array::from(&ids)
+        .iter()
+        .map(|v| v.as_string().unwrap())
+        .collect();
+    drained(&outbox, 30).await;
+    http(
+        "POST",
+        &format!("{server}/__test/slow-upload"),
+        Some(r#"{"bytes_per_sec":0}"#),
+    )
+    .await;
+    assert_eq!(received(server, &outbox.client_id()).await, expected);
+    assert_eq!(num(&outbox.status(), "dead"), 0.0);
+    // The log (reset at the start) shows the attempts: pushes cut while
+    // uploading (0) or finished after the page gave up (more than 1), then
+    // single events.
+    let sizes = push_sizes(server, &outbox.client_id()).await;
+    assert!(
+        sizes.iter().filter(|&&n| n != 1.0).count() >= 2,
+        "large pushes tried and timed out: {sizes:?}"
+    );
+    assert!(
+        sizes.iter().rev().take(3).all(|&n| n == 1.0),
+        "then single events: {sizes:?}"
+    );
+    wait(outbox.close()).await.unwrap();
+}

@@ -412,6 +412,9 @@ impl Outbox {
             if let Some(f) = get(&options, "headers").dyn_ref::<Function>() {
                 transport = transport.with_headers(f.clone());
             }
+            if let Some(rate) = get(&options, "minUploadRate").as_f64() {
+                transport = transport.with_min_upload_rate(rate as u64);
+            }
             let retry = get(&options, "retry");
             let mut policy = RetryPolicy::new();
             if let Some(d) = opt_ms(&retry, "baseMs") {
