@@ -118,11 +118,18 @@ impl NewEvent {
     ) -> Result<Self> {
         let event_type = validate_type(event_type.into())?;
         let payload = payload.into();
-        serde_json::from_str::<serde::de::IgnoredAny>(&payload).map_err(|e| {
-            Error::InvalidPayload {
-                reason: format!("not valid JSON text: {e}"),
-            }
-        })?;
+        let invalid = |e: serde_json::Error| Error::InvalidPayload {
+            reason: format!("not valid JSON text: {e}"),
+        };
+        serde_json::from_str::<serde::de::IgnoredAny>(&payload).map_err(invalid)?;
+        // Skipping a string does not decode its escapes, so a lone surrogate
+        // (`"\ud83d"`, text cut in the middle of an emoji) would pass, and
+        // strict readers (serde's `String`, the reference server) then could
+        // not read the event. Decoding finds it; only text that has such an
+        // escape at all pays for it.
+        if payload.contains("\\ud") || payload.contains("\\uD") {
+            serde_json::from_str::<serde_json::Value>(&payload).map_err(invalid)?;
+        }
         Ok(NewEvent {
             event_type,
             payload,
@@ -337,6 +344,18 @@ impl Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_text_with_a_lone_surrogate_escape_is_refused() {
+        // Strict consumers (serde's `String`, the reference server) cannot
+        // read such text: refuse it here rather than dead-letter it there.
+        for text in [r#""\ud83d""#, r#"{"a":"x\udc00y"}"#, r#"["\ud83d\u0041"]"#] {
+            let e = NewEvent::from_json_text("T", text).unwrap_err();
+            assert!(matches!(e, Error::InvalidPayload { .. }), "{text}: {e}");
+        }
+        // A surrogate pair (an emoji) is fine.
+        NewEvent::from_json_text("T", r#""\ud83d\ude00""#).unwrap();
+    }
 
     #[test]
     fn type_name_is_checked() {
