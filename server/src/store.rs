@@ -65,8 +65,17 @@ pub(crate) async fn open(
 /// - `push` returns `Err` only when nothing of the batch was committed;
 /// - every accepted event gets a cursor larger than every earlier one
 ///   (arrival order), never reused;
+/// - cursors become visible in cursor order: once `pull` has returned
+///   cursor `c`, no event with a cursor below `c` appears later (with
+///   concurrent writers: cursors are assigned in commit order, not taken
+///   from a sequence at insert), so a reader paging with `after` never
+///   skips an event;
 /// - `pull` returns events with `cursor > after`, ascending, at most `limit`;
 /// - methods block (they are called from `spawn_blocking`).
+///
+/// [`SqliteStore`] answers the ordering obligations with its one writer
+/// connection (one batch at a time); [`crate::PgStore`] with a counter row
+/// locked from the cursors' assignment to the commit (its module docs).
 pub trait EventStore: Send + Sync + 'static {
     /// Store a batch of valid events from `client_id`.
     fn push(&self, client_id: &str, events: &[&WireEvent]) -> Result<Vec<EventResult>, Error>;
