@@ -118,18 +118,9 @@ impl NewEvent {
     ) -> Result<Self> {
         let event_type = validate_type(event_type.into())?;
         let payload = payload.into();
-        let invalid = |e: serde_json::Error| Error::InvalidPayload {
+        crate::protocol::check_json_text(&payload).map_err(|e| Error::InvalidPayload {
             reason: format!("not valid JSON text: {e}"),
-        };
-        serde_json::from_str::<serde::de::IgnoredAny>(&payload).map_err(invalid)?;
-        // Skipping a string does not decode its escapes, so a lone surrogate
-        // (`"\ud83d"`, text cut in the middle of an emoji) would pass, and
-        // strict readers (serde's `String`, the reference server) then could
-        // not read the event. Decoding finds it; only text that has such an
-        // escape at all pays for it.
-        if payload.contains("\\ud") || payload.contains("\\uD") {
-            serde_json::from_str::<serde_json::Value>(&payload).map_err(invalid)?;
-        }
+        })?;
         Ok(NewEvent {
             event_type,
             payload,

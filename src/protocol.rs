@@ -66,6 +66,22 @@ impl TryFrom<&Event> for WireEvent {
     }
 }
 
+/// Check that `text` is one JSON value whose strings are well-formed
+/// Unicode, as the protocol requires of a payload.
+///
+/// Skipping a string while validating does not decode its escapes, so a
+/// lone UTF-16 surrogate (`"\ud83d"`, text cut in the middle of an emoji)
+/// passes a plain syntax check; strict readers (serde's `String`) then cannot
+/// read the event. Escapes are decoded only in text that has a `\uD…` escape
+/// at all, so ordinary payloads pay for the syntax check alone.
+pub fn check_json_text(text: &str) -> std::result::Result<(), serde_json::Error> {
+    serde_json::from_str::<serde::de::IgnoredAny>(text)?;
+    if text.contains("\\ud") || text.contains("\\uD") {
+        serde_json::from_str::<serde_json::Value>(text)?;
+    }
+    Ok(())
+}
+
 /// Append `event` to `out` as one element of a push's `events` array: the
 /// same JSON as serializing `WireEvent::try_from(event)`, written straight
 /// from the stored event. Nothing is cloned and the payload goes in as

@@ -415,6 +415,9 @@ fn invalid_event(e: &WireEvent) -> Option<String> {
     if e.headers.keys().any(|k| k.is_empty()) {
         return Some("header names must not be empty".into());
     }
+    if let Err(err) = edge_outbox::protocol::check_json_text(e.payload.get()) {
+        return Some(format!("the payload is not well-formed: {err}"));
+    }
     None
 }
 

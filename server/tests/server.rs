@@ -825,6 +825,24 @@ async fn fault_malformed_200_body() {
 }
 
 #[tokio::test]
+async fn a_payload_with_a_lone_surrogate_is_rejected_alone() {
+    let (server, _dir) = start(|c| c).await;
+    let mut batch = events(1..4);
+    batch[1].payload = RawValue::from_string(r#"{"title":"cut \ud83d"}"#.into()).unwrap();
+    batch[2].payload = RawValue::from_string(r#"{"title":"whole \ud83d\ude00"}"#.into()).unwrap();
+    let answer = push(&server, TOKEN_A, CLIENT_A, &batch).await;
+    assert_eq!(
+        answer.statuses(),
+        [
+            ResultStatus::Accepted,
+            ResultStatus::Rejected,
+            ResultStatus::Accepted
+        ]
+    );
+    assert_eq!(server.count(None).unwrap(), 2);
+}
+
+#[tokio::test]
 async fn fault_reject_answers_the_next_events_rejected_and_stores_the_rest() {
     let (server, _dir) = start(|c| c.test_controls(true)).await;
     assert_eq!(
