@@ -251,7 +251,26 @@ impl PgStore {
         let mut accepted: Vec<&WireEvent> = Vec::with_capacity(new.len());
         for (event, first) in events.iter().zip(first_copy) {
             let id = event.id.to_string();
-            if !first || !new.contains(&id) {
+            if !first {
+                // A second copy in one batch: answered like the first one
+                // (`duplicate` after an acceptance; the same rejection after
+                // a rejection, which left no dedupe record to be a duplicate of).
+                let earlier = results
+                    .iter()
+                    .find(|r: &&EventResult| r.id == event.id)
+                    .cloned()
+                    .ok_or_else(|| Error::Internal("a second copy without a first".into()))?;
+                results.push(match earlier.status {
+                    ResultStatus::Rejected => earlier,
+                    _ => EventResult {
+                        id: event.id,
+                        status: ResultStatus::Duplicate,
+                        reason: None,
+                    },
+                });
+                continue;
+            }
+            if !new.contains(&id) {
                 results.push(EventResult {
                     id: event.id,
                     status: ResultStatus::Duplicate,

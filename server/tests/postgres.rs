@@ -1052,4 +1052,18 @@ async fn protocol_doc_pg_inbox_example_is_the_one_tested_and_works() {
     assert_eq!(again.results[0].status, Rejected);
     let stored = pull_all(&http(), &server).await;
     assert_eq!(stored.len(), 2);
+    // Two copies of one event in one batch: the second is answered like the first.
+    let bad = event(6, "OrderCreated", r#"{"order_id": 6, "amount": 0}"#);
+    let good = event(7, "OrderCreated", r#"{"order_id": 7, "amount": 1}"#);
+    let twice = [bad.clone(), bad, good.clone(), good];
+    let answer = push(&http(), &server, "doc", &twice, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let statuses: Vec<ResultStatus> = answer.results.iter().map(|r| r.status).collect();
+    assert_eq!(
+        statuses,
+        [Rejected, Rejected, Accepted, ResultStatus::Duplicate]
+    );
+    assert_eq!(answer.results[0].reason, answer.results[1].reason);
+    assert_eq!(pull_all(&http(), &server).await.len(), 3);
 }
