@@ -29,6 +29,7 @@ use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::services::ServeDir;
 
 use crate::faults::{self, BodyPlan, Faults, Plan};
+use crate::metrics::{Metrics, PushInfo};
 use crate::store::EventStore;
 use crate::{Database, Error, ServerConfig};
 
@@ -59,6 +60,8 @@ struct Inner {
     faults: Arc<Faults>,
     static_dir: Option<PathBuf>,
     cors: Option<CorsLayer>,
+    /// This instance's own metrics (`GET /metrics`).
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for AppState {
@@ -108,6 +111,7 @@ impl AppState {
                 faults: Arc::new(Faults::new()),
                 static_dir: config.static_dir,
                 cors,
+                metrics: Metrics::new(),
             }),
         })
     }
@@ -122,14 +126,21 @@ impl AppState {
     pub fn faults(&self) -> &Arc<Faults> {
         &self.inner.faults
     }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
 }
 
-/// The server's routes: `POST`/`GET /v1/events`, `GET /healthz`, the
-/// `/__test/` controls when enabled, and the static directory as fallback.
+/// The server's routes: `POST`/`GET /v1/events`, `GET /healthz`,
+/// `GET /metrics` (Prometheus, no token), the `/__test/` controls when
+/// enabled, and the static directory as fallback. Every request is counted
+/// and logged (`tracing`, target `edge_outbox_server::request`).
 pub fn router(state: AppState) -> Router {
     let mut api = Router::new()
         .route("/v1/events", post(push).get(pull))
-        .route("/healthz", get(|| async { "ok" }));
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(crate::metrics::get_metrics));
     if state.inner.test_routes {
         api = api
             .route("/__test/fail", post(faults::post_fail))
@@ -163,6 +174,11 @@ pub fn router(state: AppState) -> Router {
     if let Some(dir) = &state.inner.static_dir {
         app = app.fallback_service(ServeDir::new(dir));
     }
+    // Outermost: every answer is counted and logged, preflights and early 413s too.
+    app = app.layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        crate::metrics::observe,
+    ));
     app.with_state(state)
 }
 
@@ -434,14 +450,17 @@ async fn push(State(state): State<AppState>, headers: HeaderMap, body: Body) -> 
     } else {
         BodyPlan::default()
     };
-    let (response, plan) = push_inner(
+    let mut info = PushInfo::default();
+    let (mut response, plan) = push_inner(
         &state,
         &headers,
         body,
         body_plan.slow_upload,
         record.as_mut(),
+        &mut info,
     )
     .await;
+    response.extensions_mut().insert(info);
     if !plan.delay.is_zero() {
         if let Some(r) = record.as_mut() {
             r.fault("delay");
@@ -494,6 +513,7 @@ async fn push_inner(
     body: Body,
     upload_rate: Option<u64>,
     mut record: Option<&mut faults::RecordGuard>,
+    info: &mut PushInfo,
 ) -> (Response, Plan) {
     let none = Plan::default();
     let limit = state.inner.body_limit;
@@ -514,10 +534,13 @@ async fn push_inner(
             );
         }
     };
+    info.body_bytes = bytes.len();
     let req = match parse_push(&bytes) {
         Ok(req) => req,
         Err(response) => return (response, none),
     };
+    info.client_id = Some(req.client_id.clone());
+    info.events = req.events.len();
     if let Some(r) = record.as_deref_mut() {
         r.describe(&req.client_id, req.events.len());
     }
@@ -600,7 +623,7 @@ async fn push_inner(
             } else {
                 "storage_error"
             };
-            eprintln!("edge-outbox-server: push failed, nothing stored: {e}");
+            tracing::error!(error = %e, "push failed, nothing stored");
             let msg = format!("nothing of this batch was stored, retry later: {e}");
             return (
                 error_response(StatusCode::INTERNAL_SERVER_ERROR, code, msg),
@@ -608,7 +631,7 @@ async fn push_inner(
             );
         }
         Err(join) => {
-            eprintln!("edge-outbox-server: push task failed: {join}");
+            tracing::error!(error = %join, "push task failed");
             let msg = "nothing of this batch was stored, retry later";
             return (
                 error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", msg),
@@ -621,6 +644,13 @@ async fn push_inner(
             r.fault(faults::DROP_AFTER_COMMIT);
         }
         return (broken_response(), plan);
+    }
+    for r in &results {
+        match r.status {
+            ResultStatus::Accepted => info.accepted += 1,
+            ResultStatus::Duplicate => info.duplicate += 1,
+            ResultStatus::Rejected => info.rejected += 1,
+        }
     }
     (Json(PushResponse { results }).into_response(), plan)
 }
@@ -703,7 +733,7 @@ async fn pull(
             .into_response()
         }
         Ok(Err(e)) => {
-            eprintln!("edge-outbox-server: pull failed: {e}");
+            tracing::error!(error = %e, "pull failed");
             error_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "storage_error",
@@ -711,7 +741,7 @@ async fn pull(
             )
         }
         Err(join) => {
-            eprintln!("edge-outbox-server: pull task failed: {join}");
+            tracing::error!(error = %join, "pull task failed");
             error_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal_error",

@@ -46,6 +46,8 @@ use tokio::task::JoinHandle;
 mod faults;
 mod http;
 mod inbox;
+pub mod logging;
+mod metrics;
 mod postgres;
 mod store;
 

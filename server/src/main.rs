@@ -1,11 +1,12 @@
 //! `edge-outbox-server`: the reference sync endpoint as a command.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use edge_outbox_server::logging::LogFormat;
 use edge_outbox_server::{DEFAULT_BODY_LIMIT, ServerConfig};
 
 /// Receives events pushed by edge-outbox relays (sync protocol v1) and stores
@@ -60,6 +61,11 @@ struct Args {
     /// Mount the fault-injection endpoints under /__test/. TESTS ONLY.
     #[arg(long)]
     enable_test_controls: bool,
+
+    /// Log lines (one per request, on stderr) as `text` or `json`. The level
+    /// and targets come from RUST_LOG (default: info).
+    #[arg(long, value_name = "json|text", default_value = "text")]
+    log_format: LogFormat,
 }
 
 /// `TOKEN:CLIENT_ID`, split at the last colon (client ids are UUIDs, tokens may hold colons).
@@ -75,6 +81,16 @@ fn parse_token(s: &str) -> Result<(String, String), String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+    let subscriber = edge_outbox_server::logging::subscriber(
+        args.log_format,
+        &filter,
+        std::io::stderr().is_terminal(),
+        std::io::stderr,
+    );
+    if tracing::subscriber::set_global_default(subscriber).is_err() {
+        eprintln!("edge-outbox-server: a log subscriber was already installed");
+    }
     let mut config = match &args.database_url {
         Some(url) => ServerConfig::postgres(url).pool_size(args.pool_size),
         None => ServerConfig::new(&args.database),

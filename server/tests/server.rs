@@ -1811,3 +1811,105 @@ fn protocol_doc_examples_match_the_schemas() {
     }
     assert!(checked >= 5, "only {checked} examples checked");
 }
+
+// ---------- observability: /metrics and request logs ----------
+
+/// The value of the sample `name` (with its labels, as printed) in a scrape.
+fn sample(scrape: &str, name: &str) -> Option<f64> {
+    scrape.lines().find_map(|line| {
+        let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
+}
+
+#[tokio::test]
+async fn metrics_count_events_requests_latency_and_bytes_after_pushes() {
+    let (server, _dir) = start(|c| c).await;
+    let batch = events(1..4);
+    let body_len = body(CLIENT_A, &batch).len();
+    assert_eq!(
+        push(&server, TOKEN_A, CLIENT_A, &batch).await.status,
+        StatusCode::OK
+    );
+    // Resent: three duplicates; then one good and one bad event.
+    assert_eq!(
+        push(&server, TOKEN_A, CLIENT_A, &batch).await.status,
+        StatusCode::OK
+    );
+    let mixed = vec![event(4, "OrderCreated"), event(5, "")];
+    let mixed_len = body(CLIENT_A, &mixed).len();
+    assert_eq!(
+        push(&server, TOKEN_A, CLIENT_A, &mixed).await.status,
+        StatusCode::OK
+    );
+    // No token: 401, counted by status, no events.
+    let anonymous = post_raw(&server, None, body(CLIENT_A, &batch), false)
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+
+    // /metrics needs no token.
+    let resp = client()
+        .get(format!("{}/metrics", server.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let scrape = resp.text().await.unwrap();
+    let get = |name: &str| {
+        sample(&scrape, name).unwrap_or_else(|| panic!("no sample {name} in:\n{scrape}"))
+    };
+    assert_eq!(get(r#"edge_outbox_events_total{result="accepted"}"#), 4.0);
+    assert_eq!(get(r#"edge_outbox_events_total{result="duplicate"}"#), 3.0);
+    assert_eq!(get(r#"edge_outbox_events_total{result="rejected"}"#), 1.0);
+    assert_eq!(
+        get(r#"edge_outbox_http_requests_total{route="/v1/events",status="200"}"#),
+        3.0
+    );
+    assert_eq!(
+        get(r#"edge_outbox_http_requests_total{route="/v1/events",status="401"}"#),
+        1.0
+    );
+    // Four pushes timed (the 401 too: it was read to learn its client id).
+    assert_eq!(get("edge_outbox_push_duration_seconds_count"), 4.0);
+    assert!(get("edge_outbox_push_duration_seconds_sum") > 0.0);
+    assert_eq!(
+        get(r#"edge_outbox_push_duration_seconds_bucket{le="+Inf"}"#),
+        4.0
+    );
+    assert_eq!(
+        get("edge_outbox_push_body_bytes_total"),
+        (3 * body_len + mixed_len) as f64
+    );
+
+    // Each instance reports its own: a second server starts from zero.
+    let (other, _dir2) = start(|c| c).await;
+    let scrape = client()
+        .get(format!("{}/metrics", other.url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        sample(&scrape, r#"edge_outbox_events_total{result="accepted"}"#),
+        Some(0.0)
+    );
+    // A scrape is counted once answered: not in its own output.
+    assert_eq!(
+        sample(
+            &scrape,
+            r#"edge_outbox_http_requests_total{route="/metrics",status="200"}"#
+        ),
+        None
+    );
+    server.shutdown().await.unwrap();
+    other.shutdown().await.unwrap();
+}
