@@ -372,6 +372,16 @@ fn enqueue_large(outbox: &Outbox, n: usize, kib: usize) -> Vec<i64> {
         .collect()
 }
 
+/// The seqs the server stored for `outbox`'s client, in arrival order.
+fn received_seqs(server: &RunningServer, outbox: &Outbox) -> Vec<i64> {
+    server
+        .events(outbox.client_id())
+        .unwrap()
+        .iter()
+        .map(|e| e.event.seq)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_uplink_delays_large_events_but_delivers_them() {
     // A 40 KiB/s uplink; 16 KiB events take 0.4 s each to upload. A push of
@@ -393,13 +403,11 @@ async fn a_slow_uplink_delays_large_events_but_delivers_them() {
         .unwrap();
     let relay = relay(&outbox, transport).spawn();
     drained(&outbox).await;
-    let received: Vec<i64> = server
-        .events(outbox.client_id())
-        .unwrap()
-        .iter()
-        .map(|e| e.event.seq)
-        .collect();
-    assert_eq!(received, seqs, "every event once, in order");
+    assert_eq!(
+        received_seqs(&server, &outbox),
+        seqs,
+        "every event once, in order"
+    );
     assert_eq!(outbox.stats().unwrap().dead, 0);
     // The server finishes a push the client has given up on (and answers
     // the resend `duplicate`), so its log shows the attempts, not timeouts.
@@ -432,13 +440,11 @@ async fn an_early_413_seen_as_a_reset_leads_to_smaller_pushes() {
     let seqs = enqueue_large(&outbox, 24, 64);
     let relay = relay(&outbox, http(&proxy.events_url())).spawn();
     drained(&outbox).await;
-    let received: Vec<i64> = server
-        .events(outbox.client_id())
-        .unwrap()
-        .iter()
-        .map(|e| e.event.seq)
-        .collect();
-    assert_eq!(received, seqs, "every event once, in order");
+    assert_eq!(
+        received_seqs(&server, &outbox),
+        seqs,
+        "every event once, in order"
+    );
     assert_eq!(
         outbox.stats().unwrap().dead,
         0,
