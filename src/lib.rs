@@ -10,6 +10,7 @@ pub mod relay;
 pub mod store;
 pub mod testing;
 mod time;
+mod trace;
 pub mod transport;
 
 pub use error::{BoxError, Error, Result};

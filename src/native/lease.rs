@@ -35,6 +35,7 @@ use tokio::sync::Notify;
 use crate::error::{Error, Result};
 use crate::store::ClaimRequest;
 use crate::time::Timestamp;
+use crate::trace;
 
 /// One per database file per process (see [`FileLease::for_database`]).
 pub(crate) struct FileLease {
@@ -117,6 +118,7 @@ impl FileLease {
             && owner != request.owner
             && request.lease_holds(*until)
         {
+            trace::debug!(holder = %owner, "lease held by another relay of this process");
             return Ok(Some(Held { until: *until }));
         }
         if state.file.is_none()
@@ -126,6 +128,7 @@ impl FileLease {
             match file.try_lock() {
                 Ok(()) => state.file = Some(file),
                 Err(TryLockError::WouldBlock) => {
+                    trace::debug!(file = %path.display(), "lease held by another process");
                     self.wait_in_background(&mut state);
                     return Ok(Some(Held {
                         until: request.now.add(request.lease),
@@ -133,6 +136,13 @@ impl FileLease {
                 }
                 Err(TryLockError::Error(e)) => return Err(lock_error(path, e)),
             }
+        }
+        if state
+            .holder
+            .as_ref()
+            .is_none_or(|(o, _)| o != request.owner)
+        {
+            trace::info!(owner = request.owner, "lease taken");
         }
         state.holder = Some((request.owner.to_owned(), request.now.add(request.lease)));
         Ok(None)
@@ -143,6 +153,7 @@ impl FileLease {
     pub(crate) fn release(&self, owner: &str) {
         let mut state = lock(&self.state);
         if state.holder.as_ref().is_some_and(|(o, _)| o == owner) {
+            trace::info!(owner, "lease released");
             state.holder = None;
             // Closing the file drops the lock.
             state.file = None;
@@ -172,6 +183,7 @@ impl FileLease {
                     // without blocking locks) wakes nobody: the relays
                     // notice at their next poll instead of spinning.
                     if freed {
+                        trace::debug!("lease file lock freed: waking the relays");
                         lease.wake_all();
                     }
                 }

@@ -42,6 +42,7 @@ use crate::policy::{Jitter, RetryPolicy};
 use crate::relay::{FlushReport, Relay, RelayConfig, RelayStatus};
 use crate::store::{Claim, ClaimRequest, Settlement, Stats, Store};
 use crate::time::Timestamp;
+use crate::trace;
 use crate::transport::Transport;
 
 /// Default interval between polls for events committed by other processes.
@@ -289,6 +290,9 @@ impl<S: Store + Clone + 'static, T: Transport> Driver<S, T> {
                 && matches!(self.relay.store().pending(1).await, Ok(p) if p.is_empty());
             if !idle {
                 let drained = self.drain().await;
+                if let Err(e) = &drained {
+                    trace::warning!(error = %e, "relay: flush failed, retrying later");
+                }
                 failed = drained.is_err();
                 self.answer(drained);
             }

@@ -74,6 +74,7 @@ use crate::policy::{Jitter, PushWindow, Verdict, classify, network_failure};
 use crate::protocol::{PROTOCOL_VERSION, ResultStatus};
 use crate::store::{Claim, ClaimRequest, Outcome, Settlement, Store};
 use crate::time::Timestamp;
+use crate::trace;
 use crate::transport::{RequestSent, Transport};
 
 /// The flush loop core over a store and a transport. See the module docs.
@@ -235,6 +236,10 @@ impl<S: Store, T: Transport> Relay<S, T> {
     /// when it says no. Drivers use it to take a shutdown request between
     /// batches, never in the middle of one.
     pub async fn flush_while(&mut self, go_on: impl FnMut() -> bool) -> Result<FlushReport> {
+        trace::in_span!(self.flush_in_span(go_on), "flush").await
+    }
+
+    async fn flush_in_span(&mut self, go_on: impl FnMut() -> bool) -> Result<FlushReport> {
         let stepped = self.steps_while(go_on).await;
         // Whatever happened, record what the server already acknowledged.
         let settled = self.settle_carried().await;
@@ -246,6 +251,12 @@ impl<S: Store, T: Transport> Relay<S, T> {
         report.pending = self.status.pending;
         report.next_attempt = self.status.next_attempt;
         report.last_error = self.status.last_error.clone();
+        trace::debug!(
+            sent = report.sent,
+            dead = report.dead,
+            pending = report.pending,
+            "flush done"
+        );
         Ok(report)
     }
 
@@ -288,6 +299,7 @@ impl<S: Store, T: Transport> Relay<S, T> {
         if let Err(e) = self.store.settle(carried, Timestamp::now()).await {
             // Nothing is lost: the events stay pending and are resent (the
             // server answers `duplicate`).
+            trace::warning!(error = %e, "settle failed; the events stay pending");
             self.ahead = None;
             self.status.last_error = Some(format!("settle failed: {e}"));
             self.publish();
@@ -321,6 +333,7 @@ impl<S: Store, T: Transport> Relay<S, T> {
         let claim = match self.store.claim(request.clone()).await {
             Ok(claim) => claim,
             Err(e) => {
+                trace::warning!(error = %e, "claim failed");
                 self.status.last_error = Some(format!("claim failed: {e}"));
                 self.publish();
                 return Err(e);
@@ -328,6 +341,7 @@ impl<S: Store, T: Transport> Relay<S, T> {
         };
         match claim {
             Claim::Empty => {
+                trace::debug!("claim: nothing pending");
                 self.status.pending = 0;
                 self.status.next_attempt = None;
                 self.status.lease_held_until = None;
@@ -335,17 +349,28 @@ impl<S: Store, T: Transport> Relay<S, T> {
                 Ok(Step::Idle)
             }
             Claim::NotBefore(at) => {
+                trace::debug!(next_attempt = %at.to_rfc3339(), "claim: nothing due yet");
                 self.status.next_attempt = Some(at);
                 self.status.lease_held_until = None;
                 self.publish();
                 Ok(Step::NotBefore(at))
             }
             Claim::LeaseHeld { until } => {
+                trace::info!(
+                    until = %until.to_rfc3339(),
+                    "claim: another relay holds the lease"
+                );
                 self.status.lease_held_until = Some(until);
                 self.publish();
                 Ok(Step::LeaseHeld { until })
             }
             Claim::Batch(events) => {
+                trace::debug!(
+                    events = events.len(),
+                    first_seq = events.first().map(|e| e.seq),
+                    last_seq = events.last().map(|e| e.seq),
+                    "claimed"
+                );
                 self.status.lease_held_until = None;
                 let group = Group::prepare(events, &request, &self.config);
                 self.deliver(group).await
@@ -392,6 +417,11 @@ impl<S: Store, T: Transport> Relay<S, T> {
             let verdict = self
                 .send_range(&wire, range.clone(), known, &mut prefetch_after)
                 .await?;
+            trace::debug!(
+                events = range.len(),
+                answer = push::verdict_name(&verdict),
+                "pushed"
+            );
             match verdict {
                 Verdict::Results(response) => {
                     self.window.passed();
@@ -429,6 +459,12 @@ impl<S: Store, T: Transport> Relay<S, T> {
                                 .retry
                                 .next_attempt(now, attempts, None, &mut self.jitter)
                         };
+                        trace::warning!(
+                            events = unnamed.len(),
+                            retry_at = %at.to_rfc3339(),
+                            reason = %error,
+                            "events the answer did not name stay pending"
+                        );
                         for w in unnamed {
                             outcomes.push(w.settlement(Outcome::Retry {
                                 at,
@@ -483,6 +519,13 @@ impl<S: Store, T: Transport> Relay<S, T> {
 
         tally(&outcomes, &mut counts);
         let [sent, dead, retry] = counts;
+        trace::info!(
+            sent,
+            dead,
+            pending = retry + unsent,
+            failed,
+            "batch settled"
+        );
         if retry + unsent > 0 {
             // Events of this group stay pending: the next group must not
             // overtake them, so it is claimed again after them.
@@ -552,6 +595,14 @@ impl<S: Store, T: Transport> Relay<S, T> {
             attempts,
             retry_after,
             &mut self.jitter,
+        );
+        trace::warning!(
+            events = carried.len(),
+            attempt = attempts,
+            retry_at = %at.to_rfc3339(),
+            retry_after_secs = retry_after.map(|d| d.as_secs_f64()),
+            reason = %error,
+            "channel failure: backing off"
         );
         for i in carried {
             outcomes.push(wire[i].settlement(Outcome::Retry {
@@ -632,6 +683,7 @@ impl<S: Store, T: Transport> Relay<S, T> {
             Err(e) => {
                 // Nothing is lost: unsettled events stay pending and are
                 // resent (the server answers `duplicate`).
+                trace::warning!(error = %e, "settle failed; the events stay pending");
                 self.status.last_error = Some(format!("settle failed: {e}"));
                 self.publish();
                 return Err(e);

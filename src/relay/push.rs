@@ -15,6 +15,7 @@ use crate::event::{Event, EventId};
 use crate::protocol::{EventResult, ResultStatus, write_wire_event};
 use crate::store::{ClaimRequest, Outcome, Settlement};
 use crate::time::Timestamp;
+use crate::trace;
 use crate::transport::{Push, RequestSent, Response, Transport};
 
 /// One claimed event, serialized for the wire.
@@ -233,13 +234,38 @@ pub(super) fn match_results(
 }
 
 /// Add outcomes to [sent, dead, retry] counts.
+/// Count outcomes by kind. Every outcome of a claim passes here exactly
+/// once, so this is also where a dead-lettering is traced.
+#[cfg_attr(web, allow(unused_variables))] // no telemetry on the web
 pub(super) fn tally(outcomes: &[Settlement], counts: &mut [usize; 3]) {
-    for Settlement { outcome, .. } in outcomes {
-        counts[match outcome {
+    for settlement in outcomes {
+        counts[match &settlement.outcome {
             Outcome::Sent => 0,
-            Outcome::Dead { .. } => 1,
+            Outcome::Dead { reason } => {
+                trace::warning!(
+                    seq = settlement.seq,
+                    id = %settlement.id,
+                    reason = %reason,
+                    "dead-lettered"
+                );
+                1
+            }
             Outcome::Retry { .. } => 2,
         }] += 1;
+    }
+}
+
+/// A short name of a push's verdict, for telemetry.
+#[cfg(native)]
+pub(super) fn verdict_name(verdict: &crate::policy::Verdict) -> &'static str {
+    use crate::policy::Verdict;
+    match verdict {
+        Verdict::Results(_) => "results",
+        Verdict::Refused {
+            too_large: true, ..
+        } => "refused: too large",
+        Verdict::Refused { .. } => "refused: content",
+        Verdict::Channel { .. } => "channel failure",
     }
 }
 
