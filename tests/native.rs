@@ -905,6 +905,9 @@ async fn claims_and_idle_polls_write_nothing() {
     let events = outbox
         .enqueue([order_created(1, 1), order_created(2, 1)])
         .unwrap();
+    // Claims from here on are at or after the commit (its events are due
+    // at their commit time, a millisecond after the `now` above, maybe).
+    let now = Timestamp::now();
     let v = version();
     let Claim::Batch(batch) = store.claim(claim_request("a", now)).await.unwrap() else {
         panic!("expected a batch");
