@@ -676,14 +676,65 @@ async fn a_connection_closed_under_the_relay_is_reopened_and_queued_flushes_get_
 
 // ---- browser lifecycle (issue 10) ---------------------------------------------
 
+/// Whether this engine resumed code awaiting `Blob.arrayBuffer()` (of a small
+/// in-memory Blob) while an IndexedDB transaction kept alive by a chain of
+/// requests (as `outbox.transaction` keeps it) was still active, in one try.
+async fn blob_read_resumes_inside_the_transaction() -> bool {
+    let name = fresh_name("blob-probe");
+    run_js(&format!(
+        "const db = await new Promise((resolve, reject) => {{
+            const r = indexedDB.open({name:?}, 1);
+            r.onupgradeneeded = () => r.result.createObjectStore('s');
+            r.onsuccess = () => resolve(r.result);
+            r.onerror = () => reject(r.error);
+        }});
+        const tx = db.transaction('s', 'readwrite');
+        const done = new Promise((resolve) => {{ tx.oncomplete = tx.onabort = resolve; }});
+        const store = tx.objectStore('s');
+        let reading = true;
+        const keepAlive = () => {{ if (reading) store.get(0).onsuccess = keepAlive; }};
+        keepAlive();
+        await new Blob(['abc']).arrayBuffer();
+        reading = false;
+        let active;
+        try {{ store.get(0); active = true; }} catch (e) {{ active = false; }}
+        await done;
+        db.close();
+        indexedDB.deleteDatabase({name:?});
+        return active;"
+    ))
+    .await
+    .as_bool()
+    .unwrap()
+}
+
 /// Case 6: an async callback that awaits something other than its own
 /// transaction's requests (a fetch, a timer, `Blob.arrayBuffer()`): IndexedDB
 /// would commit what was written before the await alone. The commit is
-/// refused before anything is written, with a named error.
+/// refused before anything is written, with a named error
+/// (WebKit: see the Blob.arrayBuffer() note inside).
 #[wasm_bindgen_test]
 async fn a_callback_awaiting_something_else_writes_nothing() {
     let outbox = open_todos(&fresh_name("foreign-await"), "").await;
-    for (what, wait_for) in [
+    // An engine difference. Chromium and Firefox resume an await of
+    // Blob.arrayBuffer() in a task of its own, after the transaction went
+    // inactive (0 of 20 tries): the library must refuse it like the others.
+    // WebKit (WebKitGTK 2.50) resumes it about half the time while the
+    // transaction kept alive by the library is still active (10 of 20): that
+    // await is then no foreign await, the callback's later writes are accepted
+    // and the transaction commits whole. So where the engine can do that (seen
+    // in up to 20 tries, WebKit misses all 20 about once in a million runs),
+    // either outcome is allowed, each with its all-or-nothing asserted: a whole
+    // commit (the todo AND its event) or the refusal with nothing written.
+    let mut blob_read_inside = false;
+    for _ in 0..20 {
+        if blob_read_resumes_inside_the_transaction().await {
+            blob_read_inside = true;
+            break;
+        }
+    }
+    let mut committed = 0.0;
+    for (i, (what, wait_for)) in [
         ("a timer", "await new Promise((r) => setTimeout(r, 50));"),
         (
             "a fetch",
@@ -697,22 +748,39 @@ async fn a_callback_awaiting_something_else_writes_nothing() {
             "a zero timer",
             "await new Promise((r) => setTimeout(r, 0));",
         ),
-    ] {
-        let err = wait(outbox.transaction(
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = 10 + i as u32;
+        let result = wait(outbox.transaction(
             js(r#"["todos"]"#),
             Function::new_with_args(
                 "tx",
                 &format!(
                     "return (async () => {{
-                        tx.put('todos', {{ id: 1, done: 0 }});
+                        tx.put('todos', {{ id: {id}, done: 0 }});
                         {wait_for}
-                        tx.enqueue('TodoCreated', {{ id: 1 }});
+                        tx.enqueue('TodoCreated', {{ id: {id} }});
                     }})();"
                 ),
             ),
         ))
-        .await
-        .expect_err(what);
+        .await;
+        if what == "Blob.arrayBuffer()" && blob_read_inside && result.is_ok() {
+            committed += 1.0;
+            assert!(
+                !todo(&outbox, id).await.is_undefined(),
+                "{what}: the todo is missing"
+            );
+            assert_eq!(
+                pending_count(&outbox).await,
+                committed,
+                "{what}: the event was not committed with the todo"
+            );
+            continue;
+        }
+        let err = result.expect_err(what);
         assert_eq!(error_name(&err), "ForeignAwaitError", "{what}: {err:?}");
         assert!(
             prop(&err, "message")
@@ -722,10 +790,10 @@ async fn a_callback_awaiting_something_else_writes_nothing() {
             "{what}: {err:?}"
         );
         assert!(
-            todo(&outbox, 1).await.is_undefined(),
+            todo(&outbox, id).await.is_undefined(),
             "{what}: the todo was written alone"
         );
-        assert_eq!(pending_count(&outbox).await, 0.0, "{what}");
+        assert_eq!(pending_count(&outbox).await, committed, "{what}");
     }
     // A callback that catches the failure of its late write still writes nothing.
     let err = wait(outbox.transaction(
@@ -762,7 +830,7 @@ async fn a_callback_awaiting_something_else_writes_nothing() {
     .unwrap();
     assert!(value.as_string().is_some());
     assert_eq!(num(&todo(&outbox, 4).await, "done"), 1.0);
-    assert_eq!(pending_count(&outbox).await, 1.0);
+    assert_eq!(pending_count(&outbox).await, committed + 1.0);
     wait(outbox.close()).await.unwrap();
 }
 
