@@ -43,6 +43,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub mod check;
 mod faults;
 mod http;
 mod inbox;

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use edge_outbox_server::logging::LogFormat;
 use edge_outbox_server::{DEFAULT_BODY_LIMIT, ServerConfig};
 
@@ -15,6 +15,9 @@ use edge_outbox_server::{DEFAULT_BODY_LIMIT, ServerConfig};
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// Address to listen on; port 0 picks a free port (the real one is printed).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -68,6 +71,24 @@ struct Args {
     log_format: LogFormat,
 }
 
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Check that a backend (any implementation) follows the sync protocol:
+    /// pushes test events to URL and prints one PASS/FAIL line per
+    /// obligation with the evidence. Exits non-zero when a MUST fails.
+    Check {
+        /// The push endpoint, e.g. http://127.0.0.1:8080/v1/events.
+        url: String,
+        /// Bearer token to push with.
+        #[arg(long, value_name = "T")]
+        token: Option<String>,
+        /// Push for this client id (when the token is bound to one) instead
+        /// of a fresh random one per check.
+        #[arg(long, value_name = "ID")]
+        client_id: Option<String>,
+    },
+}
+
 /// `TOKEN:CLIENT_ID`, split at the last colon (client ids are UUIDs, tokens may hold colons).
 fn parse_token(s: &str) -> Result<(String, String), String> {
     match s.rsplit_once(':') {
@@ -81,6 +102,21 @@ fn parse_token(s: &str) -> Result<(String, String), String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::Check {
+        url,
+        token,
+        client_id,
+    }) = &args.command
+    {
+        let report =
+            edge_outbox_server::check::run_as(url, token.as_deref(), client_id.as_deref()).await;
+        print!("{report}");
+        return if report.passed() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
     let subscriber = edge_outbox_server::logging::subscriber(
         args.log_format,
