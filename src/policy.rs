@@ -266,7 +266,6 @@ pub(crate) fn classify(response: Response) -> Verdict {
         error,
         narrows,
     };
-    let error_body = serde_json::from_slice::<ErrorBody>(&response.body).ok();
     match status {
         200 => match serde_json::from_slice::<PushResponse>(&response.body) {
             Ok(parsed) => Verdict::Results(parsed),
@@ -279,7 +278,8 @@ pub(crate) fn classify(response: Response) -> Verdict {
             ),
             too_large: true,
         },
-        400 | 422 => match error_body {
+        // Parsed here only: a 200's body is never read as an error body.
+        400 | 422 => match serde_json::from_slice::<ErrorBody>(&response.body).ok() {
             Some(body) if CONTENT_ERRORS.contains(&body.error.as_str()) => Verdict::Refused {
                 reason: format!("rejected by the server ({status}): {}", body.message),
                 too_large: false,
@@ -316,20 +316,14 @@ pub(crate) fn classify(response: Response) -> Verdict {
             ),
             false,
         ),
-        // 429 and 503 say "too busy": a smaller push would not help.
-        429 | 503 => channel(
-            format!(
-                "the server answered {status}: {}",
-                error_text(&response.body)
-            ),
-            false,
-        ),
+        // A timeout or a server error may be the push's size or one of its
+        // events; 429 and 503 say "too busy", which a smaller push would not help.
         _ => channel(
             format!(
                 "the server answered {status}: {}",
                 error_text(&response.body)
             ),
-            status == 408 || status >= 500,
+            status == 408 || (status >= 500 && status != 503),
         ),
     }
 }
