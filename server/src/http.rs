@@ -431,7 +431,7 @@ fn invalid_event(e: &WireEvent) -> Option<String> {
     if e.headers.keys().any(|k| k.is_empty()) {
         return Some("header names must not be empty".into());
     }
-    if let Err(err) = edge_outbox::protocol::check_json_text(e.payload.get()) {
+    if let Err(err) = edge_outbox::protocol::check_well_formed_strings(e.payload.get()) {
         return Some(format!("the payload is not well-formed: {err}"));
     }
     None
