@@ -985,16 +985,29 @@ async fn a_blocked_upgrade_is_reported_and_open_rejects_in_bounded_time() {
     wait(outbox.close()).await.unwrap();
 }
 
+/// The server's request log for `client`, by start; with `unparsed`, also
+/// the requests whose body never arrived whole (no client id: a push the
+/// page gave up on while it was uploading).
+async fn request_log(server: &str, client: &str, unparsed: bool) -> Vec<JsValue> {
+    let log = http("GET", &format!("{server}/__test/requests"), None).await;
+    let mut out: Vec<JsValue> = js_sys::Array::from(&log)
+        .iter()
+        .filter(|r| match prop(r, "client_id").as_string() {
+            Some(id) => id == client,
+            None => unparsed,
+        })
+        .collect();
+    out.sort_by(|a, b| num(a, "started_at").total_cmp(&num(b, "started_at")));
+    out
+}
+
 /// Pushes of `client` in the server's log, by start: `(started_at, finished_at)`.
 async fn pushes(server: &str, client: &str) -> Vec<(f64, f64)> {
-    let log = http("GET", &format!("{server}/__test/requests"), None).await;
-    let mut out: Vec<(f64, f64)> = js_sys::Array::from(&log)
+    request_log(server, client, false)
+        .await
         .iter()
-        .filter(|r| prop(r, "client_id").as_string().as_deref() == Some(client))
-        .map(|r| (num(&r, "started_at"), num(&r, "finished_at")))
-        .collect();
-    out.sort_by(|a, b| a.0.total_cmp(&b.0));
-    out
+        .map(|r| (num(r, "started_at"), num(r, "finished_at")))
+        .collect()
 }
 
 /// Case 5: `close()` while a push is on the wire hands the sender lock over
@@ -1445,17 +1458,11 @@ async fn a_400_for_every_push_dead_letters_nothing() {
 /// Events in each push of `client` in the server's log, by start; a push
 /// whose body never arrived whole (the page gave up on it) counts as 0.
 async fn push_sizes(server: &str, client: &str) -> Vec<f64> {
-    let log = http("GET", &format!("{server}/__test/requests"), None).await;
-    let mut out: Vec<(f64, f64)> = js_sys::Array::from(&log)
+    request_log(server, client, true)
+        .await
         .iter()
-        .filter(|r| {
-            let id = prop(r, "client_id").as_string();
-            id.is_none() || id.as_deref() == Some(client)
-        })
-        .map(|r| (num(&r, "started_at"), num(&r, "events")))
-        .collect();
-    out.sort_by(|a, b| a.0.total_cmp(&b.0));
-    out.into_iter().map(|(_, n)| n).collect()
+        .map(|r| num(r, "events"))
+        .collect()
 }
 
 /// Issue 9, case 8, in the browser: a slow uplink (the server reads push
