@@ -56,7 +56,6 @@
 mod config;
 mod push;
 
-use std::collections::VecDeque;
 use std::ops::Range;
 use std::time::Duration;
 
@@ -65,8 +64,8 @@ pub use config::{
     FlushReport, MIN_COUNT_INTERVAL, RelayConfig, RelayStatus, StatusObserver, Step,
 };
 use push::{
-    Group, Trial, Wire, claim_request, drain_len, group_limits, join, match_results,
-    next_attempt_number, push_body, send_with_auth, split_front, tally,
+    Group, Pushes, Trial, Wire, claim_request, group_limits, join, match_results,
+    next_attempt_number, push_body, send_with_auth, tally,
 };
 
 use crate::error::Result;
@@ -388,7 +387,7 @@ impl<S: Store, T: Transport> Relay<S, T> {
             full,
         } = group;
         let mut failed = false;
-        let mut queue = self.pushes(&wire);
+        let mut queue = Pushes::new(&wire);
         // When this claim was full, more is probably pending: while each push
         // is on the wire, claim and serialize one more push's worth into
         // `self.ahead`, so the next step starts pushing at once and the local
@@ -400,7 +399,7 @@ impl<S: Store, T: Transport> Relay<S, T> {
         let mut unsent = 0;
         let mut pushes = 0;
         let mut trial = Trial::default();
-        while let Some(range) = queue.pop_front() {
+        while let Some(range) = queue.pop(&wire, self.window.limit(), self.config.max_bytes) {
             if pushes > 0 && Timestamp::now() >= now.add(self.config.lease / 2) {
                 // The lease was renewed at the claim; pushing on past half of
                 // it risks another relay taking over in the middle of this
@@ -472,14 +471,14 @@ impl<S: Store, T: Transport> Relay<S, T> {
                             }));
                         }
                         // Later pushes must not overtake the skipped events.
-                        unsent += drain_len(&mut queue);
+                        unsent += queue.drain();
                     }
                 }
                 Verdict::Refused { too_large, .. } if range.len() > 1 => {
                     if too_large {
                         self.window.too_large(range.len());
                     }
-                    split_front(&mut queue, range)
+                    queue.split_front(range)
                 }
                 Verdict::Refused { reason, .. } => {
                     trial.refused(range.start, reason, &wire, &mut outcomes);
@@ -489,7 +488,7 @@ impl<S: Store, T: Transport> Relay<S, T> {
                         // the events'. They all stay pending.
                         let (error, suspects) = trial.acquit();
                         failed = true;
-                        unsent += drain_len(&mut queue);
+                        unsent += queue.drain();
                         self.channel_failure(&wire, suspects, None, error, &mut outcomes);
                     }
                 }
@@ -504,12 +503,12 @@ impl<S: Store, T: Transport> Relay<S, T> {
                     // were carried and stay pending; the rest were not pushed.
                     let (_, suspects) = trial.acquit();
                     let carried: Vec<usize> = suspects.into_iter().chain(range).collect();
-                    unsent += drain_len(&mut queue);
+                    unsent += queue.drain();
                     self.channel_failure(&wire, carried, retry_after, error, &mut outcomes);
                 }
             }
         }
-        unsent += drain_len(&mut queue);
+        unsent += queue.drain();
         if !trial.is_empty() {
             // Stopped (lease renewal) with lone refusals unproven: pending.
             let (error, suspects) = trial.acquit();
@@ -552,29 +551,6 @@ impl<S: Store, T: Transport> Relay<S, T> {
             retry: retry + unsent,
             failed,
         })
-    }
-
-    /// The group's pushes: up to the [`PushWindow`]'s events and `max_bytes`
-    /// each (the first event of a push always goes, however large: the
-    /// server's 413 decides).
-    fn pushes(&self, wire: &[Wire]) -> VecDeque<Range<usize>> {
-        let max_events = self.window.limit();
-        let mut queue = VecDeque::new();
-        let mut start = 0;
-        while start < wire.len() {
-            let mut end = start + 1;
-            let mut bytes = wire[start].size;
-            while end < wire.len()
-                && end - start < max_events
-                && bytes + wire[end].size <= self.config.max_bytes
-            {
-                bytes += wire[end].size;
-                end += 1;
-            }
-            queue.push_back(start..end);
-            start = end;
-        }
-        queue
     }
 
     /// A failure of the channel: the events at `carried` (pushed, no verdict)
@@ -1427,6 +1403,24 @@ mod tests {
         assert_eq!(relay.window.limit(), 1);
         let last = server.requests().last().copied().unwrap();
         assert_eq!(last.0, 1, "the failing event is pushed alone");
+    }
+
+    #[test]
+    fn pushes_widen_again_within_the_group_that_follows_an_outage() {
+        let (mut relay, _store, server) = setup(40);
+        // An outage narrowed the window down to single events (a single
+        // event failing too: the size was not the cause).
+        while relay.window.limit() > 1 {
+            let events = relay.window.limit();
+            relay.window.failed(events, true);
+        }
+        relay.window.failed(1, true);
+        block_on(relay.flush()).unwrap();
+        // Each push is cut when it goes, at the window of that moment:
+        // 1, 2, 4, 8, then 10 per push (the configured most).
+        let sizes: Vec<usize> = server.requests().iter().map(|r| r.0).collect();
+        assert_eq!(sizes, [1, 2, 4, 8, 10, 10, 5]);
+        assert_eq!(seqs(&server), (1..=40).collect::<Vec<_>>());
     }
 
     #[test]

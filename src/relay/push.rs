@@ -233,7 +233,6 @@ pub(super) fn match_results(
     part.iter().map(|w| by_id.remove(&w.id)).collect()
 }
 
-/// Add outcomes to [sent, dead, retry] counts.
 /// Count outcomes by kind. Every outcome of a claim passes here exactly
 /// once, so this is also where a dead-lettering is traced.
 #[cfg_attr(web, allow(unused_variables))] // no telemetry on the web
@@ -273,11 +272,78 @@ pub(super) fn is_auth(status: u16) -> bool {
     status == 401 || status == 403
 }
 
-/// Replace `range` at the front of the queue by its two halves, in order.
-pub(super) fn split_front(queue: &mut VecDeque<Range<usize>>, range: Range<usize>) {
-    let mid = range.start + range.len() / 2;
-    queue.push_front(mid..range.end);
-    queue.push_front(range.start..mid);
+/// The pushes of one group, cut as they are taken: a push holds up to the
+/// [`PushWindow`](crate::policy::PushWindow)'s size *at the time it goes*
+/// (so a window that widens again after a failure widens the rest of the
+/// group too) and up to `max_bytes` (the first event of a push always goes,
+/// however large: the server's 413 decides). Ranges put back (the halves of
+/// a split, a push deferred) go first.
+pub(super) struct Pushes {
+    /// Ranges put back, in order, before the uncut rest.
+    queue: VecDeque<Range<usize>>,
+    /// The uncut rest of the group: `next..end`.
+    next: usize,
+    end: usize,
+}
+
+impl Pushes {
+    /// The pushes of `wire`, none cut yet.
+    pub(super) fn new(wire: &[Wire]) -> Self {
+        Pushes {
+            queue: VecDeque::new(),
+            next: 0,
+            end: wire.len(),
+        }
+    }
+
+    /// The next push: a range put back, or the next cut of the rest.
+    pub(super) fn pop(
+        &mut self,
+        wire: &[Wire],
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Option<Range<usize>> {
+        if let Some(range) = self.queue.pop_front() {
+            return Some(range);
+        }
+        let start = self.next;
+        if start >= self.end {
+            return None;
+        }
+        let mut end = start + 1;
+        let mut bytes = wire[start].size;
+        while end < self.end && end - start < max_events && bytes + wire[end].size <= max_bytes {
+            bytes += wire[end].size;
+            end += 1;
+        }
+        self.next = end;
+        Some(start..end)
+    }
+
+    /// Put `range` back to go next.
+    pub(super) fn push_front(&mut self, range: Range<usize>) {
+        self.queue.push_front(range);
+    }
+
+    /// Put `range` back as its two halves, in order.
+    pub(super) fn split_front(&mut self, range: Range<usize>) {
+        let mid = range.start + range.len() / 2;
+        self.queue.push_front(mid..range.end);
+        self.queue.push_front(range.start..mid);
+    }
+
+    /// Nothing is left to push.
+    pub(super) fn is_empty(&self) -> bool {
+        self.queue.is_empty() && self.next >= self.end
+    }
+
+    /// Drop everything left; how many events it held (never pushed).
+    pub(super) fn drain(&mut self) -> usize {
+        let put_back: usize = self.queue.drain(..).map(|r| r.len()).sum();
+        let rest = self.end.saturating_sub(self.next);
+        self.next = self.end;
+        put_back + rest
+    }
 }
 
 /// The evidence gathered while bisecting a refused push (400/422 with the
@@ -353,11 +419,6 @@ impl Trial {
         };
         (error, self.suspects.drain(..).map(|(i, _)| i).collect())
     }
-}
-
-/// Take every range left in the queue; how many events they held.
-pub(super) fn drain_len(queue: &mut VecDeque<Range<usize>>) -> usize {
-    queue.drain(..).map(|r| r.len()).sum()
 }
 
 /// The attempt number that a push of `carried` was: one more than the most
