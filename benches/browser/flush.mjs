@@ -1,11 +1,16 @@
 // Scripted Chromium benchmark: flush throughput to the reference server on
-// loopback, edge-outbox (outbox.flush(), batches of 100) vs Workbox
-// Background Sync (Queue.replayRequests(), one request per event), the same
-// N events in the same browser, interleaved rounds, median round.
+// loopback, the same N events in the same browser, rotated rounds, median
+// round, three sides:
+// - edge-outbox: outbox.flush(), batches of BATCH;
+// - the bare baseline a user would write: a loop of fetch POSTing the same
+//   batches, serialized beforehand, from the same page to the same endpoint;
+// - Workbox Background Sync: Queue.replayRequests(), one request per event.
+// Then one more outbox flush with its IndexedDB transactions and fetches
+// recorded, to show where its time goes.
 // Run (repository root):
 //   scripts/build-pkg && cargo build --release -p edge-outbox-server \
 //     && (cd benches/browser && npm install && node flush.mjs)
-//   N=1000 ROUNDS=3 BATCH=100 by default
+//   N=1000 ROUNDS=5 BATCH=100 by default; PKG_DIR=<a built package> (default pkg/)
 // The page, its service worker and pkg/ are served by the reference server
 // itself (--static-dir), so both sides talk to a same-origin endpoint: no
 // CORS preflight on either side.
@@ -20,19 +25,20 @@ import { launchChromium } from "./chromium.mjs";
 const here = path.dirname(fileURLToPath(import.meta.url));
 const root = path.resolve(here, "../..");
 const n = Number(process.env.N ?? 1000);
-const rounds = Number(process.env.ROUNDS ?? 3);
+const rounds = Number(process.env.ROUNDS ?? 5);
 const batch = Number(process.env.BATCH ?? 100);
+const pkgDir = path.resolve(process.env.PKG_DIR ?? path.join(root, "pkg"));
 const serverBin = process.env.EDGE_OUTBOX_SERVER ?? path.join(root, "target/release/edge-outbox-server");
 const die = (msg) => { console.error(`flush benchmark: ERROR: ${msg}`); process.exit(1); };
 if (!fs.existsSync(serverBin)) die(`${serverBin} is missing: cargo build --release -p edge-outbox-server`);
-if (!fs.existsSync(path.join(root, "pkg/index.js"))) die("pkg/ is missing: scripts/build-pkg");
+if (!fs.existsSync(path.join(pkgDir, "index.js"))) die(`${pkgDir} is missing: scripts/build-pkg`);
 
 // ---- the site: page + bundled service worker + the npm package -------------
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), "edge-outbox-flush-"));
 const site = path.join(tmp, "site");
 fs.mkdirSync(path.join(site, "pkg"), { recursive: true });
 fs.copyFileSync(path.join(here, "flush-page.html"), path.join(site, "index.html"));
-fs.cpSync(path.join(root, "pkg"), path.join(site, "pkg"), { recursive: true });
+fs.cpSync(pkgDir, path.join(site, "pkg"), { recursive: true });
 await esbuild.build({
   entryPoints: [path.join(here, "flush-sw.js")], bundle: true, format: "iife", minify: false,
   define: { "process.env.NODE_ENV": '"production"' }, outfile: path.join(site, "sw.js"), logLevel: "warning",
@@ -68,6 +74,36 @@ async function received(clientId) {
   }
 }
 
+/**
+ * Where the profiled flush's time went: each instant of it is charged to the
+ * first of these that was under way then: a fetch (network and server), a
+ * claim transaction, a settle transaction, a read-only transaction (counts),
+ * or none of them (wasm and JS on the main thread between requests).
+ */
+function profileSplit({ ms, spans, sent }) {
+  const order = ["fetch", "claim", "settle", "read"];
+  const edges = [...new Set([0, ms, ...spans.flatMap((s) => [s.start, s.end])])]
+    .filter((t) => t >= 0 && t <= ms).sort((a, b) => a - b);
+  const total = Object.fromEntries([...order, "none"].map((k) => [k, 0]));
+  for (let i = 0; i + 1 < edges.length; i++) {
+    const [a, b] = [edges[i], edges[i + 1]];
+    const mid = (a + b) / 2;
+    const on = new Set(spans.filter((s) => s.start <= mid && s.end >= mid).map((s) => s.kind));
+    total[order.find((k) => on.has(k)) ?? "none"] += b - a;
+  }
+  const count = (k) => spans.filter((s) => s.kind === k).length;
+  const busy = (k) => spans.filter((s) => s.kind === k).reduce((t, s) => t + s.end - s.start, 0);
+  const batches = sent / batch;
+  const lines = [`profiled flush: ${ms.toFixed(0)} ms for ${sent} events (${batches} batches), per batch:`,
+    "| span | count | open (ms per batch) | charged (ms per batch, first of fetch > claim > settle > read) |",
+    "|---|---|---|---|"];
+  for (const k of order) {
+    lines.push(`| ${k} | ${count(k)} | ${(busy(k) / batches).toFixed(2)} | ${(total[k] / batches).toFixed(2)} |`);
+  }
+  lines.push(`| none (main thread between requests) | | | ${(total.none / batches).toFixed(2)} |`);
+  return lines.join("\n");
+}
+
 const context = await launchChromium("edge-outbox-flush-chromium-");
 try {
   const page = await context.newPage();
@@ -77,10 +113,12 @@ try {
   await page.evaluate(() => window.setUp());
   // Warm-up of both sides (JIT, wasm, IndexedDB files, connections).
   await page.evaluate((o) => window.runOutbox(o), { n: 100, batch, tag: "warm" });
+  await page.evaluate((o) => window.runFetch(o), { n: 100, batch });
   const warm = await page.evaluate((o) => window.runWorkbox(o), { n: 20, tag: "warm" });
   if (!warm.ok) throw new Error(`Workbox warm-up failed: ${warm.error}`);
 
   const outboxRates = [];
+  const fetchRates = [];
   const workboxRates = [];
   const queueRates = [];
   const run = {
@@ -90,6 +128,13 @@ try {
       const ids = await received(res.clientId);
       if (ids.length !== n || new Set(ids).size !== n) throw new Error(`server holds ${ids.length} outbox events, expected ${n}`);
       outboxRates.push((n * 1000) / res.ms);
+    },
+    async fetch() {
+      const res = await page.evaluate((o) => window.runFetch(o), { n, batch });
+      if (res.sent !== n) throw new Error(`the fetch loop had ${res.sent} of ${n} events accepted`);
+      const ids = await received(res.clientId);
+      if (ids.length !== n || new Set(ids).size !== n) throw new Error(`server holds ${ids.length} fetch-loop events, expected ${n}`);
+      fetchRates.push((n * 1000) / res.ms);
     },
     async workbox(r) {
       const res = await page.evaluate((o) => window.runWorkbox(o), { n, tag: `r${r}` });
@@ -101,23 +146,38 @@ try {
       queueRates.push((n * 1000) / res.queueMs);
     },
   };
+  const sides = ["outbox", "fetch", "workbox"];
   for (let r = 0; r < rounds; r++) {
-    // Alternate which side goes first, so drift hits both equally.
-    const order = r % 2 === 0 ? ["outbox", "workbox"] : ["workbox", "outbox"];
+    // Rotate which side goes first, so drift hits every side alike.
+    const order = sides.map((_, i) => sides[(i + r) % sides.length]);
     for (const side of order) await run[side](r);
-    console.error(`round ${r + 1}/${rounds}: outbox ${outboxRates.at(-1).toFixed(0)} events/s, Workbox replay ${workboxRates.at(-1).toFixed(0)} events/s`);
+    console.error(`round ${r + 1}/${rounds}: outbox ${outboxRates.at(-1).toFixed(0)}, fetch loop ${fetchRates.at(-1).toFixed(0)}, `
+      + `Workbox replay ${workboxRates.at(-1).toFixed(0)} events/s`);
   }
+
+  // One more outbox flush, profiled: where its time goes.
+  const prof = await page.evaluate((o) => window.runOutbox(o), { n, batch, tag: "profile", profile: true });
+  if (prof.sent !== n) throw new Error(`profiled outbox sent ${prof.sent} of ${n}`);
+
   const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+  const range = (xs) => `${Math.min(...xs).toFixed(2)}–${Math.max(...xs).toFixed(2)}`;
   const version = context.browser()?.version?.() ?? "unknown";
   const o = median(outboxRates);
+  const f = median(fetchRates);
   const w = median(workboxRates);
-  console.log(`Chromium ${version}, N=${n} events per side per round, ${rounds} rounds, outbox batches of ${batch}, median round`);
+  const fmt = (xs) => xs.map((x) => x.toFixed(0)).join(", ");
+  console.log(`Chromium ${version}, N=${n} events per side per round, ${rounds} rounds, batches of ${batch}, median round`);
   console.log("| side | events/s (median) | all rounds |");
   console.log("|---|---|---|");
-  console.log(`| edge-outbox \`flush()\` | ${o.toFixed(0)} | ${outboxRates.map((x) => x.toFixed(0)).join(", ")} |`);
-  console.log(`| Workbox \`replayRequests()\` | ${w.toFixed(0)} | ${workboxRates.map((x) => x.toFixed(0)).join(", ")} |`);
-  console.log(`| (Workbox \`pushRequest\`, queueing, for reference) | ${median(queueRates).toFixed(0)} | ${queueRates.map((x) => x.toFixed(0)).join(", ")} |`);
+  console.log(`| edge-outbox \`flush()\` | ${o.toFixed(0)} | ${fmt(outboxRates)} |`);
+  console.log(`| bare \`fetch\` loop, same batches pre-serialized | ${f.toFixed(0)} | ${fmt(fetchRates)} |`);
+  console.log(`| Workbox \`replayRequests()\` | ${w.toFixed(0)} | ${fmt(workboxRates)} |`);
+  console.log(`| (Workbox \`pushRequest\`, queueing, for reference) | ${median(queueRates).toFixed(0)} | ${fmt(queueRates)} |`);
+  // Per round: each round's sides ran back to back.
+  const perRound = outboxRates.map((x, i) => x / fetchRates[i]);
+  console.log(`ratio edge-outbox / bare fetch: ${(o / f).toFixed(2)} (per round ${range(perRound)}; target >= 0.5)`);
   console.log(`ratio edge-outbox / Workbox: ${(o / w).toFixed(1)}x (target >= 20x)`);
+  console.log(profileSplit(prof));
 } finally {
   await context.close();
   server.kill();
