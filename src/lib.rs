@@ -25,6 +25,9 @@ pub use transport::{Credentials, RequestSent, Transport};
 
 // The backend is chosen here and nowhere else (see build.rs for the aliases).
 #[cfg(native)]
+#[doc(hidden)]
+pub mod fuzzing;
+#[cfg(native)]
 mod native;
 #[cfg(native)]
 pub use native::*;

@@ -295,7 +295,7 @@ fn authorize_read(state: &AppState, headers: &HeaderMap) -> Result<(), Response>
 
 // ---- body ----
 
-enum BodyError {
+pub(crate) enum BodyError {
     TooLarge,
     Unreadable(String),
 }
@@ -309,7 +309,7 @@ enum BodyError {
 ///
 /// `rate` (the slow-upload test control): read at most that many bytes per
 /// second, sleeping after each frame as long as it takes at that rate.
-async fn read_body(
+pub(crate) async fn read_body(
     headers: &HeaderMap,
     mut body: Body,
     limit: usize,
@@ -368,7 +368,7 @@ fn declared_length(headers: &HeaderMap) -> Option<usize> {
 
 /// Parse a push body, telling a wrong protocol version, malformed JSON and
 /// a well-formed body of the wrong shape apart.
-fn parse_push(bytes: &[u8]) -> Result<PushRequest, Response> {
+pub(crate) fn parse_push(bytes: &[u8]) -> Result<PushRequest, Response> {
     fn unsupported(version: &serde_json::Value) -> Response {
         let mut body = ErrorBody::new(
             "unsupported_protocol",
@@ -412,7 +412,7 @@ fn parse_push(bytes: &[u8]) -> Result<PushRequest, Response> {
 
 /// Why one event is rejected, if it is. These are permanent: resending the
 /// same event can never succeed, so the client may dead-letter it.
-fn invalid_event(e: &WireEvent) -> Option<String> {
+pub(crate) fn invalid_event(e: &WireEvent) -> Option<String> {
     if e.event_type.is_empty() {
         return Some("type must not be empty".into());
     }

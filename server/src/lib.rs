@@ -45,6 +45,8 @@ use tokio::task::JoinHandle;
 
 pub mod check;
 mod faults;
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 mod inbox;
 pub mod logging;

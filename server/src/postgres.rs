@@ -34,12 +34,11 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use edge_outbox::Timestamp;
 use edge_outbox::protocol::{EventResult, ReceivedEvent, ResultStatus, WireEvent};
-use serde_json::value::RawValue;
 use tokio_postgres::NoTls;
 
 use crate::Error;
 use crate::inbox::{Applied, PgInbox, classify};
-use crate::store::EventStore;
+use crate::store::{EventStore, StoredRow};
 
 /// Schema version this build writes (in `edge_outbox_server_meta`).
 pub const PG_SCHEMA_VERSION: i64 = 1;
@@ -418,27 +417,21 @@ impl PgStore {
         };
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
-            let cursor: i64 = row.get(0);
-            let corrupt = |what: &str, e: &dyn std::fmt::Display| {
-                Error::Internal(format!("stored event at cursor {cursor}: bad {what}: {e}"))
-            };
-            let id: String = row.get(2);
-            let payload: String = row.get(6);
-            let headers: String = row.get(7);
-            out.push(ReceivedEvent {
-                cursor,
-                client_id: row.get(1),
-                event: WireEvent {
-                    id: id.parse().map_err(|e| corrupt("id", &e))?,
+            out.push(
+                StoredRow {
+                    cursor: row.get(0),
+                    client_id: row.get(1),
+                    id: row.get(2),
                     seq: row.get(3),
                     event_type: row.get(4),
                     key: row.get(5),
-                    payload: RawValue::from_string(payload).map_err(|e| corrupt("payload", &e))?,
-                    headers: serde_json::from_str(&headers).map_err(|e| corrupt("headers", &e))?,
+                    payload: row.get(6),
+                    headers: row.get(7),
                     created_at: row.get(8),
-                },
-                received_at: row.get(9),
-            });
+                    received_at: row.get(9),
+                }
+                .decode()?,
+            );
         }
         Ok(out)
     }

@@ -54,6 +54,58 @@ pub(crate) async fn open(
     })
 }
 
+/// One stored event's columns as both stores read them back (their tables
+/// have the same columns): the one place where a stored row becomes the
+/// event a pull returns.
+pub struct StoredRow {
+    /// Arrival position (`cursor` column).
+    pub cursor: i64,
+    /// The pushing client.
+    pub client_id: String,
+    /// The event id, as text (a UUID).
+    pub id: String,
+    /// The client's seq.
+    pub seq: i64,
+    /// The event type.
+    pub event_type: String,
+    /// The ordering key, if any.
+    pub key: Option<String>,
+    /// The payload's JSON text, as pushed.
+    pub payload: String,
+    /// The headers as a JSON object of strings.
+    pub headers: String,
+    /// The client's `created_at` (RFC 3339), as pushed.
+    pub created_at: String,
+    /// When the server stored it (RFC 3339).
+    pub received_at: String,
+}
+
+impl StoredRow {
+    /// The event a pull returns. A column that does not decode (a row
+    /// changed behind the server's back) is [`Error::Internal`] naming the
+    /// cursor and the column, never a panic.
+    pub fn decode(self) -> Result<ReceivedEvent, Error> {
+        let cursor = self.cursor;
+        let corrupt = |what: &str, e: &dyn std::fmt::Display| {
+            Error::Internal(format!("stored event at cursor {cursor}: bad {what}: {e}"))
+        };
+        Ok(ReceivedEvent {
+            cursor,
+            client_id: self.client_id,
+            event: WireEvent {
+                id: self.id.parse().map_err(|e| corrupt("id", &e))?,
+                seq: self.seq,
+                event_type: self.event_type,
+                key: self.key,
+                payload: RawValue::from_string(self.payload).map_err(|e| corrupt("payload", &e))?,
+                headers: serde_json::from_str(&self.headers).map_err(|e| corrupt("headers", &e))?,
+                created_at: self.created_at,
+            },
+            received_at: self.received_at,
+        })
+    }
+}
+
 /// Where received events live.
 ///
 /// Contract, one obligation a line:
@@ -287,23 +339,21 @@ impl EventStore for SqliteStore {
                 created_at,
                 received_at,
             ) = row?;
-            let corrupt = |what: &str, e: &dyn std::fmt::Display| {
-                Error::Internal(format!("stored event at cursor {cursor}: bad {what}: {e}"))
-            };
-            out.push(ReceivedEvent {
-                cursor,
-                client_id,
-                event: WireEvent {
-                    id: id.parse().map_err(|e| corrupt("id", &e))?,
+            out.push(
+                StoredRow {
+                    cursor,
+                    client_id,
+                    id,
                     seq,
                     event_type,
                     key,
-                    payload: RawValue::from_string(payload).map_err(|e| corrupt("payload", &e))?,
-                    headers: serde_json::from_str(&headers).map_err(|e| corrupt("headers", &e))?,
+                    payload,
+                    headers,
                     created_at,
-                },
-                received_at,
-            });
+                    received_at,
+                }
+                .decode()?,
+            );
         }
         Ok(out)
     }

@@ -6,7 +6,7 @@ mod http;
 mod lease;
 mod outbox;
 mod relay;
-mod sqlite;
+pub(crate) mod sqlite;
 
 pub use http::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, HttpTransport, HttpTransportBuilder};
 pub use outbox::{Config, Durability, Outbox, OutboxTx};

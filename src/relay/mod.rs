@@ -54,7 +54,7 @@
 //! this module free of any runtime, so the same code runs on both targets.
 
 mod config;
-mod push;
+pub(crate) mod push;
 
 use std::ops::Range;
 use std::time::Duration;

@@ -19,15 +19,15 @@ use crate::trace;
 use crate::transport::{Push, RequestSent, Response, Transport};
 
 /// One claimed event, serialized for the wire.
-pub(super) struct Wire {
-    pub(super) seq: i64,
-    pub(super) id: EventId,
+pub(crate) struct Wire {
+    pub(crate) seq: i64,
+    pub(crate) id: EventId,
     /// [`Event::size`], for the per-push byte limit.
-    pub(super) size: usize,
+    pub(crate) size: usize,
     /// Pushes that carried it before this one (the backoff grows with them).
-    pub(super) attempts: u32,
+    pub(crate) attempts: u32,
     /// Its push JSON, written once; sub-batches (413, 400) are re-joined from it.
-    pub(super) json: Vec<u8>,
+    pub(crate) json: Vec<u8>,
 }
 
 impl Wire {
@@ -214,7 +214,7 @@ pub(super) async fn join<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Out
 /// Each event's result, in the order of `part` (`None`: not named). A server
 /// usually answers in request order, so the results are first matched by
 /// position; only when that fails are they looked up by id.
-pub(super) fn match_results(
+pub(crate) fn match_results(
     part: &[Wire],
     results: Vec<EventResult>,
 ) -> Vec<Option<(ResultStatus, Option<String>)>> {
