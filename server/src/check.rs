@@ -5,6 +5,9 @@
 //! Every check pushes fresh event ids (UUIDv7) and, unless a client id is
 //! given (a token bound to one client), a fresh client id, so it can run
 //! against a live server again and again. Every request has a 10 s timeout.
+//! The two body-limit checks send twice the limit the server is said to
+//! have ([`Options::body_limit`], the protocol's default 4 MiB unless told):
+//! a gzip body that inflates to that size, and a plain one.
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -14,16 +17,37 @@
 //! # }
 //! ```
 
+use std::convert::Infallible;
 use std::fmt;
 use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use edge_outbox::EventId;
 use edge_outbox::protocol::{ErrorBody, PushResponse, ResultStatus};
+use http_body::Frame;
 use serde_json::{Value, json};
 
 /// Timeout of every request the checker makes.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The body limit assumed when none is given: the protocol's default, 4 MiB.
+pub const DEFAULT_BODY_LIMIT: usize = crate::DEFAULT_BODY_LIMIT;
+
+/// What the checker needs to know about the endpoint besides its URL.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Bearer token sent with every push but the unauthenticated one.
+    pub token: Option<String>,
+    /// The client id to push for (a token bound to one client needs it);
+    /// `None`: a fresh random client id per check.
+    pub client_id: Option<String>,
+    /// The endpoint's body limit in bytes, after gzip inflation; `None`:
+    /// [`DEFAULT_BODY_LIMIT`]. The body-limit checks send twice this.
+    pub body_limit: Option<usize>,
+}
 
 /// One obligation and how the server did on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,10 +130,41 @@ pub mod obligation {
     pub const UNSUPPORTED_PROTOCOL: &str = "protocol 2 answered 400 unsupported_protocol";
     /// A gzip body accepted.
     pub const GZIP: &str = "gzip body accepted";
+    /// A small gzip body that inflates past the body limit answered `413`.
+    pub const GZIP_LIMIT: &str = "body limit applied after gzip inflation (413)";
+    /// A plain body past the limit answered `413` only after it was read to
+    /// the end (a SHOULD: otherwise clients see a reset, not the `413`).
+    pub const DRAINED_413: &str = "oversized body read to the end, then answered 413";
     /// A push without credentials answered `401` (when credentials are required).
     pub const UNAUTHENTICATED: &str = "push without credentials answered 401";
-    /// Every answer has the shape of docs/schema.
+    /// Every answer valid against the JSON Schemas in docs/schema.
     pub const SHAPE: &str = "answers valid against docs/schema";
+}
+
+/// The protocol's JSON Schemas (docs/schema), compiled once per run.
+struct Schemas {
+    push_response: jsonschema::Validator,
+    error: jsonschema::Validator,
+}
+
+impl Schemas {
+    fn new() -> Result<Self, String> {
+        fn compile(name: &str, text: &str) -> Result<jsonschema::Validator, String> {
+            let value: Value =
+                serde_json::from_str(text).map_err(|e| format!("docs/schema/{name}: {e}"))?;
+            jsonschema::draft202012::new(&value).map_err(|e| format!("docs/schema/{name}: {e}"))
+        }
+        Ok(Schemas {
+            push_response: compile(
+                "push-response.schema.json",
+                include_str!("../../docs/schema/push-response.schema.json"),
+            )?,
+            error: compile(
+                "error.schema.json",
+                include_str!("../../docs/schema/error.schema.json"),
+            )?,
+        })
+    }
 }
 
 struct Checker {
@@ -117,7 +172,9 @@ struct Checker {
     url: String,
     token: Option<String>,
     client_id: Option<String>,
+    body_limit: usize,
     seq: i64,
+    schemas: Schemas,
     /// Problems with the shape of answers seen by any check.
     shape_errors: Vec<String>,
     shape_checked: usize,
@@ -163,32 +220,55 @@ impl Checker {
         })
     }
 
+    /// POSTs `body` (compressed here when `gzip`), with the token unless
+    /// `auth` is false.
     async fn send(&mut self, body: Vec<u8>, gzip: bool, auth: bool) -> Result<Answer, String> {
+        let body = if gzip { gzip_bytes(&body)? } else { body };
+        self.request(body, gzip, auth, None).await
+    }
+
+    /// POSTs `body` as it is (`gzipped`: it is gzip already) with the token;
+    /// `taken` counts the bytes of it the HTTP client has taken to send.
+    async fn post(
+        &mut self,
+        body: Vec<u8>,
+        gzipped: bool,
+        taken: Option<Arc<AtomicUsize>>,
+    ) -> Result<Answer, String> {
+        self.request(body, gzipped, true, taken).await
+    }
+
+    async fn request(
+        &self,
+        body: Vec<u8>,
+        gzipped: bool,
+        auth: bool,
+        taken: Option<Arc<AtomicUsize>>,
+    ) -> Result<Answer, String> {
         let mut req = self
             .http
             .post(&self.url)
             .header("content-type", "application/json");
-        let body = if gzip {
-            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-            enc.write_all(&body).map_err(|e| format!("gzip: {e}"))?;
+        if gzipped {
             req = req.header("content-encoding", "gzip");
-            enc.finish().map_err(|e| format!("gzip: {e}"))?
-        } else {
-            body
-        };
+        }
         if auth && let Some(t) = &self.token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
+        let body = match taken {
+            Some(taken) => reqwest::Body::wrap(CountedBody::new(body, taken)),
+            None => body.into(),
+        };
         let resp = req
             .body(body)
             .send()
             .await
-            .map_err(|e| format!("request failed: {e}"))?;
+            .map_err(|e| format!("request failed: {}", error_chain(&e)))?;
         let status = resp.status().as_u16();
         let body = resp
             .text()
             .await
-            .map_err(|e| format!("reading the answer failed: {e}"))?;
+            .map_err(|e| format!("reading the answer failed: {}", error_chain(&e)))?;
         Ok(Answer { status, body })
     }
 
@@ -196,19 +276,66 @@ impl Checker {
         self.send(body.to_string().into_bytes(), false, true).await
     }
 
-    /// A `200` answer as [`PushResponse`], checking the shape on the way.
+    /// Validates `answer`'s body against `schema` (`push_response` or
+    /// `error`), recording what does not hold for the shape line. `None`
+    /// when the body is not JSON at all.
+    fn check_shape(&mut self, answer: &Answer, error_body: bool) -> Option<Value> {
+        self.shape_checked += 1;
+        let (schema, name) = if error_body {
+            (&self.schemas.error, "error")
+        } else {
+            (&self.schemas.push_response, "push-response")
+        };
+        let value: Value = match serde_json::from_str(&answer.body) {
+            Ok(v) => v,
+            Err(e) => {
+                self.shape_errors.push(format!("not JSON ({e}): {answer}"));
+                return None;
+            }
+        };
+        let errors: Vec<String> = schema
+            .iter_errors(&value)
+            .map(|e| format!("{e} at \"{}\"", e.instance_path()))
+            .collect();
+        if !errors.is_empty() {
+            self.shape_errors.push(format!(
+                "{name}.schema.json: {} in {answer}",
+                errors.join(", ")
+            ));
+        }
+        Some(value)
+    }
+
+    /// A `200` answer as [`PushResponse`]; its shape is checked against
+    /// push-response.schema.json on the way (a failure there is the shape
+    /// line's, not this check's, as long as the statuses can be read).
     fn results(&mut self, answer: &Answer) -> Result<PushResponse, String> {
         if answer.status != 200 {
             return Err(format!("expected 200, got {answer}"));
         }
-        self.shape_checked += 1;
-        match parse_push_response(&answer.body) {
-            Ok(r) => Ok(r),
-            Err(e) => {
-                self.shape_errors.push(format!("{e} in {answer}"));
-                Err(format!("{e} in {answer}"))
-            }
-        }
+        let value = self
+            .check_shape(answer, false)
+            .ok_or_else(|| format!("not JSON: {answer}"))?;
+        serde_json::from_value(value).map_err(|e| format!("not a push response ({e}): {answer}"))
+    }
+
+    /// An error answer's body as [`ErrorBody`], its shape checked against
+    /// error.schema.json on the way.
+    fn error_body(&mut self, answer: &Answer) -> Option<ErrorBody> {
+        let value = self.check_shape(answer, true)?;
+        serde_json::from_value(value).ok()
+    }
+
+    /// A push of one event padded with whitespace (valid JSON) to twice the
+    /// body limit: what a server without a limit would accept.
+    fn oversized_body(&mut self) -> Vec<u8> {
+        let client = self.client_id();
+        let e = self.event("ConformanceChecked");
+        let mut body = json!({"protocol": 1, "client_id": client, "events": [e]})
+            .to_string()
+            .into_bytes();
+        body.resize(self.body_limit.saturating_mul(2), b' ');
+        body
     }
 
     fn statuses(resp: &PushResponse, ids: &[&Value]) -> Vec<Option<ResultStatus>> {
@@ -297,16 +424,12 @@ impl Checker {
         if a.status != 400 {
             return Err(format!("expected 400, got {a}"));
         }
-        self.shape_checked += 1;
-        match serde_json::from_str::<ErrorBody>(&a.body) {
-            Ok(b) if b.error == "unsupported_protocol" => Ok(a.to_string()),
-            Ok(_) => Err(format!(
+        match self.error_body(&a) {
+            Some(b) if b.error == "unsupported_protocol" => Ok(a.to_string()),
+            Some(_) => Err(format!(
                 "expected \"error\":\"unsupported_protocol\", got {a}"
             )),
-            Err(err) => {
-                self.shape_errors.push(format!("error body: {err} in {a}"));
-                Err(format!("not an error body ({err}): {a}"))
-            }
+            None => Err(format!("not an error body: {a}")),
         }
     }
 
@@ -322,6 +445,66 @@ impl Checker {
         Ok(format!("Content-Encoding: gzip → {a}"))
     }
 
+    async fn gzip_limit(&mut self) -> Result<String, String> {
+        let body = self.oversized_body();
+        let inflated = body.len();
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(&body).map_err(|e| format!("gzip: {e}"))?;
+        let body = enc.finish().map_err(|e| format!("gzip: {e}"))?;
+        let sent = body.len();
+        let a = self.post(body, true, None).await?;
+        let what = format!(
+            "{} gzip inflating to {} (twice the body limit {})",
+            size(sent),
+            size(inflated),
+            size(self.body_limit)
+        );
+        match a.status {
+            413 => {
+                self.error_body(&a);
+                Ok(format!("{what} → {a}"))
+            }
+            200 => Err(format!(
+                "{what} accepted: no limit after inflation (or a limit above the one given \
+                 with --body-limit) → {a}"
+            )),
+            _ => Err(format!("{what}: expected 413, got {a}")),
+        }
+    }
+
+    async fn drained_413(&mut self) -> Result<String, String> {
+        let body = self.oversized_body();
+        let total = body.len();
+        let taken = Arc::new(AtomicUsize::new(0));
+        let answer = self.post(body, false, Some(taken.clone())).await;
+        let taken = taken.load(Ordering::SeqCst);
+        let what = format!(
+            "a plain body of {} (twice the body limit {})",
+            size(total),
+            size(self.body_limit)
+        );
+        match answer {
+            Ok(a) if a.status == 413 && taken == total => {
+                self.error_body(&a);
+                Ok(format!("{what}, read to the end → {a}"))
+            }
+            Ok(a) if a.status == 413 => Err(format!(
+                "{what}: answered before {} of it was read: a client still writing would see \
+                 a reset instead → {a}",
+                size(total - taken)
+            )),
+            Ok(a) if a.status == 200 => Err(format!(
+                "{what} accepted: no body limit (or one above --body-limit) → {a}"
+            )),
+            Ok(a) => Err(format!("{what}: expected 413, got {a}")),
+            Err(e) => Err(format!(
+                "{what}: the connection failed after {} of it was sent, so the 413 (if any) \
+                 was lost: {e}",
+                size(taken)
+            )),
+        }
+    }
+
     /// `Ok((passed, evidence))`.
     async fn unauthenticated(&mut self) -> Result<String, String> {
         let client = self.client_id();
@@ -332,10 +515,7 @@ impl Checker {
             .await?;
         match a.status {
             401 => {
-                self.shape_checked += 1;
-                if let Err(err) = serde_json::from_str::<ErrorBody>(&a.body) {
-                    self.shape_errors.push(format!("error body: {err} in {a}"));
-                }
+                self.error_body(&a);
                 Ok(a.to_string())
             }
             200 => Ok(format!(
@@ -346,29 +526,84 @@ impl Checker {
     }
 }
 
-/// Checks a `200` push answer against `docs/schema/push-response.schema.json`:
-/// deserializes into [`PushResponse`] and checks the members it requires.
-fn parse_push_response(body: &str) -> Result<PushResponse, String> {
-    let value: Value = serde_json::from_str(body).map_err(|e| format!("not JSON ({e})"))?;
-    let results = value
-        .get("results")
-        .and_then(Value::as_array)
-        .ok_or("no \"results\" array")?;
-    for r in results {
-        for member in ["id", "status"] {
-            if r.get(member).is_none() {
-                return Err(format!("a result without \"{member}\""));
-            }
-        }
-        if r["status"] == "rejected"
-            && r.get("reason")
-                .and_then(Value::as_str)
-                .is_none_or(str::is_empty)
-        {
-            return Err("a rejected result without a \"reason\"".to_owned());
+fn gzip_bytes(body: &[u8]) -> Result<Vec<u8>, String> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(body).map_err(|e| format!("gzip: {e}"))?;
+    enc.finish().map_err(|e| format!("gzip: {e}"))
+}
+
+/// An error and its sources, `: `-joined (reqwest's own message hides the
+/// cause, e.g. "connection reset by peer").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// `n` bytes, for the evidence: "8 MiB", "12.3 KiB", "512 B".
+fn size(n: usize) -> String {
+    const KIB: usize = 1024;
+    const MIB: usize = 1024 * KIB;
+    if n >= MIB && n % MIB == 0 {
+        format!("{} MiB", n / MIB)
+    } else if n >= MIB {
+        format!("{:.1} MiB", n as f64 / MIB as f64)
+    } else if n >= KIB {
+        format!("{:.1} KiB", n as f64 / KIB as f64)
+    } else {
+        format!("{n} B")
+    }
+}
+
+/// A request body handed to the HTTP client 64 KiB at a time, counting what
+/// it has taken: the client takes more only as the server reads, so a count
+/// short of the length means the server stopped reading. Its exact size is
+/// known, so the request has a `Content-Length`.
+struct CountedBody {
+    data: Bytes,
+    taken: Arc<AtomicUsize>,
+}
+
+impl CountedBody {
+    const CHUNK: usize = 64 * 1024;
+
+    fn new(data: Vec<u8>, taken: Arc<AtomicUsize>) -> Self {
+        CountedBody {
+            data: Bytes::from(data),
+            taken,
         }
     }
-    serde_json::from_value(value).map_err(|e| format!("not a push response ({e})"))
+}
+
+impl http_body::Body for CountedBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.data.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.data.len().min(Self::CHUNK);
+        let chunk = self.data.split_to(n);
+        self.taken.fetch_add(n, Ordering::SeqCst);
+        std::task::Poll::Ready(Some(Ok(Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.data.len() as u64)
+    }
 }
 
 /// Runs every obligation against the push endpoint `url` (e.g.
@@ -381,15 +616,27 @@ pub async fn run(url: &str, token: Option<&str>) -> Report {
 /// [`run`], pushing for `client_id` when given (a server that binds each
 /// token to one client id needs it) instead of a fresh client id per check.
 pub async fn run_as(url: &str, token: Option<&str>, client_id: Option<&str>) -> Report {
+    let options = Options {
+        token: token.map(str::to_owned),
+        client_id: client_id.map(str::to_owned),
+        body_limit: None,
+    };
+    run_with(url, &options).await
+}
+
+/// Runs every obligation against the push endpoint `url` with `options`;
+/// one line per obligation, in [`obligation`]'s order.
+pub async fn run_with(url: &str, options: &Options) -> Report {
     let mut report = Report::default();
-    let http = match reqwest::Client::builder()
+    let http = reqwest::Client::builder()
         .timeout(REQUEST_TIMEOUT)
         .connect_timeout(REQUEST_TIMEOUT)
         .build()
-    {
-        Ok(h) => h,
-        Err(e) => {
-            report.push("HTTP client", true, Err(e.to_string()));
+        .map_err(|e| e.to_string());
+    let (http, schemas) = match (http, Schemas::new()) {
+        (Ok(h), Ok(s)) => (h, s),
+        (Err(e), _) | (_, Err(e)) => {
+            report.push("checker setup", true, Err(e));
             return report;
         }
     };
@@ -401,9 +648,11 @@ pub async fn run_as(url: &str, token: Option<&str>, client_id: Option<&str>) -> 
     let mut c = Checker {
         http,
         url: url.to_owned(),
-        token: token.map(str::to_owned),
-        client_id: client_id.map(str::to_owned),
+        token: options.token.clone(),
+        client_id: options.client_id.clone(),
+        body_limit: options.body_limit.unwrap_or(DEFAULT_BODY_LIMIT),
         seq,
+        schemas,
         shape_errors: Vec::new(),
         shape_checked: 0,
     };
@@ -420,11 +669,15 @@ pub async fn run_as(url: &str, token: Option<&str>, client_id: Option<&str>) -> 
     report.push(UNSUPPORTED_PROTOCOL, true, r);
     let r = c.gzip().await;
     report.push(GZIP, true, r);
+    let r = c.gzip_limit().await;
+    report.push(GZIP_LIMIT, true, r);
+    let r = c.drained_413().await;
+    report.push(DRAINED_413, false, r);
     let r = c.unauthenticated().await;
     report.push(UNAUTHENTICATED, true, r);
     let r = if c.shape_errors.is_empty() {
         Ok(format!(
-            "{} answers read as push responses / error bodies with their required members",
+            "{} answers valid against push-response.schema.json / error.schema.json",
             c.shape_checked
         ))
     } else {

@@ -86,6 +86,10 @@ enum Command {
         /// of a fresh random one per check.
         #[arg(long, value_name = "ID")]
         client_id: Option<String>,
+        /// The endpoint's body limit in bytes, after gzip inflation: the
+        /// body-limit checks send twice this.
+        #[arg(long = "body-limit", value_name = "BYTES", default_value_t = DEFAULT_BODY_LIMIT)]
+        body_limit: usize,
     },
 }
 
@@ -106,10 +110,15 @@ async fn main() -> ExitCode {
         url,
         token,
         client_id,
+        body_limit,
     }) = &args.command
     {
-        let report =
-            edge_outbox_server::check::run_as(url, token.as_deref(), client_id.as_deref()).await;
+        let options = edge_outbox_server::check::Options {
+            token: token.clone(),
+            client_id: client_id.clone(),
+            body_limit: Some(*body_limit),
+        };
+        let report = edge_outbox_server::check::run_with(url, &options).await;
         print!("{report}");
         return if report.passed() {
             ExitCode::SUCCESS

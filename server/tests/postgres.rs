@@ -1067,3 +1067,26 @@ async fn protocol_doc_pg_inbox_example_is_the_one_tested_and_works() {
     assert_eq!(answer.results[0].reason, answer.results[1].reason);
     assert_eq!(pull_all(&http(), &server).await.len(), 3);
 }
+
+// ---------- the conformance checker ----------
+
+/// The conformance checker (`edge-outbox-server check`) passes every
+/// obligation against the reference server on PostgreSQL, twice in a row
+/// (fresh ids each run), with a token bound to one client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_conformance_checker_passes_every_obligation_on_postgres() {
+    const CLIENT: &str = "0192f0c1-7c1e-7000-8000-0000000000c2";
+    let pg = Postgres::start();
+    let server =
+        edge_outbox_server::spawn(ServerConfig::postgres(pg.url()).token("pg-check", CLIENT))
+            .await
+            .expect("server on PostgreSQL starts");
+    for _ in 0..2 {
+        let report =
+            edge_outbox_server::check::run_as(&server.events_url(), Some("pg-check"), Some(CLIENT))
+                .await;
+        print!("{report}");
+        assert!(report.passed(), "{report}");
+        assert_eq!(report.failed(), Vec::<&str>::new(), "{report}");
+    }
+}
