@@ -37,6 +37,7 @@ use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use edge_outbox::protocol::ReceivedEvent;
 use tokio::net::TcpListener;
@@ -49,12 +50,14 @@ mod faults;
 pub mod fuzzing;
 mod http;
 mod inbox;
+mod listener;
 pub mod logging;
 mod metrics;
 mod postgres;
 mod store;
 
 pub use faults::{Failure, Faults, RequestRecord};
+pub use listener::{DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS};
 pub use http::{AppState, router};
 pub use inbox::{
     Applied, BoxError, Inbox, InboxFuture, PgInbox, Rejection, StoreOnly, decode_payload,
@@ -119,6 +122,7 @@ pub struct ServerConfig {
     pub(crate) test_controls: bool,
     pub(crate) inbox: Option<Arc<dyn Inbox>>,
     pub(crate) pg_inbox: Option<Arc<dyn PgInbox>>,
+    pub(crate) limits: listener::Limits,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -132,6 +136,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("static_dir", &self.static_dir)
             .field("cors_origins", &self.cors_origins)
             .field("test_controls", &self.test_controls)
+            .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
 }
@@ -149,6 +154,7 @@ impl ServerConfig {
             test_controls: false,
             inbox: None,
             pg_inbox: None,
+            limits: listener::Limits::default(),
         }
     }
 
@@ -252,6 +258,34 @@ impl ServerConfig {
         self.pg_inbox = Some(Arc::new(inbox));
         self
     }
+
+    /// Time a client has to send a request's head (default
+    /// [`DEFAULT_HEADER_TIMEOUT`], 10 s), counted from the accept (TLS
+    /// handshake included) for a connection's first request and from the
+    /// first byte for a later one. A connection over it is closed without
+    /// an answer, however steadily it dribbles bytes (slowloris).
+    pub fn header_timeout(mut self, timeout: Duration) -> Self {
+        self.limits.header_timeout = timeout;
+        self
+    }
+
+    /// Time a keep-alive connection may send nothing between two requests
+    /// (default [`DEFAULT_IDLE_TIMEOUT`], 60 s) before it is closed. A
+    /// request being answered, however long, is never idle.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.limits.idle_timeout = timeout;
+        self
+    }
+
+    /// Connections open at once (default [`DEFAULT_MAX_CONNECTIONS`], 1024;
+    /// at least 1). At the bound the server stops accepting: new connections
+    /// wait in the kernel's listen backlog and are served as slots free up
+    /// (the timeouts free them), instead of being refused. Keep it below the
+    /// process's file descriptor limit (`ulimit -n`).
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.limits.max_connections = n.max(1);
+        self
+    }
 }
 
 /// Serve `config` on `listener` until `shutdown` completes, then stop
@@ -261,19 +295,18 @@ pub async fn serve(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    let limits = config.limits;
     let state = AppState::open(config).await?;
-    serve_state(listener, state, shutdown).await
+    serve_state(listener, state, limits, shutdown).await
 }
 
 async fn serve_state(
     listener: TcpListener,
     state: AppState,
+    limits: listener::Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await?;
-    Ok(())
+    listener::serve(listener, router(state), limits, shutdown).await
 }
 
 /// Start a server in this process on `config`'s listen address (by default
@@ -283,9 +316,10 @@ async fn serve_state(
 pub async fn spawn(config: ServerConfig) -> Result<RunningServer, Error> {
     let listener = TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
+    let limits = config.limits;
     let state = AppState::build(config, true).await?;
     let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve_state(listener, state.clone(), async {
+    let task = tokio::spawn(serve_state(listener, state.clone(), limits, async {
         // Either an explicit shutdown or the RunningServer being dropped.
         let _ = rx.await;
     }));

@@ -1,0 +1,298 @@
+//! The server's connections (issue 12, item 3): the header-read timeout, the
+//! idle timeout and the bound on open connections, each with short
+//! configured values; a real push is answered during a slow-header flood.
+//! Real servers on 127.0.0.1, raw TCP clients. No timed assertions: "closed"
+//! is an end of stream read within a generous deadline, "served" an answer.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use edge_outbox::protocol::{PROTOCOL_VERSION, PushRequest, WireEvent};
+use edge_outbox::{EventId, Timestamp};
+use edge_outbox_server::{RunningServer, ServerConfig};
+use serde_json::value::RawValue;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+
+const CLIENT: &str = "0192f0c1-7c1e-7000-8000-0000000000c1";
+/// Far beyond anything the tests wait for: "never" in a test.
+const NEVER: Duration = Duration::from_secs(3600);
+/// How long a test waits for something that must happen (a close, an
+/// answer) before it fails: generous, so a slow machine does not fail it.
+const GENEROUS: Duration = Duration::from_secs(60);
+
+async fn start(configure: impl FnOnce(ServerConfig) -> ServerConfig) -> RunningServer {
+    let config = ServerConfig::in_memory().allow_anonymous(true);
+    edge_outbox_server::spawn(configure(config))
+        .await
+        .expect("server starts")
+}
+
+fn push_body(seqs: std::ops::Range<i64>) -> Vec<u8> {
+    let events: Vec<WireEvent> = seqs
+        .map(|seq| WireEvent {
+            id: EventId::new(),
+            seq,
+            event_type: "OrderCreated".to_owned(),
+            key: None,
+            payload: RawValue::from_string(format!(r#"{{"order_id":{seq}}}"#)).unwrap(),
+            headers: BTreeMap::new(),
+            created_at: Timestamp::now().to_rfc3339(),
+        })
+        .collect();
+    serde_json::to_vec(&PushRequest {
+        protocol: PROTOCOL_VERSION,
+        client_id: CLIENT.to_owned(),
+        events,
+    })
+    .unwrap()
+}
+
+/// A push as raw HTTP/1.1 bytes (keep-alive).
+fn push_request(body: &[u8]) -> Vec<u8> {
+    let mut request = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    request
+}
+
+const METRICS_REQUEST: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n";
+
+/// Reads one answer (head and a Content-Length body); returns its status
+/// line, or `None` when the connection ended first.
+async fn read_answer(stream: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .expect("answers here have a Content-Length");
+    while buf.len() < head_end + length {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    Some(head.lines().next().unwrap_or_default().to_owned())
+}
+
+/// Waits (up to [`GENEROUS`]) for the server to close `stream`: an end of
+/// stream or a reset. Returns the bytes the server sent before closing.
+async fn closed(stream: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let read_all = async {
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(GENEROUS, read_all)
+        .await
+        .expect("the server closes the connection");
+    got
+}
+
+/// Sends `head` a byte at a time, one every `every`, forever (it never
+/// ends its head): returns when the server has closed the connection, with
+/// the bytes it answered.
+async fn dribble(addr: SocketAddr, every: Duration) -> Vec<u8> {
+    let mut stream = TcpStream::connect(addr).await.expect("connects");
+    let (mut read, mut write) = stream.split();
+    let mut answered = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let head = b"POST /v1/events HTTP/1.1\r\nHost: test\r\nX-Padding: ";
+    let mut sent = 0usize;
+    loop {
+        tokio::select! {
+            r = read.read(&mut chunk) => match r {
+                Ok(0) | Err(_) => return answered,
+                Ok(n) => answered.extend_from_slice(&chunk[..n]),
+            },
+            () = tokio::time::sleep(every) => {
+                let byte = head.get(sent).copied().unwrap_or(b'a');
+                sent += 1;
+                if write.write_all(&[byte]).await.is_err() {
+                    return answered;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_slow_header_is_closed_after_the_header_timeout() {
+    let server = start(|c| {
+        c.header_timeout(Duration::from_millis(500))
+            .idle_timeout(NEVER)
+    })
+    .await;
+    // A byte every 50 ms: steady progress, but the head never completes.
+    let answered =
+        tokio::time::timeout(GENEROUS, dribble(server.addr(), Duration::from_millis(50)))
+            .await
+            .expect("the slow header is cut");
+    assert!(
+        answered.is_empty(),
+        "closed without an answer, got {:?}",
+        String::from_utf8_lossy(&answered)
+    );
+
+    // Silence from the start is a head that never comes, too.
+    let mut silent = TcpStream::connect(server.addr()).await.unwrap();
+    assert!(closed(&mut silent).await.is_empty());
+
+    // A prompt request is still answered on a fresh connection.
+    let mut prompt = TcpStream::connect(server.addr()).await.unwrap();
+    prompt.write_all(METRICS_REQUEST).await.unwrap();
+    let status = read_answer(&mut prompt).await.expect("answered");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    let server = start(|c| {
+        c.header_timeout(NEVER)
+            .idle_timeout(Duration::from_millis(300))
+    })
+    .await;
+    let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+    // Two requests on one keep-alive connection, then silence.
+    for seqs in [1..3, 3..5] {
+        stream
+            .write_all(&push_request(&push_body(seqs)))
+            .await
+            .unwrap();
+        let status = read_answer(&mut stream).await.expect("push answered");
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    }
+    assert!(closed(&mut stream).await.is_empty());
+    assert_eq!(server.count(Some(CLIENT)).unwrap(), 4);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_answer_slower_than_the_idle_timeout_is_not_cut() {
+    let server = start(|c| {
+        c.header_timeout(NEVER)
+            .idle_timeout(Duration::from_millis(200))
+    })
+    .await;
+    // The push is held for 5 idle timeouts after its events are committed:
+    // busy, not idle.
+    server.faults().delay_next(1, Duration::from_millis(1000));
+    let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+    stream
+        .write_all(&push_request(&push_body(1..4)))
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(GENEROUS, read_answer(&mut stream))
+        .await
+        .expect("answered in time")
+        .expect("the slow answer arrives on its connection");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn connections_over_the_bound_wait_for_a_free_slot() {
+    let server = start(|c| {
+        c.header_timeout(NEVER)
+            .idle_timeout(NEVER)
+            .max_connections(2)
+    })
+    .await;
+    // Two connections take both slots (accepted in connect order) and hold
+    // them with an unfinished head.
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(server.addr()).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+        holders.push(s);
+    }
+    // The third connects (the kernel's backlog takes it) and asks.
+    let mut third = TcpStream::connect(server.addr()).await.unwrap();
+    third.write_all(METRICS_REQUEST).await.unwrap();
+    let mut probe = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(500), third.peek(&mut probe)).await;
+    assert!(
+        early.is_err(),
+        "the third connection is not served while two are open: {early:?}"
+    );
+    // A slot frees: the waiting request is served, on its connection.
+    drop(holders.pop());
+    let status = tokio::time::timeout(GENEROUS, read_answer(&mut third))
+        .await
+        .expect("served once a slot freed")
+        .expect("answered");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_are_served_during_a_slow_header_flood() {
+    // Fewer slots than flooding connections: only the header timeout frees them.
+    let server = start(|c| c.header_timeout(Duration::from_secs(1)).max_connections(50)).await;
+    let addr = server.addr();
+    let mut flood = JoinSet::new();
+    for _ in 0..200 {
+        flood.spawn(dribble(addr, Duration::from_millis(200)));
+    }
+    // Let the flood connect first, so the pushes queue behind it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    for round in 0..3i64 {
+        let answer = tokio::time::timeout(
+            GENEROUS,
+            client
+                .post(format!("http://{addr}/v1/events"))
+                .header("content-type", "application/json")
+                .body(push_body(round * 10..round * 10 + 10))
+                .send(),
+        )
+        .await
+        .expect("the push is answered during the flood")
+        .expect("the push gets an answer");
+        assert_eq!(answer.status(), 200);
+    }
+    assert_eq!(server.count(Some(CLIENT)).unwrap(), 30);
+    // Every flooding connection was cut, none answered.
+    let all_cut = tokio::time::timeout(GENEROUS, async {
+        let mut cut = 0;
+        while let Some(answered) = flood.join_next().await {
+            assert!(answered.unwrap().is_empty(), "a slow head got an answer");
+            cut += 1;
+        }
+        cut
+    })
+    .await
+    .expect("the flood is cut by the header timeout");
+    assert_eq!(all_cut, 200);
+    server.shutdown().await.unwrap();
+}
