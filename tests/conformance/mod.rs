@@ -47,6 +47,7 @@ where
     check!(a_retry_time_beyond_max_wait_is_not_believed);
     check!(retry_records_retried_at);
     check!(a_lease_expiry_beyond_the_lease_is_not_believed);
+    check!(a_dead_event_retried_among_sent_ones_is_pending_alone);
 }
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -657,4 +658,61 @@ async fn a_lease_expiry_beyond_the_lease_is_not_believed<S: Store>(s: &S) {
         Claim::LeaseHeld { .. }
     ));
     s.release_lease("b").await.unwrap();
+}
+
+async fn a_dead_event_retried_among_sent_ones_is_pending_alone<S: Store>(s: &S) {
+    // A dead letter between events sent with it and after it (stores that
+    // record sends in bulk, like IndexedDB's sent watermark, must unpick it).
+    let e = s.enqueue((0..5).map(ev).collect()).await.unwrap();
+    claim_batch(s, "a", 4).await;
+    let t0 = Timestamp::now();
+    let dead = Outcome::Dead { reason: "r".into() };
+    let first = [
+        (0, Outcome::Sent),
+        (1, dead),
+        (2, Outcome::Sent),
+        (3, Outcome::Sent),
+    ];
+    let first = first.map(|(i, o)| Settlement::new(&e[i], o));
+    s.settle(first.to_vec(), t0).await.unwrap();
+    assert_eq!(
+        claim_batch(s, "a", 5).await.len(),
+        1,
+        "only the last one is pending"
+    );
+    let t1 = t0.add(Duration::from_secs(10));
+    s.settle(vec![Settlement::new(&e[4], Outcome::Sent)], t1)
+        .await
+        .unwrap();
+    let stats = s.stats().await.unwrap();
+    assert_eq!((stats.pending, stats.sent, stats.dead), (0, 4, 1));
+
+    assert!(s.retry(e[1].id, Timestamp::now()).await.unwrap());
+    let back = s.get(e[1].id).await.unwrap().unwrap();
+    assert_eq!((back.status, back.attempts), (EventStatus::Pending, 0));
+    for (i, at) in [(0, t0), (2, t0), (3, t0), (4, t1)] {
+        let sent = s.get(e[i].id).await.unwrap().unwrap();
+        assert_eq!(sent.status, EventStatus::Sent, "event {i}");
+        assert_eq!((sent.attempts, sent.sent_at), (1, Some(at)), "event {i}");
+        assert_eq!(sent.last_error, None);
+    }
+    let stats = s.stats().await.unwrap();
+    assert_eq!((stats.pending, stats.sent, stats.dead), (1, 4, 0));
+    assert_eq!(stats.oldest_pending_at, Some(e[1].created_at));
+    let pending = s.pending(10).await.unwrap();
+    assert_eq!(
+        pending.iter().map(|x| x.seq).collect::<Vec<_>>(),
+        [e[1].seq]
+    );
+    let again = claim_batch(s, "a", 10).await;
+    assert_eq!(again.iter().map(|x| x.seq).collect::<Vec<_>>(), [e[1].seq]);
+
+    // Sent at t0: pruned; sent at t1 and pending: kept.
+    assert_eq!(s.prune_sent(t1).await.unwrap(), 3);
+    for i in [0, 2, 3] {
+        assert_eq!(s.get(e[i].id).await.unwrap(), None, "event {i}");
+    }
+    assert!(s.get(e[4].id).await.unwrap().is_some());
+    let stats = s.stats().await.unwrap();
+    assert_eq!((stats.pending, stats.sent, stats.dead), (1, 1, 0));
 }

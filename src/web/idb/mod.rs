@@ -38,8 +38,10 @@ pub(crate) const BY_STATUS: &str = "status_seq";
 /// Index of [`EVENTS`] on `sent_at`; only sent events have that field, so the
 /// index holds exactly the sent events, in acknowledgement order.
 pub(crate) const BY_SENT_AT: &str = "sent_at";
-/// The outbox schema version this build writes and understands.
-pub(crate) const SCHEMA_VERSION: u32 = 1;
+/// The outbox schema version this build writes and understands: 2 adds the
+/// sent watermark (meta `sent_through` and its runs, see `store`); a version
+/// 1 database is upgraded in place at open (nothing to rewrite).
+pub(crate) const SCHEMA_VERSION: u32 = 2;
 
 #[wasm_bindgen]
 extern "C" {

@@ -10,6 +10,29 @@
 //!    readwrite transaction over both stores;
 //! 7. `settle`, `retry` and `discard` re-read each event inside their
 //!    transaction and only touch it in the expected status.
+//!
+//! # The sent watermark (schema version 2)
+//!
+//! Settling a batch of 100 acknowledged events one `put` per record cost
+//! more than the push itself (each put rewrites the record and its index
+//! entries). So a settle whose events are the oldest pending ones, all
+//! `Sent`, writes no record: it raises the **sent watermark** instead (meta
+//! key `sent_through`), and records the run it covers under the meta key
+//! `["sent", upto]` as `{ after, upto, at }` (`at`: when it was settled).
+//! The rule every reader applies, in the same transaction:
+//!
+//! > a record whose `status` says `"pending"` and whose `seq` is at or below
+//! > `sent_through` is **sent**: one more attempt than it says, no error,
+//! > `sent_at` = the `at` of the run that covers its `seq`.
+//!
+//! So claims, counts and lists of pending events start above the watermark;
+//! `get` reports such a record as sent; `prune_sent` deletes a run's records
+//! with the run; and `retry` of a dead event below the watermark first writes
+//! the covered records from its `seq` up as sent (the rare case: a dead event
+//! followed by acknowledged ones) and lowers the watermark under it. A
+//! settle whose events are not a run of `Sent` at the front of the pending
+//! events (a failure, a dead letter in the middle) writes those records one by
+//! one, as before. Nothing else changes: no index, no record shape.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -718,7 +741,11 @@ async fn init_meta(db: &IdbDatabase, options: &JsValue) -> Result<String> {
                 supported: SCHEMA_VERSION,
             });
         }
-    } else {
+    }
+    if version.as_f64() != Some(f64::from(SCHEMA_VERSION)) {
+        // New, or version 1: a version 1 database is a version 2 one with no
+        // sent watermark yet (nothing to rewrite). Writing 2 makes an older
+        // build refuse it (it would resend what the watermark says is sent).
         meta.put_with_key(&JsValue::from(SCHEMA_VERSION), &"schema_version".into())
             .idb("writing the outbox meta")?;
     }
@@ -839,6 +866,53 @@ fn status_range(status: &str, after: Option<i64>) -> Result<JsValue> {
         .idb("building a key range")
 }
 
+/// Meta key of the sent watermark (see the module docs).
+const SENT_THROUGH: &str = "sent_through";
+
+/// Meta key of the run of sent events whose last `seq` is `upto`.
+fn run_key(upto: f64) -> JsValue {
+    Array::of2(&JsValue::from_str("sent"), &JsValue::from_f64(upto)).into()
+}
+
+/// Meta keys of the runs whose last `seq` lies in `[lo, hi]`.
+fn run_range(lo: f64, hi: f64) -> Result<JsValue> {
+    IdbKeyRange::bound(&run_key(lo), &run_key(hi))
+        .map(JsValue::from)
+        .idb("building a key range")
+}
+
+/// The sent watermark (0: none yet; seqs start at 1), read in `meta`'s
+/// transaction.
+async fn watermark(meta: &IdbObjectStore, what: &str) -> Result<i64> {
+    let v = idb::wait(meta.get(&SENT_THROUGH.into()).idb(what)?)
+        .await
+        .idb(what)?;
+    Ok(v.as_f64().unwrap_or(0.0) as i64)
+}
+
+/// An event read from `record` as the watermark `floor` says (module docs):
+/// a pending record at or below it is sent, at the time `sent_at` of its run.
+fn read_event(record: &JsValue, floor: i64, sent_at: Option<Timestamp>) -> Result<Event> {
+    let mut event = parse_record(record)?;
+    if event.status == EventStatus::Pending && event.seq <= floor {
+        event.status = EventStatus::Sent;
+        event.attempts += 1;
+        event.last_error = None;
+        event.sent_at = sent_at;
+    }
+    Ok(event)
+}
+
+/// The `[status, seq]` index range of events with `status` and a seq in
+/// `(after, upto]`.
+fn status_range_between(status: &str, after: i64, upto: i64) -> Result<JsValue> {
+    let lo = Array::of2(&JsValue::from_str(status), &JsValue::from_f64(after as f64));
+    let hi = Array::of2(&JsValue::from_str(status), &JsValue::from_f64(upto as f64));
+    IdbKeyRange::bound_with_lower_open_and_upper_open(&lo, &hi, true, false)
+        .map(JsValue::from)
+        .idb("building a key range")
+}
+
 fn count_arg(limit: usize) -> u32 {
     u32::try_from(limit).unwrap_or(u32::MAX)
 }
@@ -849,16 +923,125 @@ impl IdbStore {
             // getAll's count 0 means "no limit" in IndexedDB.
             return Ok(Vec::new());
         }
-        let tx = self.tx(&[EVENTS], "readonly").await?;
+        let tx = self.tx(&[EVENTS, META], "readonly").await?;
+        let meta = tx.object_store(META).idb("listing events")?;
         let index = tx
             .object_store(EVENTS)
             .and_then(|s| s.index(BY_STATUS))
             .idb("listing events")?;
+        // Pending events start above the sent watermark.
+        let after = match status {
+            EventStatus::Pending => Some(watermark(&meta, "listing events").await?),
+            _ => None,
+        };
         let req = index
-            .get_all_with_key_and_limit(&status_range(status.as_str(), None)?, count_arg(limit))
+            .get_all_with_key_and_limit(&status_range(status.as_str(), after)?, count_arg(limit))
             .idb("listing events")?;
         let all: Array = idb::wait(req).await.idb("listing events")?.unchecked_into();
         all.iter().map(|r| parse_record(&r)).collect()
+    }
+
+    /// Make the watermark lie below `seq` (a dead event there is about to be
+    /// pending again, which the watermark would read as sent): the pending
+    /// records it covers from `seq` up are written as sent (from their runs),
+    /// the runs from `seq` up are cut back to end below it, and the
+    /// watermark drops to `seq - 1`. Nothing to do when it is already below.
+    async fn lower_watermark_below(
+        store: &IdbObjectStore,
+        meta: &IdbObjectStore,
+        seq: i64,
+    ) -> Result<()> {
+        const WHAT: &str = "retrying an event";
+        let floor = watermark(meta, WHAT).await?;
+        if seq > floor {
+            return Ok(());
+        }
+        let runs = idb::wait(
+            meta.get_all_with_key(&run_range(seq as f64, floor as f64)?)
+                .idb(WHAT)?,
+        );
+        let index = store.index(BY_STATUS).idb(WHAT)?;
+        let covered = idb::wait(
+            index
+                .get_all_with_key(&status_range_between("pending", seq - 1, floor)?)
+                .idb(WHAT)?,
+        );
+        let runs: Array = runs.await.idb(WHAT)?.unchecked_into();
+        let covered: Array = covered.await.idb(WHAT)?.unchecked_into();
+        // Runs in `upto` order; each covers (after, upto].
+        let runs: Vec<(f64, f64, f64)> = runs
+            .iter()
+            .map(|r| {
+                let n = |k| num(&r, k).unwrap_or(0.0);
+                (n("after"), n("upto"), n("at"))
+            })
+            .collect();
+        for record in covered.iter() {
+            let at = num(&record, "seq")
+                .and_then(|s| runs.iter().find(|(a, u, _)| *a < s && s <= *u))
+                .map_or(0.0, |r| r.2);
+            let o: &Object = record.unchecked_ref();
+            set(
+                o,
+                "attempts",
+                &JsValue::from_f64(num(&record, "attempts").unwrap_or(0.0) + 1.0),
+            );
+            set(o, "status", &JsValue::from_str("sent"));
+            set(o, "sent_at", &JsValue::from_f64(at));
+            let _ = Reflect::delete_property(o, &"last_error".into());
+            store.put(&record).idb(WHAT)?;
+        }
+        meta.delete(&run_range(seq as f64, floor as f64)?)
+            .idb(WHAT)?;
+        if let Some(&(after, _, at)) = runs.first()
+            && after < (seq - 1) as f64
+        {
+            let run = Object::new();
+            set(&run, "after", &JsValue::from_f64(after));
+            set(&run, "upto", &JsValue::from_f64((seq - 1) as f64));
+            set(&run, "at", &JsValue::from_f64(at));
+            meta.put_with_key(&run, &run_key((seq - 1) as f64))
+                .idb(WHAT)?;
+        }
+        meta.put_with_key(&JsValue::from_f64((seq - 1) as f64), &SENT_THROUGH.into())
+            .idb(WHAT)?;
+        Ok(())
+    }
+
+    /// How far a settle of `outcomes` can raise the sent watermark from
+    /// `floor`: up to the last of the oldest pending events that `outcomes`
+    /// settle as `Sent`, passing over those it settles as `Dead` (their
+    /// records are written and stop being pending), stopping at the first
+    /// pending event it leaves pending. `floor` when nothing moves.
+    async fn sent_run(store: &IdbObjectStore, outcomes: &[Settlement], floor: i64) -> Result<i64> {
+        let mut sent: Vec<i64> = outcomes
+            .iter()
+            .filter(|o| matches!(o.outcome, Outcome::Sent) && o.seq > floor)
+            .map(|o| o.seq)
+            .collect();
+        let Some(&hi) = sent.iter().max() else {
+            return Ok(floor);
+        };
+        sent.sort_unstable();
+        let index = store.index(BY_STATUS).idb("settling")?;
+        let range = status_range_between("pending", floor, hi)?;
+        let keys: Array = idb::wait(index.get_all_keys_with_key(&range).idb("settling")?)
+            .await
+            .idb("settling")?
+            .unchecked_into();
+        let mut upto = floor;
+        for key in keys.iter() {
+            let seq = key.as_f64().unwrap_or(0.0) as i64;
+            if sent.binary_search(&seq).is_ok() {
+                upto = seq;
+            } else if !outcomes
+                .iter()
+                .any(|o| o.seq == seq && matches!(o.outcome, Outcome::Dead { .. }))
+            {
+                break;
+            }
+        }
+        Ok(upto)
     }
 
     /// The current records of the settled events (undefined for one that is
@@ -968,9 +1151,10 @@ impl Store for IdbStore {
         let done = idb::done(&tx);
         let meta = tx.object_store(META).idb("claiming")?;
         let events = tx.object_store(EVENTS).idb("claiming")?;
-        let lease = idb::wait(meta.get(&"lease".into()).idb("claiming")?)
-            .await
-            .idb("claiming")?;
+        let lease = idb::wait(meta.get(&"lease".into()).idb("claiming")?);
+        let floor = idb::wait(meta.get(&SENT_THROUGH.into()).idb("claiming")?);
+        let lease = lease.await.idb("claiming")?;
+        let floor = floor.await.idb("claiming")?.as_f64().unwrap_or(0.0) as i64;
         if lease.is_object() {
             let owner = opt_str(get(&lease, "owner")).unwrap_or_default();
             let until = Timestamp::from_millis(num(&lease, "until").unwrap_or(0.0) as i64);
@@ -990,7 +1174,9 @@ impl Store for IdbStore {
             .idb("claiming")?;
 
         let index = events.index(BY_STATUS).idb("claiming")?;
-        let range = status_range("pending", request.after)?;
+        // Pending events start above the sent watermark.
+        let after = request.after.unwrap_or(0).max(floor);
+        let range = status_range("pending", Some(after))?;
         let req = index
             .get_all_with_key_and_limit(&range, count_arg(request.max_events.max(1)))
             .idb("claiming")?;
@@ -1022,17 +1208,26 @@ impl Store for IdbStore {
         if outcomes.is_empty() {
             return Ok(());
         }
-        let tx = self.tx(&[EVENTS], "readwrite").await?;
+        let tx = self.tx(&[EVENTS, META], "readwrite").await?;
         let done = idb::done(&tx);
         let store = tx.object_store(EVENTS).idb("settling")?;
-        let records = Self::records_for_settle(&store, &outcomes).await?;
-        for (record, Settlement { outcome, .. }) in records.into_iter().zip(outcomes) {
+        let meta = tx.object_store(META).idb("settling")?;
+        let floor = watermark(&meta, "settling").await?;
+        let upto = Self::sent_run(&store, &outcomes, floor).await?;
+        // Outcomes the watermark does not cover: one record each.
+        let rest: Vec<Settlement> = outcomes
+            .into_iter()
+            .filter(|o| !(matches!(o.outcome, Outcome::Sent) && o.seq > floor && o.seq <= upto))
+            .collect();
+        let records = Self::records_for_settle(&store, &rest).await?;
+        for (record, Settlement { outcome, seq, .. }) in records.into_iter().zip(rest) {
             if record.is_undefined() {
                 continue;
             }
             // Only pending events: a late answer never resurrects an event the
-            // app has since discarded, nor undoes a dead or sent state.
-            if opt_str(get(&record, "status")).as_deref() != Some("pending") {
+            // app has since discarded, nor undoes a dead or sent state (an
+            // event under the watermark is sent whatever its record says).
+            if opt_str(get(&record, "status")).as_deref() != Some("pending") || seq <= floor {
                 continue;
             }
             let o: &Object = record.unchecked_ref();
@@ -1060,6 +1255,16 @@ impl Store for IdbStore {
             }
             store.put(&record).idb("settling")?;
         }
+        if upto > floor {
+            let run = Object::new();
+            set(&run, "after", &JsValue::from_f64(floor as f64));
+            set(&run, "upto", &JsValue::from_f64(upto as f64));
+            set(&run, "at", &JsValue::from_f64(now.as_millis() as f64));
+            meta.put_with_key(&run, &run_key(upto as f64))
+                .idb("settling")?;
+            meta.put_with_key(&JsValue::from_f64(upto as f64), &SENT_THROUGH.into())
+                .idb("settling")?;
+        }
         done.await.idb("settling")?;
         Ok(())
     }
@@ -1078,27 +1283,32 @@ impl Store for IdbStore {
     }
 
     async fn stats(&self) -> Result<Stats> {
-        let tx = self.tx(&[EVENTS], "readonly").await?;
+        let tx = self.tx(&[EVENTS, META], "readonly").await?;
+        let meta = tx.object_store(META).idb("counting events")?;
         let index = tx
             .object_store(EVENTS)
             .and_then(|s| s.index(BY_STATUS))
             .idb("counting events")?;
-        let count = |status: &str| -> Result<idb::Request> {
+        let floor = watermark(&meta, "counting events").await?;
+        let count = |range: JsValue| -> Result<idb::Request> {
             Ok(idb::wait(
-                index
-                    .count_with_key(&status_range(status, None)?)
-                    .idb("counting events")?,
+                index.count_with_key(&range).idb("counting events")?,
             ))
         };
-        let (pending, sent, dead) = (count("pending")?, count("sent")?, count("dead")?);
+        let pending = count(status_range("pending", Some(floor))?)?;
+        let sent = count(status_range("sent", None)?)?;
+        // Pending records under the watermark are sent (module docs).
+        let covered = count(status_range_between("pending", i64::MIN, floor)?)?;
+        let dead = count(status_range("dead", None)?)?;
         let oldest = idb::wait(
             index
-                .get_all_with_key_and_limit(&status_range("pending", None)?, 1)
+                .get_all_with_key_and_limit(&status_range("pending", Some(floor))?, 1)
                 .idb("counting events")?,
         );
         let n = |v: JsValue| v.as_f64().unwrap_or(0.0) as u64;
         let pending = n(pending.await.idb("counting events")?);
-        let sent = n(sent.await.idb("counting events")?);
+        let sent =
+            n(sent.await.idb("counting events")?) + n(covered.await.idb("counting events")?);
         let dead = n(dead.await.idb("counting events")?);
         let oldest: Array = oldest.await.idb("counting events")?.unchecked_into();
         let oldest_pending_at = (oldest.length() > 0)
@@ -1122,21 +1332,41 @@ impl Store for IdbStore {
     }
 
     async fn get(&self, id: EventId) -> Result<Option<Event>> {
-        let tx = self.tx(&[EVENTS], "readonly").await?;
+        let tx = self.tx(&[EVENTS, META], "readonly").await?;
         let store = tx.object_store(EVENTS).idb("reading an event")?;
-        Self::record_by_id(&store, id)
-            .await?
-            .map(|r| parse_record(&r))
-            .transpose()
+        let meta = tx.object_store(META).idb("reading an event")?;
+        let floor = watermark(&meta, "reading an event").await?;
+        let Some(record) = Self::record_by_id(&store, id).await? else {
+            return Ok(None);
+        };
+        let seq = num(&record, "seq").unwrap_or(0.0);
+        let covered =
+            seq as i64 <= floor && opt_str(get(&record, "status")).as_deref() == Some("pending");
+        let sent_at = if covered {
+            // The first run ending at or after its seq is the one covering it.
+            let run = idb::wait(
+                meta.get(&run_range(seq, f64::INFINITY)?)
+                    .idb("reading an event")?,
+            )
+            .await
+            .idb("reading an event")?;
+            num(&run, "at").map(|t| Timestamp::from_millis(t as i64))
+        } else {
+            None
+        };
+        read_event(&record, floor, sent_at).map(Some)
     }
 
     async fn retry(&self, id: EventId, now: Timestamp) -> Result<bool> {
-        let tx = self.tx(&[EVENTS], "readwrite").await?;
+        let tx = self.tx(&[EVENTS, META], "readwrite").await?;
         let done = idb::done(&tx);
         let store = tx.object_store(EVENTS).idb("retrying an event")?;
+        let meta = tx.object_store(META).idb("retrying an event")?;
         let record = Self::record_by_id(&store, id).await?;
         let changed = match record {
             Some(r) if opt_str(get(&r, "status")).as_deref() == Some("dead") => {
+                let seq = num(&r, "seq").unwrap_or(0.0) as i64;
+                Self::lower_watermark_below(&store, &meta, seq).await?;
                 let o: &Object = r.unchecked_ref();
                 set(o, "status", &JsValue::from_str("pending"));
                 set(o, "attempts", &JsValue::from_f64(0.0));
@@ -1160,12 +1390,14 @@ impl Store for IdbStore {
     }
 
     async fn retry_now(&self, now: Timestamp) -> Result<u64> {
-        let tx = self.tx(&[EVENTS], "readwrite").await?;
+        let tx = self.tx(&[EVENTS, META], "readwrite").await?;
         let done = idb::done(&tx);
         let store = tx.object_store(EVENTS).idb("retrying now")?;
+        let meta = tx.object_store(META).idb("retrying now")?;
+        let floor = watermark(&meta, "retrying now").await?;
         let index = store.index(BY_STATUS).idb("retrying now")?;
         let req = index
-            .get_all_with_key(&status_range("pending", None)?)
+            .get_all_with_key(&status_range("pending", Some(floor))?)
             .idb("retrying now")?;
         let records: Array = idb::wait(req).await.idb("retrying now")?.unchecked_into();
         let at = now.as_millis() as f64;
@@ -1205,7 +1437,7 @@ impl Store for IdbStore {
     }
 
     async fn prune_sent(&self, before: Timestamp) -> Result<u64> {
-        let tx = self.tx(&[EVENTS], "readwrite").await?;
+        let tx = self.tx(&[EVENTS, META], "readwrite").await?;
         let done = idb::done(&tx);
         let store = tx.object_store(EVENTS).idb("pruning sent events")?;
         let index = store.index(BY_SENT_AT).idb("pruning sent events")?;
@@ -1223,7 +1455,40 @@ impl Store for IdbStore {
         for key in keys.iter() {
             store.delete(&key).idb("pruning sent events")?;
         }
+        let mut pruned = u64::from(keys.length());
+        // The runs of the watermark settled before `before`, with their records.
+        let meta = tx.object_store(META).idb("pruning sent events")?;
+        let runs: Array = idb::wait(
+            meta.get_all_with_key(&run_range(f64::NEG_INFINITY, f64::INFINITY)?)
+                .idb("pruning sent events")?,
+        )
+        .await
+        .idb("pruning sent events")?
+        .unchecked_into();
+        let index = store.index(BY_STATUS).idb("pruning sent events")?;
+        let mut deletes = Vec::new();
+        for run in runs.iter() {
+            let n = |k| num(&run, k).unwrap_or(0.0);
+            if n("at") >= before.as_millis() as f64 {
+                continue;
+            }
+            let range = status_range_between("pending", n("after") as i64, n("upto") as i64)?;
+            deletes.push(idb::wait(
+                index
+                    .get_all_keys_with_key(&range)
+                    .idb("pruning sent events")?,
+            ));
+            meta.delete(&run_key(n("upto")))
+                .idb("pruning sent events")?;
+        }
+        for keys in deletes {
+            let keys: Array = keys.await.idb("pruning sent events")?.unchecked_into();
+            for key in keys.iter() {
+                store.delete(&key).idb("pruning sent events")?;
+            }
+            pruned += u64::from(keys.length());
+        }
         done.await.idb("pruning sent events")?;
-        Ok(u64::from(keys.length()))
+        Ok(pruned)
     }
 }
