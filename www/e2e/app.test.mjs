@@ -1,57 +1,97 @@
-// End-to-end tests: the demo app in headless Chromium against the reference
-// server, proving the outbox's promise where a user would see it: nothing
-// lost, nothing applied twice, whatever the network and the tabs do.
+// End-to-end tests: the demo app in a browser against the reference server,
+// proving the outbox's promise where a user would see it: nothing lost,
+// nothing applied twice, whatever the network and the tabs do.
+//
+// One engine per run: E2E_ENGINE=chromium|firefox|webkit (default chromium),
+// driven over WebDriver (webdriver.mjs). The page is loaded through a proxy
+// (proxy.mjs) that the tests switch to refusing connections: the network cut
+// that works in every engine; the engine's own offline signal goes with it.
+// Tests whose names start with "Chromium only" need CDP (a frozen tab, site
+// data cleared under the page) and run in Chromium alone.
 //
 // Run by scripts/test-e2e (which builds the package, the server and the app
-// first): node --test www/e2e/
+// first, and runs every engine): E2E_ENGINE=firefox node --test www/e2e/
 
 import assert from "node:assert/strict";
-import { mkdirSync, statSync } from "node:fs";
+import { mkdirSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 
 import {
-  addItem, clientId, items, launchBrowser, openApp, repoRoot, startServer, stat, waitFor,
+  addItem, clickButton, clientId, count, items, openApp, repoRoot, shown, startServer, stat, text, waitFor,
   waitOfflineReady, waitReady,
 } from "./harness.mjs";
+import { startProxy } from "./proxy.mjs";
+import { engineFromEnv, startDriver } from "./webdriver.mjs";
+
+const engine = engineFromEnv();
+const ENGINE = { chromium: "Chromium", firefox: "Firefox", webkit: "WebKit" }[engine];
 
 /** A hung test fails on its own instead of stalling the whole run. */
-const TEST_TIMEOUT_MS = 90_000;
+const TEST_TIMEOUT_MS = 120_000;
 
-let browser;
+let driver;
 before(async () => {
-  browser = await launchBrowser();
+  driver = await startDriver(engine);
 });
 after(async () => {
-  await browser?.close();
+  await driver?.stop();
 });
 
 /**
- * Run `body` with a fresh server (fresh database) and a fresh browser
- * context (fresh IndexedDB, service worker, locks); both are torn down
- * whatever happens, and on failure the server's stderr and the pages'
- * errors are added to the message.
+ * Run `body` with a fresh server (fresh database) behind a fresh proxy, and
+ * a fresh browser session (fresh profile: IndexedDB, service worker, locks);
+ * all torn down whatever happens, and on failure the server's stderr and the
+ * pages' errors are added to the message. `network.set(false)` cuts the
+ * network (the proxy refuses, the engine signals offline), `set(true)`
+ * restores it.
  */
 async function scenario(body) {
   const server = await startServer();
-  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  const proxy = await startProxy(server.url);
+  const browser = await driver.newSession();
+  const network = {
+    async set(online) {
+      if (online) {
+        await proxy.accept();
+        await browser.setOffline(false);
+      } else {
+        await proxy.refuse();
+        await browser.setOffline(true);
+      }
+    },
+  };
   try {
-    await body({ server, context });
+    await body({ server, proxy, browser, network, url: proxy.url });
   } catch (e) {
-    const problems = context.pages().flatMap((p) => p.problems ?? []);
+    const problems = [];
+    for (const tab of browser.tabs) problems.push(...await tab.collectProblems().catch(() => tab.problems));
     e.message += `\n--- page problems: ${JSON.stringify(problems)}\n--- server stderr:\n${server.stderr().slice(-3000)}`;
     throw e;
   } finally {
-    await context.close();
+    await browser.quit();
+    await proxy.stop();
     await server.stop();
   }
 }
 
-/** Where screenshots go: target/e2e/ (for the report; not compared). */
-function screenshotPath(name) {
+/** A test in this run's engine, named after it. */
+function engineTest(name, body) {
+  test(`${ENGINE}: ${name}`, { timeout: TEST_TIMEOUT_MS }, body);
+}
+
+/** A test that needs Chromium's DevTools protocol: registered in Chromium's run only. */
+function chromiumOnlyTest(name, body) {
+  if (engine === "chromium") test(`Chromium only (CDP): ${name}`, { timeout: TEST_TIMEOUT_MS }, body);
+}
+
+/** Save a screenshot in target/e2e/ (for the report; not compared): `app.png` in Chromium, `app-firefox.png`... */
+async function screenshot(tab, base) {
   const dir = join(repoRoot, "target", "e2e");
   mkdirSync(dir, { recursive: true });
-  return join(dir, name);
+  const path = join(dir, engine === "chromium" ? `${base}.png` : `${base}-${engine}.png`);
+  writeFileSync(path, await tab.screenshot());
+  return path;
 }
 
 const pad = (n) => String(n).padStart(2, "0");
@@ -75,34 +115,34 @@ async function waitServerCount(server, client, n, timeout = 30_000) {
     { timeout, message: `the server to hold ${n} events` });
 }
 
-async function waitStat(page, name, n, timeout = 20_000) {
-  await waitFor(async () => (await stat(page, name)) === n,
+async function waitStat(tab, name, n, timeout = 20_000) {
+  await waitFor(async () => (await stat(tab, name)) === n,
     { timeout, message: `stat-${name} to show ${n}` });
 }
 
-test("offline: 20 items survive a reload, then arrive exactly once in commit order", { timeout: TEST_TIMEOUT_MS }, async () => {
-  await scenario(async ({ server, context }) => {
-    const page = await openApp(context, server.url);
+engineTest("offline: 20 items survive a reload, then arrive exactly once in commit order", async () => {
+  await scenario(async ({ server, browser, network, url }) => {
+    const page = await openApp(browser, url);
     const client = await clientId(page);
     // The shell must be cached before the network goes, or the reload below has nothing to load.
     await waitOfflineReady(page);
 
-    await context.setOffline(true);
-    await waitFor(async () => (await page.getByTestId("network").textContent()) === "offline",
-      { message: "the offline indicator" });
+    await network.set(false);
+    await waitFor(async () => (await text(page, "network")) === "offline", { message: "the offline indicator" });
     const titles = Array.from({ length: 20 }, (_, i) => `item-${pad(i + 1)}`);
     for (const title of titles) await addItem(page, title);
     await waitStat(page, "pending", 20);
 
+    // The service worker answers the reload from its cache: the proxy refuses.
     await page.reload();
     await waitReady(page);
-    const shown = await items(page);
-    assert.deepEqual(shown.map((i) => i.title), titles, "the todos after the reload");
-    assert.ok(shown.every((i) => i.sync === "pending"), `all still pending: ${JSON.stringify(shown)}`);
+    const shownItems = await items(page);
+    assert.deepEqual(shownItems.map((i) => i.title), titles, "the todos after the reload");
+    assert.ok(shownItems.every((i) => i.sync === "pending"), `all still pending: ${JSON.stringify(shownItems)}`);
     assert.equal(await stat(page, "pending"), 20);
     assert.equal((await server.events(client)).length, 0, "nothing may reach the server while offline");
 
-    await context.setOffline(false);
+    await network.set(true);
     await waitStat(page, "pending", 0);
     await waitServerCount(server, client, 20);
     const events = await checkedEvents(server, client);
@@ -114,13 +154,13 @@ test("offline: 20 items survive a reload, then arrive exactly once in commit ord
   });
 });
 
-test("closing the tab during an in-flight push loses nothing and applies nothing twice", { timeout: TEST_TIMEOUT_MS }, async () => {
-  await scenario(async ({ server, context }) => {
-    let page = await openApp(context, server.url);
+engineTest("closing the tab during an in-flight push loses nothing and applies nothing twice", async () => {
+  await scenario(async ({ server, browser, network, url }) => {
+    const page = await openApp(browser, url);
     const client = await clientId(page);
 
     // Commit the five while offline, so they go out together in one push.
-    await context.setOffline(true);
+    await network.set(false);
     const titles = Array.from({ length: 5 }, (_, i) => `flight-${pad(i + 1)}`);
     for (const title of titles) await addItem(page, title);
     await waitStat(page, "pending", 5);
@@ -128,18 +168,21 @@ test("closing the tab during an in-flight push loses nothing and applies nothing
     // The server stores the push, then holds its answer back for a minute:
     // the tab is closed while the request is in flight, answer unseen.
     await server.control("delay", { ms: 60_000, count: 1 });
-    await context.setOffline(false);
+    await network.set(true);
     await waitServerCount(server, client, 5);
     await waitFor(async () => (await stat(page, "inflight")) === 5,
       { message: "the push to be in flight in the page" });
     assert.equal(await stat(page, "pending"), 5, "unacknowledged events are still pending locally");
+    // Closing the session's last window would end the session: another one first.
+    const other = await browser.open("about:blank");
     await page.close();
 
     // Open the app again: the events are still pending and are pushed again;
     // the server recognises them and stores nothing twice.
-    page = await openApp(context, server.url);
-    await waitStat(page, "pending", 0);
-    await waitStat(page, "sent", 5);
+    await other.goto(url);
+    await waitReady(other);
+    await waitStat(other, "pending", 0);
+    await waitStat(other, "sent", 5);
     const events = await checkedEvents(server, client);
     assert.deepEqual(titlesOf(events), titles, "each event exactly once, in order");
     const pushes = (await server.requests()).filter((r) => r.client_id === client);
@@ -162,40 +205,42 @@ async function assertNoOverlap(server, client) {
 }
 
 /**
- * Three tabs type 15 items each at once while the first tab flips the
- * network. `noLocks`: the origin has no Web Locks (plain http on a LAN
- * address, WebKit before 15.4), simulated by deleting `navigator.locks`
- * before the app loads.
+ * Three tabs (windows) add 15 items each, in turns, while the network is cut
+ * and restored every fourth item of the first. `noLocks`: the origin has no
+ * Web Locks (plain http on a LAN address, WebKit before 15.4), simulated by
+ * deleting `navigator.locks` before the app's script runs (a script the
+ * proxy adds to the page: WebDriver has no init script in every engine).
  */
-async function threeTabs({ server, context }, { noLocks }) {
+async function threeTabs({ server, proxy, browser, network, url }, { noLocks }) {
   if (noLocks) {
-    await context.addInitScript(() => { delete Navigator.prototype.locks; });
+    proxy.injectScript("delete Navigator.prototype.locks;");
     // Slow pushes: two senders could not help overlapping.
     await server.control("delay", { ms: 150 });
   }
   const pages = [];
-  for (let i = 0; i < 3; i++) pages.push(await openApp(context, server.url));
+  for (let i = 0; i < 3; i++) pages.push(await openApp(browser, url));
   if (noLocks) {
-    for (const p of pages) assert.equal(await p.evaluate(() => typeof navigator.locks), "undefined");
+    for (const p of pages) assert.equal(await p.eval(() => typeof navigator.locks), "undefined");
   }
   const client = await clientId(pages[0]);
   for (const p of pages) assert.equal(await clientId(p), client, "the tabs share one outbox");
   if (!noLocks) {
     await waitFor(async () => {
-      const senders = await Promise.all(pages.map((p) => p.getByTestId("sender").textContent()));
+      const senders = [];
+      for (const p of pages) senders.push(await text(p, "sender"));
       return senders.filter((s) => s === "this tab sends").length === 1;
     }, { message: "exactly one tab to hold the sender lock" });
   }
 
   const perTab = 15;
   const titles = pages.map((_, t) => Array.from({ length: perTab }, (_, i) => `tab${t + 1}-${pad(i + 1)}`));
-  await Promise.all(pages.map(async (page, t) => {
-    for (let i = 0; i < perTab; i++) {
-      await addItem(page, titles[t][i]);
-      if (t === 0 && i % 4 === 3) await context.setOffline(i % 8 === 3);
+  for (let i = 0; i < perTab; i++) {
+    for (let t = 0; t < pages.length; t++) {
+      await addItem(pages[t], titles[t][i]);
+      if (t === 0 && i % 4 === 3) await network.set(i % 8 !== 3);
     }
-  }));
-  await context.setOffline(false);
+  }
+  await network.set(true);
 
   const total = 3 * perTab;
   await waitServerCount(server, client, total, 40_000);
@@ -212,45 +257,46 @@ async function threeTabs({ server, context }, { noLocks }) {
   assert.ok(pushes.length <= total + 10, `far more pushes than events: ${pushes.length} for ${total}`);
 }
 
-test("without Web Locks, three tabs still elect one sender: every event once, pushes never overlap", { timeout: TEST_TIMEOUT_MS }, async () => {
+engineTest("without Web Locks, three tabs still elect one sender: every event once, pushes never overlap", async () => {
   await scenario((s) => threeTabs(s, { noLocks: true }));
 });
 
 /**
- * Freeze `page` as a browser freezes a background tab: the `freeze` event
- * (its last chance to run code), then no task runs at all. This headless
- * Chromium accepts `Page.setWebLifecycleState` but keeps running the page's
- * timers and handlers, so the debugger stops its script too. Returns the
- * function that thaws it (`resume` event included).
+ * Freeze `tab` as a browser freezes a background tab: the `freeze` event
+ * (its last chance to run code), then no task runs at all. Headless Chromium
+ * accepts `Page.setWebLifecycleState` but keeps running the page's timers and
+ * handlers, so the debugger stops its script too. Returns the function that
+ * thaws it (`resume` event included) and shows it again. The other engines
+ * have no way to freeze a page from a test.
  */
-async function freeze(context, page) {
-  await page.evaluate(() => document.dispatchEvent(new Event("freeze")));
-  const cdp = await context.newCDPSession(page);
-  await cdp.send("Page.setWebLifecycleState", { state: "frozen" });
-  await cdp.send("Debugger.enable");
-  await cdp.send("Debugger.pause");
+async function freeze(tab) {
+  await tab.eval(() => document.dispatchEvent(new Event("freeze")));
+  await tab.cdp("Page.setWebLifecycleState", { state: "frozen" });
+  await tab.cdp("Debugger.enable");
+  await tab.cdp("Debugger.pause");
   return async () => {
-    await cdp.send("Debugger.resume");
-    await cdp.send("Debugger.disable");
-    await cdp.send("Page.setWebLifecycleState", { state: "active" });
-    await page.evaluate(() => document.dispatchEvent(new Event("resume")));
+    await tab.cdp("Debugger.resume");
+    await tab.cdp("Debugger.disable");
+    await tab.cdp("Page.setWebLifecycleState", { state: "active" });
+    // A frozen page stays hidden once thawed, as a background tab does: the
+    // user comes back to it.
+    await tab.show();
+    await tab.eval(() => document.dispatchEvent(new Event("resume")));
   };
 }
 
-test("a frozen sender tab gives the lock up: another tab takes over and its commits never hang", { timeout: TEST_TIMEOUT_MS }, async () => {
-  await scenario(async ({ server, context }) => {
-    const a = await openApp(context, server.url);
-    await waitFor(async () => (await a.getByTestId("sender").textContent()) === "this tab sends",
-      { message: "the first tab to send" });
-    const b = await openApp(context, server.url);
+chromiumOnlyTest("a frozen sender tab gives the lock up: another tab takes over and its commits never hang", async () => {
+  await scenario(async ({ server, browser, url }) => {
+    const a = await openApp(browser, url);
+    await waitFor(async () => (await text(a, "sender")) === "this tab sends", { message: "the first tab to send" });
+    const b = await openApp(browser, url);
     const client = await clientId(a);
-    await waitFor(async () => (await b.getByTestId("sender").textContent()) === "another tab sends",
-      { message: "the second tab to follow" });
+    await waitFor(async () => (await text(b, "sender")) === "another tab sends", { message: "the second tab to follow" });
     await addItem(a, "before-freeze");
     await waitServerCount(server, client, 1);
 
-    const thaw = await freeze(context, a);
-    await waitFor(async () => (await b.getByTestId("sender").textContent()) === "this tab sends",
+    const thaw = await freeze(a);
+    await waitFor(async () => (await text(b, "sender")) === "this tab sends",
       { message: "the second tab to take over from the frozen one" });
     const titles = Array.from({ length: 5 }, (_, i) => `while-frozen-${pad(i + 1)}`);
     for (const title of titles) await addItem(b, title);
@@ -267,13 +313,13 @@ test("a frozen sender tab gives the lock up: another tab takes over and its comm
   });
 });
 
-test("three tabs writing while the network flaps: every event once, pushes never overlap", { timeout: TEST_TIMEOUT_MS }, async () => {
+engineTest("three tabs writing while the network flaps: every event once, pushes never overlap", async () => {
   await scenario((s) => threeTabs(s, { noLocks: false }));
 });
 
-test("a server answering 500 for a while: the error is shown, then everything arrives", { timeout: TEST_TIMEOUT_MS }, async () => {
-  await scenario(async ({ server, context }) => {
-    const page = await openApp(context, server.url);
+engineTest("a server answering 500 for a while: the error is shown, then everything arrives", async () => {
+  await scenario(async ({ server, browser, url }) => {
+    const page = await openApp(browser, url);
     const client = await clientId(page);
     await addItem(page, "before-1");
     await waitServerCount(server, client, 1);
@@ -284,30 +330,29 @@ test("a server answering 500 for a while: the error is shown, then everything ar
     // All five committed (typing returns before the commit does).
     await waitStat(page, "pending", 5);
     const shownError = await waitFor(async () => {
-      const box = page.getByTestId("last-error");
-      return (await box.isVisible()) && /500/.test(await box.textContent()) && box.textContent();
+      const error = await shown(page, "last-error");
+      return error !== null && /500/.test(error) && error;
     }, { message: "the status to show the 500" });
     // The relay keeps trying (with backoff) and nothing gets through meanwhile.
     await waitFor(async () => (await server.requests()).filter((r) => r.status === 500).length >= 2,
       { message: "at least two failed attempts" });
     assert.equal((await server.events(client)).length, 1, "nothing stored while failing");
     assert.equal(await stat(page, "dead"), 0, "a 500 never dead-letters");
-    assert.ok(await page.getByTestId("last-error").isVisible(), `still shown while it lasts (${shownError})`);
-    await page.screenshot({ path: screenshotPath("app-500.png"), fullPage: true });
+    assert.notEqual(await shown(page, "last-error"), null, `still shown while it lasts (${shownError})`);
+    await screenshot(page, "app-500");
 
     await server.control("reset");
     await waitServerCount(server, client, 6);
     await waitStat(page, "pending", 0);
-    await waitFor(async () => !(await page.getByTestId("last-error").isVisible()),
-      { message: "the error to clear after recovery" });
+    await waitFor(async () => (await shown(page, "last-error")) === null, { message: "the error to clear after recovery" });
     const events = await checkedEvents(server, client);
     assert.deepEqual(titlesOf(events), ["before-1", ...titles]);
   });
 });
 
-test("dead letters: a rejected event is listed, retried and discarded from the page", { timeout: TEST_TIMEOUT_MS }, async () => {
-  await scenario(async ({ server, context }) => {
-    const page = await openApp(context, server.url);
+engineTest("dead letters: a rejected event is listed, retried and discarded from the page", async () => {
+  await scenario(async ({ server, browser, url }) => {
+    const page = await openApp(browser, url);
     const client = await clientId(page);
     // The server rejects the next two events (a per-event verdict): both
     // are dead-lettered. (A 422 for a lone event is not enough: nothing
@@ -317,31 +362,30 @@ test("dead letters: a rejected event is listed, retried and discarded from the p
     await waitStat(page, "dead", 1);
     await addItem(page, "rejected-2");
     await waitStat(page, "dead", 2);
-    const dead = page.getByTestId("dead-letter");
-    await waitFor(async () => (await dead.count()) === 2, { message: "two dead letters listed" });
-    assert.match(await dead.first().textContent(), /TodoCreated/);
+    await waitFor(async () => (await count(page, "dead-letter")) === 2, { message: "two dead letters listed" });
+    assert.match(await page.eval(() => document.querySelector("[data-testid=dead-letter]").textContent), /TodoCreated/);
 
-    await dead.first().getByRole("button", { name: "Retry" }).click();
+    await clickButton(page, "Retry", { within: "dead-letter" });
     await waitServerCount(server, client, 1);
     await waitStat(page, "dead", 1);
-    await page.getByTestId("dead-letter").first().getByRole("button", { name: "Discard" }).click();
+    await clickButton(page, "Discard", { within: "dead-letter" });
     await waitStat(page, "dead", 0);
-    await waitFor(async () => (await dead.count()) === 0, { message: "the list to empty" });
+    await waitFor(async () => (await count(page, "dead-letter")) === 0, { message: "the list to empty" });
     // The server may hold the retried event a moment before the page has settled it.
     await waitStat(page, "pending", 0);
     assert.deepEqual(titlesOf(await checkedEvents(server, client)), ["rejected-1"]);
   });
 });
 
-test("screenshot: the app with sent, pending and dead events", { timeout: TEST_TIMEOUT_MS }, async () => {
-  await scenario(async ({ server, context }) => {
-    const page = await openApp(context, server.url);
+engineTest("screenshot: the app with sent, pending and dead events", async () => {
+  await scenario(async ({ server, browser, network, url }) => {
+    const page = await openApp(browser, url);
     const client = await clientId(page);
     for (const title of ["Buy oat milk", "Write the quarterly report", "Call the plumber"]) {
       await addItem(page, title);
     }
     await waitServerCount(server, client, 3);
-    await page.getByTestId("item").first().getByRole("button", { name: "Mark done" }).click();
+    await (await page.find("[data-testid=item] button[data-action=toggle]")).click();
     await waitServerCount(server, client, 4);
     await server.control("reject", { count: 1 });
     await addItem(page, "Pay the invoice");
@@ -349,34 +393,31 @@ test("screenshot: the app with sent, pending and dead events", { timeout: TEST_T
     await waitFor(async () => (await items(page)).filter((i) => i.sync === "synced").length === 3,
       { message: "three todos marked synced" });
 
-    await context.setOffline(true);
+    await network.set(false);
     await addItem(page, "Book flights");
     await addItem(page, "Water the plants");
     await waitStat(page, "pending", 2);
-    await waitFor(async () => (await page.getByTestId("network").textContent()) === "offline",
-      { message: "the offline indicator" });
-    await waitFor(async () => /offline/.test(await page.getByTestId("server-error").textContent()),
+    await waitFor(async () => (await text(page, "network")) === "offline", { message: "the offline indicator" });
+    await waitFor(async () => /offline/.test(await text(page, "server-error")),
       { message: "the server panel to say it cannot reach the server" });
 
-    const path = screenshotPath("app.png");
-    await page.screenshot({ path, fullPage: true });
+    const path = await screenshot(page, "app");
     assert.ok(statSync(path).size > 20_000, `${path} looks empty`);
     console.log(`screenshot: ${path}`);
   });
 });
 
-test("the Retry now button: waiting events are made due, the page says how many, all arrive", { timeout: TEST_TIMEOUT_MS }, async () => {
-  await scenario(async ({ server, context }) => {
-    const page = await openApp(context, server.url);
+engineTest("the Retry now button: waiting events are made due, the page says how many, all arrive", async () => {
+  await scenario(async ({ server, browser, url }) => {
+    const page = await openApp(browser, url);
     const client = await clientId(page);
     // A 503 with Retry-After parks the event (for at most the app's 5 s cap);
     // outbox.retryNow() itself is tested against a 60 s wait in tests/browser.rs.
     await server.control("fail", { status: 503, count: 1, retry_after: 60 });
     await addItem(page, "parked");
-    await waitFor(async () => (await server.requests()).some((r) => r.status === 503),
-      { message: "the 503" });
-    await page.getByTestId("retry-now").click();
-    await waitFor(async () => /retrying \d+ waiting events?/.test(await page.getByTestId("flush-result").textContent()),
+    await waitFor(async () => (await server.requests()).some((r) => r.status === 503), { message: "the 503" });
+    await (await page.find("[data-testid=retry-now]")).click();
+    await waitFor(async () => /retrying \d+ waiting events?/.test(await text(page, "flush-result")),
       { message: "the retry-now result" });
     await waitServerCount(server, client, 1);
     await waitStat(page, "pending", 0);
@@ -384,23 +425,21 @@ test("the Retry now button: waiting events are made due, the page says how many,
   });
 });
 
-test("site data cleared under the app: the connection is lost for good, the page says so and gives the sender lock up", { timeout: TEST_TIMEOUT_MS }, async () => {
-  await scenario(async ({ server, context }) => {
-    const page = await openApp(context, server.url);
-    await waitFor(async () => (await page.getByTestId("sender").textContent()) === "this tab sends",
-      { message: "the tab to send" });
+chromiumOnlyTest("site data cleared under the app: the connection is lost for good, the page says so and gives the sender lock up", async () => {
+  await scenario(async ({ browser, url }) => {
+    const page = await openApp(browser, url);
+    await waitFor(async () => (await text(page, "sender")) === "this tab sends", { message: "the tab to send" });
     // What "Clear site data" does: the browser closes the IndexedDB
     // connections (their `close` event) and deletes the databases.
-    const cdp = await context.newCDPSession(page);
-    await cdp.send("Storage.clearDataForOrigin", { origin: server.url, storageTypes: "indexeddb" });
+    await page.cdp("Storage.clearDataForOrigin", { origin: url, storageTypes: "indexeddb" });
     await waitFor(async () => {
-      const banner = page.getByTestId("banner");
-      return (await banner.isVisible()) && /lost its (database|IndexedDB) connection/.test(await banner.textContent());
+      const banner = await shown(page, "banner");
+      return banner !== null && /lost its (database|IndexedDB) connection/.test(banner);
     }, { message: "the banner saying the connection is lost" });
-    await waitFor(async () => (await page.getByTestId("sender").textContent()) === "another tab sends",
-      { message: "the tab to stop sending" });
-    const held = await page.evaluate(async () => (await navigator.locks.query()).held.map((l) => l.name));
+    await waitFor(async () => (await text(page, "sender")) === "another tab sends", { message: "the tab to stop sending" });
+    const held = await page.eval(async () => (await navigator.locks.query()).held.map((l) => l.name));
     assert.deepEqual(held.filter((n) => n.startsWith("edge-outbox:")), [], "the sender lock was given up");
+    await page.collectProblems();
     page.problems.length = 0; // the banner is the expected outcome here
   });
 });

@@ -1,14 +1,16 @@
 // Test harness of the end-to-end tests: the reference server (a fresh one,
-// with a fresh database, per test), headless Chromium through
-// playwright-core, and bounded waits. Anything that cannot start throws
-// with the reason: a test never passes by skipping what it could not run.
+// with a fresh database, per test) behind a refusing proxy (proxy.mjs), the
+// app's page in any of the three engines (webdriver.mjs), and bounded
+// waits. Anything that cannot start throws with the reason: a test never
+// passes by skipping what it could not run.
 
 import { spawn } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
+
+import { By, Key } from "./webdriver.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
 export const repoRoot = resolve(here, "..", "..");
@@ -16,7 +18,6 @@ export const repoRoot = resolve(here, "..", "..");
 /** The server binary and the built app; scripts/test-e2e builds both. */
 export const SERVER_BIN = process.env.EDGE_OUTBOX_SERVER ?? join(repoRoot, "target", "release", "edge-outbox-server");
 export const APP_DIR = process.env.EDGE_OUTBOX_APP_DIR ?? join(repoRoot, "www", "dist");
-export const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 
 // ---- waiting ----
 
@@ -154,60 +155,35 @@ class Server {
   }
 }
 
-// ---- the browser ----
+// ---- the app's page ----
+
+const byTestId = (id) => `[data-testid="${id}"]`;
 
 /**
- * Debian's Chromium, headless. Playwright gives the browser a fresh
- * temporary profile (user-data dir) of its own, and each test opens a new
- * browser context: its own IndexedDB, service workers, Web Locks.
+ * Open the app at `url` in a new window of `browser` and wait until it is
+ * ready for input.
  */
-export async function launchBrowser() {
-  if (!existsSync(CHROMIUM)) {
-    throw new Error(`${CHROMIUM} is missing: run scripts/setup (apt-get install -y chromium)`);
-  }
-  try {
-    return await chromium.launch({
-      executablePath: CHROMIUM,
-      headless: true,
-      args: [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-      ],
-      timeout: 30_000,
-    });
-  } catch (e) {
-    throw new Error(`cannot start Chromium (${CHROMIUM}): ${e.message}`);
-  }
-}
-
-/**
- * A page of the app, ready for input. Page errors and console errors are
- * collected on `page.problems` so a test can show them when it fails.
- */
-export async function openApp(context, url) {
-  const page = await context.newPage();
-  page.problems = [];
-  page.on("pageerror", (e) => page.problems.push(`pageerror: ${e.message}`));
-  page.on("console", (m) => {
-    if (m.type() === "error") page.problems.push(`console: ${m.text()}`);
-  });
-  await page.goto(url);
-  await waitReady(page);
-  return page;
+export async function openApp(browser, url) {
+  const tab = await browser.open(url);
+  await waitReady(tab);
+  return tab;
 }
 
 /** Wait until the app has opened its outbox (or fail with what it shows). */
-export async function waitReady(page) {
+export async function waitReady(tab) {
   await waitFor(async () => {
-    const banner = page.getByTestId("banner");
-    if (await banner.isVisible()) throw new Error(`the app shows an error: ${await banner.textContent()}`);
-    return (await page.locator("body").getAttribute("data-ready")) === "true";
-  }, { timeout: 20_000, message: `the app to start (${page.url()}); problems: ${JSON.stringify(page.problems)}` });
+    const { ready, banner } = await tab.eval(() => {
+      const b = document.querySelector("[data-testid=banner]");
+      return { ready: document.body?.dataset.ready === "true", banner: b && !b.hidden ? b.textContent : null };
+    });
+    if (banner) throw new Error(`the app shows an error: ${banner}`);
+    return ready;
+  }, { timeout: 20_000, message: `the app to start; problems: ${JSON.stringify(await tab.collectProblems())}` });
 }
 
 /** The service worker controls the page and has cached the shell: reloads work offline. */
-export async function waitOfflineReady(page) {
-  await page.evaluate(async () => {
+export async function waitOfflineReady(tab) {
+  await tab.eval(async () => {
     await navigator.serviceWorker.ready;
     if (!navigator.serviceWorker.controller) {
       await new Promise((r) => navigator.serviceWorker.addEventListener("controllerchange", r, { once: true }));
@@ -215,29 +191,57 @@ export async function waitOfflineReady(page) {
   });
 }
 
-export async function addItem(page, title) {
-  await page.getByTestId("new-title").fill(title);
-  await page.getByTestId("new-title").press("Enter");
+/** Type `title` into the new-todo field and press Enter, as a user does. */
+export async function addItem(tab, title) {
+  const field = await tab.find(byTestId("new-title"));
+  await field.sendKeys(title, Key.ENTER);
+}
+
+/** The text of the element with `data-testid=id`, or null when there is none or it is hidden. */
+export async function shown(tab, id) {
+  return tab.eval((sel) => {
+    const el = document.querySelector(sel);
+    return el && !el.hidden && el.getClientRects().length > 0 ? el.textContent : null;
+  }, byTestId(id));
+}
+
+/** The text of the element with `data-testid=id` (visible or not). */
+export async function text(tab, id) {
+  return tab.eval((sel) => document.querySelector(sel)?.textContent ?? null, byTestId(id));
+}
+
+/** Click the button named `name` inside the `index`th element with `data-testid=id`. */
+export async function clickButton(tab, name, { within, index = 0 } = {}) {
+  const wd = await tab.focus();
+  const scope = within ? (await wd.findElements(By.css(byTestId(within))))[index] : wd;
+  if (!scope) throw new Error(`no ${within} #${index}`);
+  const button = await scope.findElement(By.xpath(`.//button[normalize-space()=${JSON.stringify(name)}]`));
+  await button.click();
+}
+
+/** How many elements have `data-testid=id`. */
+export async function count(tab, id) {
+  return tab.eval((sel) => document.querySelectorAll(sel).length, byTestId(id));
 }
 
 /** The number shown in one of the outbox counters (`pending`, `sent`, `dead`, `inflight`). */
-export async function stat(page, name) {
-  const text = await page.getByTestId(`stat-${name}`).textContent();
-  const n = Number(text);
-  if (!Number.isFinite(n)) throw new Error(`stat-${name} shows ${JSON.stringify(text)}`);
+export async function stat(tab, name) {
+  const value = await text(tab, `stat-${name}`);
+  const n = Number(value);
+  if (!Number.isFinite(n)) throw new Error(`stat-${name} shows ${JSON.stringify(value)}`);
   return n;
 }
 
-export async function clientId(page) {
-  const text = await page.getByTestId("client-id").textContent();
-  const m = /client (\S+)/.exec(text ?? "");
-  if (!m) throw new Error(`no client id shown: ${JSON.stringify(text)}`);
+export async function clientId(tab) {
+  const value = await text(tab, "client-id");
+  const m = /client (\S+)/.exec(value ?? "");
+  if (!m) throw new Error(`no client id shown: ${JSON.stringify(value)}`);
   return m[1];
 }
 
 /** The todo titles shown, top to bottom, with their sync badge. */
-export async function items(page) {
-  return page.getByTestId("item").evaluateAll((lis) => lis.map((li) => ({
+export async function items(tab) {
+  return tab.eval(() => [...document.querySelectorAll("[data-testid=item]")].map((li) => ({
     title: li.querySelector("[data-testid=item-title]").textContent,
     sync: li.querySelector("[data-testid=item-sync]").textContent,
   })));
