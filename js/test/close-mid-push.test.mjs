@@ -2,23 +2,26 @@
 // same outbox waits for the sender lock; the page calls close() while its
 // push is on the wire (the server holds the answer back). The Worker must
 // not push that batch while the first push is in flight: the lock passes
-// only once the push settled. Run by scripts/test-browser (which builds pkg/
-// and starts the reference server with test controls):
-//   EDGE_OUTBOX_TEST_SERVER=http://127.0.0.1:PORT node --test js/test/close-mid-push.test.mjs
+// only once the push settled. Run by scripts/test-browser in each engine
+// (E2E_ENGINE; it builds pkg/ and starts the reference server with test
+// controls):
+//   E2E_ENGINE=firefox EDGE_OUTBOX_TEST_SERVER=http://127.0.0.1:PORT node --test js/test/close-mid-push.test.mjs
 import assert from "node:assert/strict";
 import fs from "node:fs";
-import os from "node:os";
 import path from "node:path";
 import { test } from "node:test";
 import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
 
+import { engineFromEnv, startDriver } from "../../www/e2e/webdriver.mjs";
 import { staticServer } from "./static.mjs";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const root = path.resolve(here, "../..");
 const server = process.env.EDGE_OUTBOX_TEST_SERVER;
-const chromiumPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
+// The engine (E2E_ENGINE=chromium|firefox|webkit), driven over WebDriver by
+// the end-to-end tests' harness (www/e2e/webdriver.mjs).
+const engine = engineFromEnv();
+const ENGINE = { chromium: "Chromium", firefox: "Firefox", webkit: "WebKit" }[engine];
 
 async function control(name, body) {
   const r = await fetch(`${server}/__test/${name}`, {
@@ -29,26 +32,18 @@ async function control(name, body) {
   assert.ok(r.ok, `/__test/${name}: ${r.status}`);
 }
 
-test("close() mid-push hands the lock to a Worker only after the push settled: no overlapping pushes", { timeout: 120_000 }, async () => {
+test(`${ENGINE}: close() mid-push hands the lock to a Worker only after the push settled: no overlapping pushes`, { timeout: 120_000 }, async () => {
   assert.ok(server, "EDGE_OUTBOX_TEST_SERVER is not set: run scripts/test-browser (it starts the reference server)");
   assert.ok(fs.existsSync(path.join(root, "pkg/index.js")), "pkg/ is not built: run scripts/build-pkg");
   const files = await staticServer(root, here);
   const origin = `http://127.0.0.1:${files.address().port}`;
-  const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), "edge-outbox-close-"));
-  const context = await chromium.launchPersistentContext(userDataDir, {
-    executablePath: chromiumPath,
-    headless: true,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync"],
-  });
+  const driver = await startDriver(engine);
+  const browser = await driver.newSession().catch(async (e) => { await driver.stop(); throw e; });
   try {
-    const page = await context.newPage();
-    const errors = [];
-    page.on("pageerror", (e) => errors.push(String(e)));
-    await page.goto(`${origin}/test/worker.html`);
+    const page = await browser.open(`${origin}/test/worker.html`);
     // The next push is stored, then its answer held back for 1.5 s.
     await control("delay", { ms: 1500, count: 1 });
-    const result = await page.evaluate(async ({ server, database }) => {
+    const result = await page.eval(async ({ server, database }) => {
       const until = async (what, check, ms = 10_000) => {
         for (const end = Date.now() + ms; Date.now() < end; await new Promise((r) => setTimeout(r, 20))) {
           if (check()) return;
@@ -87,7 +82,7 @@ test("close() mid-push hands the lock to a Worker only after the push settled: n
       await until("the worker to see nothing pending", () => workerStatus.pending === 0);
       return { clientId: outbox.clientId, ids, leaderBefore };
     }, { server, database: `close-mid-push-${Date.now()}` });
-    assert.deepEqual(errors, [], "no page errors");
+    assert.deepEqual(await page.collectProblems(), [], "no page errors");
     assert.equal(result.leaderBefore, false, "the worker waited for the lock");
     const log = (await (await fetch(`${server}/__test/requests`)).json())
       .filter((r) => r.client_id === result.clientId)
@@ -101,8 +96,8 @@ test("close() mid-push hands the lock to a Worker only after the push settled: n
     const received = (await answer.json()).events.map((e) => e.id);
     assert.deepEqual(received, result.ids, "received once each, in commit order");
   } finally {
-    await context.close();
+    await browser.quit();
+    await driver.stop();
     files.close();
-    fs.rmSync(userDataDir, { recursive: true, force: true });
   }
 });

@@ -1,44 +1,38 @@
 // The outbox and its relay in a dedicated module Worker (no `window`), in
-// headless Chromium, delivering to the reference server. Run by
-// scripts/test-browser, which builds pkg/ and starts the server with
-// `--cors-origin '*'` (this page is served from another port):
-//   EDGE_OUTBOX_TEST_SERVER=http://127.0.0.1:PORT node --test js/test/worker.test.mjs
+// Chromium, Firefox or WebKit (E2E_ENGINE), delivering to the reference
+// server. Run by scripts/test-browser in each engine, which builds pkg/ and
+// starts the server with `--cors-origin '*'` (this page is served from
+// another port):
+//   E2E_ENGINE=webkit EDGE_OUTBOX_TEST_SERVER=http://127.0.0.1:PORT node --test js/test/worker.test.mjs
 // Fails (never skips) when the server, the package or the browser is missing.
 import assert from "node:assert/strict";
 import fs from "node:fs";
-import os from "node:os";
 import path from "node:path";
 import { test } from "node:test";
 import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
 
+import { engineFromEnv, startDriver } from "../../www/e2e/webdriver.mjs";
 import { staticServer } from "./static.mjs";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const root = path.resolve(here, "../..");
 const server = process.env.EDGE_OUTBOX_TEST_SERVER;
-const chromiumPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
+// The engine (E2E_ENGINE=chromium|firefox|webkit), driven over WebDriver by
+// the end-to-end tests' harness (www/e2e/webdriver.mjs).
+const engine = engineFromEnv();
+const ENGINE = { chromium: "Chromium", firefox: "Firefox", webkit: "WebKit" }[engine];
 
-test("outbox + relay in a dedicated module Worker deliver once, in order", { timeout: 120_000 }, async () => {
+test(`${ENGINE}: outbox + relay in a dedicated module Worker deliver once, in order`, { timeout: 120_000 }, async () => {
   assert.ok(server, "EDGE_OUTBOX_TEST_SERVER is not set: run scripts/test-browser (it starts the reference server)");
   assert.ok(fs.existsSync(path.join(root, "pkg/index.js")), "pkg/ is not built: run scripts/build-pkg");
-  assert.ok(fs.existsSync(chromiumPath), `no browser at ${chromiumPath}`);
   const files = await staticServer(root, here);
   const origin = `http://127.0.0.1:${files.address().port}`;
-  const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), "edge-outbox-worker-"));
-  const context = await chromium.launchPersistentContext(userDataDir, {
-    executablePath: chromiumPath,
-    headless: true,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync"],
-  });
+  const driver = await startDriver(engine);
+  const browser = await driver.newSession().catch(async (e) => { await driver.stop(); throw e; });
   try {
-    const page = await context.newPage();
-    const errors = [];
-    page.on("pageerror", (e) => errors.push(String(e)));
-    await page.goto(`${origin}/test/worker.html`);
+    const page = await browser.open(`${origin}/test/worker.html`);
     const database = `worker-${Date.now()}`;
-    const result = await page.evaluate(
+    const result = await page.eval(
       ({ server, database }) =>
         new Promise((resolve) => {
           const worker = new Worker("/test/worker.js", { type: "module" });
@@ -49,7 +43,7 @@ test("outbox + relay in a dedicated module Worker deliver once, in order", { tim
         }),
       { server, database },
     );
-    assert.deepEqual(errors, [], "no page errors");
+    assert.deepEqual(await page.collectProblems(), [], "no page errors");
     assert.ok(result.ok, `the worker failed: ${result.error}`);
     assert.equal(result.ids.length, 50);
     // The explicit flush (relay stopped) really ran and delivered the first 30.
@@ -67,8 +61,8 @@ test("outbox + relay in a dedicated module Worker deliver once, in order", { tim
     const received = (await answer.json()).events.map((e) => e.id);
     assert.deepEqual(received, result.ids, "received once each, in commit order");
   } finally {
-    await context.close();
+    await browser.quit();
+    await driver.stop();
     files.close();
-    fs.rmSync(userDataDir, { recursive: true, force: true });
   }
 });
