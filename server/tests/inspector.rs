@@ -66,20 +66,86 @@ async fn status_reports_counts_schema_and_client_id() {
     let dir = tempfile::tempdir().unwrap();
     let (db, outbox) = fixture(dir.path()).await;
     let text = ok(&db, &["status"]);
-    assert!(text.contains("schema version  3"), "{text}");
+    let schema = format!("schema version  {}", edge_outbox::SCHEMA_VERSION);
+    assert!(text.contains(&schema), "{text}");
     assert!(text.contains(&format!("client id       {}", outbox.client_id())));
     assert!(text.contains("pending         3"), "{text}");
     assert!(text.contains("sent            3"), "{text}");
     assert!(text.contains("dead            2"), "{text}");
     assert!(text.contains("next attempt    due now"), "{text}");
-    assert!(text.contains("lease holder"), "{text}");
+    // The fixture's relay has shut down: nobody holds the lease, and the
+    // last holder was this process.
+    let last = format!(
+        "lease holder    none (last: pid {}, relay ",
+        std::process::id()
+    );
+    assert!(text.contains(&last), "{text}");
     let json: serde_json::Value = serde_json::from_str(&ok(&db, &["status", "--json"])).unwrap();
+    assert_eq!(json["lease_held"], false);
+    assert_eq!(json["lease_holder"]["pid"], std::process::id());
     assert_eq!(json["pending"], 3);
     assert_eq!(json["sent"], 3);
     assert_eq!(json["dead"], 2);
-    assert_eq!(json["schema_version"], 3);
+    assert_eq!(json["schema_version"], edge_outbox::SCHEMA_VERSION);
     assert_eq!(json["client_id"], outbox.client_id());
     assert!(json["oldest_pending_age_ms"].is_u64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_names_the_relay_holding_the_lease_without_taking_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.db");
+    let outbox = Outbox::open(&path, Config::new("http://test.invalid")).unwrap();
+    let never_run = ok(&path, &["status"]);
+    assert!(never_run.contains("lease holder    none\n"), "{never_run}");
+
+    // A relay that holds the lease: a server that cannot be reached keeps
+    // the event pending, and the relay alive and holding.
+    let server = MemoryServer::new();
+    server.fail_always(Some(Fault::Network));
+    outbox.enqueue([ev("order.placed", 1)]).unwrap();
+    let relay = outbox.relay(server.clone()).spawn();
+    let wait_for = |want: &'static str| {
+        let path = path.clone();
+        async move {
+            for _ in 0..200 {
+                let text = ok(&path, &["status"]);
+                if text.contains(want) {
+                    return text;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("status never said {want:?}");
+        }
+    };
+    let held = wait_for("lease holder    pid ").await;
+    assert!(
+        held.contains(&format!(
+            "lease holder    pid {}, relay ",
+            std::process::id()
+        )),
+        "{held}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&ok(&path, &["status", "--json"])).unwrap();
+    assert_eq!(json["lease_held"], true);
+    assert_eq!(json["lease_holder"]["pid"], std::process::id());
+    let owner = json["lease_holder"]["owner"].as_str().unwrap().to_owned();
+    assert!(!owner.is_empty());
+    // Looking did not take it: the relay still holds it and still works.
+    assert_eq!(outbox.relay_lease().unwrap().holder.unwrap().owner, owner);
+    server.fail_always(None);
+    outbox.retry_now().unwrap();
+    let report = relay.flush().await.unwrap();
+    assert_eq!(report.pending, 0);
+    relay.shutdown().await.unwrap();
+    let after = ok(&path, &["status"]);
+    assert!(
+        after.contains(&format!(
+            "lease holder    none (last: pid {}, relay {owner}",
+            std::process::id()
+        )),
+        "{after}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,9 +24,14 @@
 //! itself. The moment the holder dies or lets go, that thread wakes the
 //! relays of this file (their commit signal), so takeover does not wait for
 //! the next poll.
+//!
+//! The holder writes who it is into the lock file when it takes the lease
+//! (`pid=`, `owner=`, `since=` lines): [`probe`] reads it for tools such as
+//! the inspector's `status`. The text is informative only; the lock decides.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
@@ -76,9 +81,7 @@ impl FileLease {
     /// `None` or empty for an in-memory one), shared by every handle on that
     /// file in this process. `wake` is woken when another process frees it.
     pub(crate) fn for_database(database: Option<&str>, wake: &Arc<Notify>) -> Arc<FileLease> {
-        let path = database
-            .filter(|p| !p.is_empty())
-            .map(|p| PathBuf::from(format!("{p}-outbox.lock")));
+        let path = lock_path(database);
         let lease = match &path {
             None => Arc::new(FileLease::new(None)),
             Some(path) => {
@@ -143,6 +146,9 @@ impl FileLease {
             .is_none_or(|(o, _)| o != request.owner)
         {
             trace::info!(owner = request.owner, "lease taken");
+            if let Some(file) = &state.file {
+                write_holder(file, request.owner, request.now);
+            }
         }
         state.holder = Some((request.owner.to_owned(), request.now.add(request.lease)));
         Ok(None)
@@ -199,6 +205,105 @@ impl FileLease {
             waker.notify_one();
         }
     }
+}
+
+/// The lock file of the database at `database` (as SQLite reports its
+/// path); `None` for an in-memory or temporary one.
+fn lock_path(database: Option<&str>) -> Option<PathBuf> {
+    database
+        .filter(|p| !p.is_empty())
+        .map(|p| PathBuf::from(format!("{p}-outbox.lock")))
+}
+
+/// Who holds (or last held) the relay lease of a database file, from
+/// [`Outbox::relay_lease`](crate::Outbox::relay_lease).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayLease {
+    /// A relay, in this process or another, holds the lease now: no other
+    /// relay on this file may send until it lets go or its process ends.
+    pub held: bool,
+    /// What the holder wrote into the lock file when it took the lease: the
+    /// holder now when `held`, otherwise the last one (whose process may have
+    /// ended). `None` when no relay has taken the lease since the file was
+    /// made, or the record cannot be read (Windows keeps a locked file from
+    /// being read by others).
+    pub holder: Option<LeaseHolder>,
+}
+
+/// The record a relay writes into the lock file when it takes the lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseHolder {
+    /// The holding process's id.
+    pub pid: u32,
+    /// The relay's owner id (one per relay; see `RelayBuilder`).
+    pub owner: String,
+    /// When it took the lease.
+    pub since: Timestamp,
+}
+
+/// Who holds the relay lease of the database at `database` (as SQLite
+/// reports its path), without taking it: a shared lock is tried and let go
+/// at once, so a relay that claims at that very moment waits for one wake-up
+/// (see [`FileLease::take`]). An in-memory database has no lock file and
+/// reports `held: false`, no holder.
+///
+/// Errors: [`Error::Storage`] when the lock file exists but cannot be
+/// opened or locked.
+pub(crate) fn probe(database: Option<&str>) -> Result<RelayLease> {
+    let none = RelayLease {
+        held: false,
+        holder: None,
+    };
+    let Some(path) = lock_path(database) else {
+        return Ok(none);
+    };
+    let mut file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(none),
+        Err(e) => return Err(lock_error(&path, e)),
+    };
+    // flock locks belong to the open file: a relay of this very process
+    // holding the lease through its own handle blocks this one too.
+    let held = match file.try_lock_shared() {
+        Ok(()) => false,
+        Err(TryLockError::WouldBlock) => true,
+        Err(TryLockError::Error(e)) => return Err(lock_error(&path, e)),
+    };
+    let mut text = String::new();
+    let holder = file
+        .read_to_string(&mut text)
+        .ok()
+        .and_then(|_| parse_holder(&text));
+    Ok(RelayLease { held, holder })
+}
+
+/// Write the holder's record into the locked lock file. Best effort: the
+/// lease works without it, only tools see less.
+fn write_holder(mut file: &File, owner: &str, since: Timestamp) {
+    let text = format!(
+        "pid={}\nowner={owner}\nsince={}\n",
+        std::process::id(),
+        since.to_rfc3339()
+    );
+    let written = file
+        .set_len(0)
+        .and_then(|()| file.seek(SeekFrom::Start(0)))
+        .and_then(|_| file.write_all(text.as_bytes()));
+    if let Err(e) = written {
+        trace::debug!(error = %e, "could not record the lease holder in the lock file");
+    }
+}
+
+fn parse_holder(text: &str) -> Option<LeaseHolder> {
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+    };
+    Some(LeaseHolder {
+        pid: field("pid")?.parse().ok()?,
+        owner: field("owner")?.to_owned(),
+        since: Timestamp::parse_rfc3339(field("since")?)?,
+    })
 }
 
 fn open(path: &PathBuf) -> Result<File> {

@@ -9,6 +9,7 @@ mod relay;
 pub(crate) mod sqlite;
 
 pub use http::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, HttpTransport, HttpTransportBuilder};
+pub use lease::{LeaseHolder, RelayLease};
 pub use outbox::{Config, Durability, Outbox, OutboxTx};
 pub use relay::{DEFAULT_POLL_INTERVAL, RelayBuilder, RelayHandle};
 pub use sqlite::{SCHEMA_VERSION, SqliteStore};

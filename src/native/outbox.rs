@@ -8,6 +8,7 @@ use std::time::Duration;
 use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::Notify;
 
+use super::lease::RelayLease;
 use super::sqlite::{DEFAULT_BUSY_TIMEOUT, Inner, SqliteStore};
 use crate::error::{Error, Result};
 use crate::event::{DEFAULT_MAX_EVENT_BYTES, Event, EventId, EventStatus, NewEvent};
@@ -205,6 +206,17 @@ impl Outbox {
     /// The database path (or URI) this outbox was opened with.
     pub fn path(&self) -> &str {
         &self.store.inner.path
+    }
+
+    /// Who holds the relay lease of this file (the one relay, in any
+    /// process, that may send), or last held it, without taking it. For
+    /// support tools (the inspector's `status`); a relay needs none of it.
+    ///
+    /// Errors: [`Error::Storage`] when the lease's lock file
+    /// (`<database>-outbox.lock`) exists but cannot be opened or locked.
+    pub fn relay_lease(&self) -> Result<RelayLease> {
+        let database = self.store.inner.lock().path().map(str::to_owned);
+        super::lease::probe(database.as_deref())
     }
 
     /// The [`Store`](crate::Store) behind this outbox, for the relay.

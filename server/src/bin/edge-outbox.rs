@@ -226,6 +226,14 @@ fn run(cli: Cli) -> Result<(), String> {
             let oldest = outbox.pending(1).map_err(err)?;
             let next = oldest.first().map(|e| e.next_attempt_at);
             let lock = format!("{}-outbox.lock", cli.db.display());
+            let lease = outbox.relay_lease().map_err(err)?;
+            let holder_json = lease.holder.as_ref().map(|h| {
+                serde_json::json!({
+                    "pid": h.pid,
+                    "owner": h.owner,
+                    "since": h.since.to_rfc3339(),
+                })
+            });
             if json {
                 let v = serde_json::json!({
                     "pending": stats.pending,
@@ -233,7 +241,8 @@ fn run(cli: Cli) -> Result<(), String> {
                     "dead": stats.dead,
                     "oldest_pending_age_ms": stats.oldest_pending_age(now).map(|d| d.as_millis() as u64),
                     "next_attempt_at": next.map(|t| t.to_rfc3339()),
-                    "lease_holder": serde_json::Value::Null,
+                    "lease_held": lease.held,
+                    "lease_holder": holder_json,
                     "lease_lock_file": lock,
                     "schema_version": version,
                     "client_id": outbox.client_id(),
@@ -261,9 +270,23 @@ fn run(cli: Cli) -> Result<(), String> {
                     Some(_) => println!("next attempt    due now"),
                     None => println!("next attempt    -"),
                 }
-                println!(
-                    "lease holder    unknown (schema v3 keeps the relay lease as an OS file lock on {lock}, not in the database)"
-                );
+                let who = |h: &edge_outbox::LeaseHolder| {
+                    format!(
+                        "pid {}, relay {}, since {} ({} ago)",
+                        h.pid,
+                        h.owner,
+                        h.since.to_rfc3339(),
+                        human(now.since(h.since))
+                    )
+                };
+                match (&lease.held, &lease.holder) {
+                    (true, Some(h)) => println!("lease holder    {}", who(h)),
+                    (true, None) => {
+                        println!("lease holder    held (its record in {lock} is unreadable)")
+                    }
+                    (false, Some(h)) => println!("lease holder    none (last: {})", who(h)),
+                    (false, None) => println!("lease holder    none"),
+                }
             }
         }
         Command::Pending(args) => {
