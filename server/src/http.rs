@@ -1,4 +1,5 @@
-//! The HTTP layer: router, push and pull handlers, bearer auth, body reading.
+//! The HTTP layer: router, push and pull handlers, body reading (who may
+//! do what is in `auth`, the push rate limit in `ratelimit`).
 
 // Helpers here return `Result<_, Response>`: the error IS the answer, built
 // once on the failure path and returned as is, so boxing it buys nothing.
@@ -23,13 +24,14 @@ use edge_outbox::protocol::{
 use edge_outbox::{MAX_EVENT_TYPE_LEN, Timestamp};
 use http_body_util::BodyExt;
 use serde::Deserialize;
-use subtle::ConstantTimeEq;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::services::ServeDir;
 
+use crate::auth::{Auth, invalid_client_id};
 use crate::faults::{self, BodyPlan, Faults, Plan};
 use crate::metrics::{Metrics, PushInfo};
+use crate::ratelimit::{Limiter, retry_after_secs};
 use crate::store::EventStore;
 use crate::{Database, Error, ServerConfig};
 
@@ -48,9 +50,10 @@ pub struct AppState {
 
 struct Inner {
     store: Arc<dyn EventStore>,
-    /// (token, client id it may push for), compared in constant time.
-    tokens: Vec<(String, String)>,
-    allow_anonymous: bool,
+    /// The accepted credentials and the rights they carry.
+    auth: Auth,
+    /// Push rate limit per client; `None`: unlimited.
+    limiter: Option<Limiter>,
     body_limit: usize,
     /// Faults are consulted (and pushes logged) only when this is set, so a
     /// production server pays nothing and keeps no log.
@@ -67,8 +70,8 @@ struct Inner {
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AppState")
-            .field("tokens", &self.inner.tokens.len())
-            .field("allow_anonymous", &self.inner.allow_anonymous)
+            .field("auth", &self.inner.auth)
+            .field("rate_limited", &self.inner.limiter.is_some())
             .field("body_limit", &self.inner.body_limit)
             .field("test_controls", &self.inner.test_routes)
             .finish_non_exhaustive()
@@ -103,8 +106,13 @@ impl AppState {
         Ok(AppState {
             inner: Arc::new(Inner {
                 store,
-                tokens: config.tokens.into_iter().collect(),
-                allow_anonymous: config.allow_anonymous,
+                auth: Auth::new(
+                    config.tokens.into_iter().collect(),
+                    config.reader_tokens,
+                    config.jwt,
+                    config.allow_anonymous,
+                ),
+                limiter: config.rate_limit.map(Limiter::new),
                 body_limit: config.body_limit,
                 faults_active: in_process || config.test_controls,
                 test_routes: config.test_controls,
@@ -130,6 +138,10 @@ impl AppState {
     pub(crate) fn metrics(&self) -> &Metrics {
         &self.inner.metrics
     }
+
+    pub(crate) fn auth(&self) -> &Auth {
+        &self.inner.auth
+    }
 }
 
 /// The server's routes: `POST`/`GET /v1/events`, `GET /healthz`,
@@ -154,7 +166,8 @@ pub fn router(state: AppState) -> Router {
             .route("/__test/early-413", post(faults::post_early_413))
             .route("/__test/slow-upload", post(faults::post_slow_upload))
             .route("/__test/requests", get(faults::get_requests))
-            .route("/__test/reset", post(faults::post_reset));
+            .route("/__test/reset", post(faults::post_reset))
+            .route("/__test/token", post(crate::auth::post_token));
     }
     // Gzip (and only gzip) request bodies are inflated before the handlers
     // see them; another Content-Encoding is answered 415.
@@ -227,70 +240,6 @@ pub(crate) fn error_response(
         );
     }
     response
-}
-
-// ---- auth ----
-
-/// The bearer token of a request: `None` when there is no Authorization
-/// header, `Some(Err)` when there is one but it is not a usable bearer token.
-fn bearer(headers: &HeaderMap) -> Option<Result<&str, ()>> {
-    let value = headers.get(header::AUTHORIZATION)?;
-    let parsed = value.to_str().ok().and_then(|v| {
-        let (scheme, token) = v.trim().split_once(' ')?;
-        let token = token.trim();
-        (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-    });
-    Some(parsed.ok_or(()))
-}
-
-fn unauthorized(message: &str) -> Response {
-    error_response(StatusCode::UNAUTHORIZED, "unauthorized", message)
-}
-
-/// The client id `token` is bound to. Every configured token is compared,
-/// each in constant time, so the time taken tells nothing about how much of
-/// a guess was right (only, as with any comparison, its length).
-fn client_of<'a>(state: &'a AppState, token: &str) -> Option<&'a String> {
-    let mut found = None;
-    for (known, client_id) in &state.inner.tokens {
-        if bool::from(known.as_bytes().ct_eq(token.as_bytes())) {
-            found = Some(client_id);
-        }
-    }
-    found
-}
-
-/// May this request push into `client_id`'s stream?
-fn authorize_push(state: &AppState, headers: &HeaderMap, client_id: &str) -> Result<(), Response> {
-    match bearer(headers) {
-        None if state.inner.allow_anonymous => Ok(()),
-        None => Err(unauthorized("a bearer token is required")),
-        Some(Err(())) => Err(unauthorized(
-            "the Authorization header is not a bearer token",
-        )),
-        Some(Ok(token)) => match client_of(state, token) {
-            None => Err(unauthorized("unknown token")),
-            Some(bound) if bound == client_id => Ok(()),
-            Some(_) => Err(error_response(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                format!("this token may not push for client_id {client_id:?}"),
-            )),
-        },
-    }
-}
-
-/// May this request read events? Any valid token may (or anyone, when anonymous is allowed).
-fn authorize_read(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
-    match bearer(headers) {
-        None if state.inner.allow_anonymous => Ok(()),
-        None => Err(unauthorized("a bearer token is required")),
-        Some(Err(())) => Err(unauthorized(
-            "the Authorization header is not a bearer token",
-        )),
-        Some(Ok(token)) if client_of(state, token).is_some() => Ok(()),
-        Some(Ok(_)) => Err(unauthorized("unknown token")),
-    }
 }
 
 // ---- body ----
@@ -568,15 +517,25 @@ async fn push_inner(
             .into_response();
         return (response, plan);
     }
-    if req.client_id.is_empty() || req.client_id.len() > MAX_CLIENT_ID_LEN {
-        let msg = format!("client_id must be 1 to {MAX_CLIENT_ID_LEN} bytes long");
+    if let Some(msg) = invalid_client_id(&req.client_id, MAX_CLIENT_ID_LEN) {
         return (
             error_response(StatusCode::BAD_REQUEST, "invalid_request", msg),
             plan,
         );
     }
-    if let Err(response) = authorize_push(state, headers, &req.client_id) {
+    let access = match state.inner.auth.authenticate(headers) {
+        Ok(access) => access,
+        Err(response) => return (response, plan),
+    };
+    if let Err(response) = access.check_push(&req.client_id) {
         return (response, plan);
+    }
+    // After authentication, so an unauthenticated flood cannot spend a
+    // client's budget; before the store, which is what the limit protects.
+    if let Some(limiter) = &state.inner.limiter
+        && let Err(wait) = limiter.check(&access.rate_key(&req.client_id))
+    {
+        return (rate_limited(wait), plan);
     }
 
     let mut verdicts: Vec<Option<String>> = req.events.iter().map(invalid_event).collect();
@@ -674,6 +633,20 @@ fn injected_failure(status: u16, retry_after: Option<u64>) -> Response {
     response
 }
 
+/// The `429` of a push over its client's rate limit.
+fn rate_limited(wait: Duration) -> Response {
+    let secs = retry_after_secs(wait);
+    let mut response = error_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!("too many pushes from this client; retry in {secs} s"),
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    response
+}
+
 /// A `200` whose body fails at once: hyper cuts the connection, so the
 /// client sees a network error after the events were committed.
 fn broken_response() -> Response {
@@ -707,12 +680,24 @@ async fn pull(
     headers: HeaderMap,
     query: Result<Query<PullParams>, QueryRejection>,
 ) -> Response {
-    if let Err(response) = authorize_read(&state, &headers) {
-        return response;
-    }
+    let access = match state.inner.auth.authenticate(&headers) {
+        Ok(access) => access,
+        Err(response) => return response,
+    };
     let Query(params) = match query {
         Ok(q) => q,
         Err(e) => return error_response(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()),
+    };
+    if let Some(msg) = params
+        .client_id
+        .as_deref()
+        .and_then(|c| invalid_client_id(c, MAX_CLIENT_ID_LEN))
+    {
+        return error_response(StatusCode::BAD_REQUEST, "invalid_request", msg);
+    }
+    let stream = match access.check_read(params.client_id.as_deref()) {
+        Ok(stream) => stream,
+        Err(response) => return response,
     };
     let after = params.after.unwrap_or(0).max(0);
     let limit = params
@@ -721,8 +706,7 @@ async fn pull(
         .clamp(1, MAX_PULL_LIMIT);
     let store = Arc::clone(&state.inner.store);
     let pulled =
-        tokio::task::spawn_blocking(move || store.pull(after, limit, params.client_id.as_deref()))
-            .await;
+        tokio::task::spawn_blocking(move || store.pull(after, limit, stream.as_deref())).await;
     match pulled {
         Ok(Ok(events)) => {
             let next_cursor = events.last().map(|e| e.cursor);

@@ -44,6 +44,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub mod auth;
 pub mod check;
 mod faults;
 #[doc(hidden)]
@@ -54,15 +55,17 @@ mod listener;
 pub mod logging;
 mod metrics;
 mod postgres;
+mod ratelimit;
 mod store;
 
 pub use faults::{Failure, Faults, RequestRecord};
-pub use listener::{DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS};
 pub use http::{AppState, router};
 pub use inbox::{
     Applied, BoxError, Inbox, InboxFuture, PgInbox, Rejection, StoreOnly, decode_payload,
 };
+pub use listener::{DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS};
 pub use postgres::{DEFAULT_POOL_SIZE, PG_SCHEMA_VERSION, PgStore};
+pub use ratelimit::{DEFAULT_RATE_BURST, DEFAULT_RATE_PER_SECOND, RateLimit};
 pub use store::{EventStore, SqliteStore};
 
 /// Default limit on a push body, after gzip inflation: 4 MiB.
@@ -115,6 +118,9 @@ pub struct ServerConfig {
     pub(crate) listen: SocketAddr,
     pub(crate) database: Database,
     pub(crate) tokens: HashMap<String, String>,
+    pub(crate) reader_tokens: Vec<String>,
+    pub(crate) jwt: Option<auth::Jwt>,
+    pub(crate) rate_limit: Option<RateLimit>,
     pub(crate) allow_anonymous: bool,
     pub(crate) body_limit: usize,
     pub(crate) static_dir: Option<PathBuf>,
@@ -131,6 +137,9 @@ impl std::fmt::Debug for ServerConfig {
         f.debug_struct("ServerConfig")
             .field("listen", &self.listen)
             .field("tokens", &self.tokens.len())
+            .field("reader_tokens", &self.reader_tokens.len())
+            .field("jwt", &self.jwt)
+            .field("rate_limit", &self.rate_limit)
             .field("allow_anonymous", &self.allow_anonymous)
             .field("body_limit", &self.body_limit)
             .field("static_dir", &self.static_dir)
@@ -147,6 +156,9 @@ impl ServerConfig {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             database,
             tokens: HashMap::new(),
+            reader_tokens: Vec::new(),
+            jwt: None,
+            rate_limit: Some(RateLimit::default()),
             allow_anonymous: false,
             body_limit: DEFAULT_BODY_LIMIT,
             static_dir: None,
@@ -203,15 +215,37 @@ impl ServerConfig {
         self
     }
 
-    /// Accept bearer `token` for pushes of `client_id` (and for reads). Repeatable.
+    /// Accept bearer `token` for pushes of `client_id` and for reads of
+    /// that client's own stream (never another's). Repeatable.
     pub fn token(mut self, token: impl Into<String>, client_id: impl Into<String>) -> Self {
         self.tokens.insert(token.into(), client_id.into());
         self
     }
 
-    /// Accept pushes for any client id, and reads, without a token. Local
-    /// development only. A request that does present a token still needs a
-    /// valid one.
+    /// Accept bearer `token` for reads of every client's stream
+    /// (`GET /v1/events`), for backends. It may not push. Repeatable.
+    pub fn reader_token(mut self, token: impl Into<String>) -> Self {
+        self.reader_tokens.push(token.into());
+        self
+    }
+
+    /// Accept JWTs verified by `jwt` (see [`auth::Jwt`] for the claims),
+    /// besides the static tokens.
+    pub fn jwt(mut self, jwt: auth::Jwt) -> Self {
+        self.jwt = Some(jwt);
+        self
+    }
+
+    /// Push rate limit per client (default [`RateLimit::default`]: 100/s,
+    /// burst 200); `None` turns it off. Over it a push gets `429` with `Retry-After`.
+    pub fn rate_limit(mut self, limit: Option<RateLimit>) -> Self {
+        self.rate_limit = limit;
+        self
+    }
+
+    /// Accept pushes for any client id, and reads of every stream, without a
+    /// token. Local development only. A request that does present a token
+    /// still needs a valid one (and gets only that token's rights).
     pub fn allow_anonymous(mut self, yes: bool) -> Self {
         self.allow_anonymous = yes;
         self

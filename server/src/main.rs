@@ -44,7 +44,67 @@ struct Args {
     #[arg(long = "token", value_name = "TOKEN:CLIENT_ID", value_parser = parse_token)]
     tokens: Vec<(String, String)>,
 
-    /// Accept pushes for any client id without a token. LOCAL DEVELOPMENT ONLY.
+    /// A bearer token that may read every client's stream (GET /v1/events), for
+    /// backends; it may not push. Repeatable.
+    #[arg(long = "reader-token", value_name = "TOKEN")]
+    reader_tokens: Vec<String>,
+
+    /// Verify HS256 JWTs with this shared secret (prefer the environment variable:
+    /// a command line is visible to other users of the machine).
+    #[arg(
+        long,
+        env = "EDGE_OUTBOX_JWT_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true,
+        conflicts_with_all = ["jwt_rsa_pem", "jwt_ec_pem", "jwks"]
+    )]
+    jwt_secret: Option<String>,
+
+    /// Verify RS256 JWTs with the RSA public key in this PEM file.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["jwt_ec_pem", "jwks"])]
+    jwt_rsa_pem: Option<PathBuf>,
+
+    /// Verify ES256 JWTs with the P-256 public key in this PEM file.
+    #[arg(long, value_name = "FILE", conflicts_with = "jwks")]
+    jwt_ec_pem: Option<PathBuf>,
+
+    /// Verify JWTs with the public keys of this JWKS file (RSA and EC keys; the
+    /// token's kid picks the key). Read once, at start.
+    #[arg(long, value_name = "FILE")]
+    jwks: Option<PathBuf>,
+
+    /// Accept only JWTs whose aud holds this value (repeatable: any of them);
+    /// a token without aud is then refused. Strongly advised.
+    #[arg(long = "jwt-audience", value_name = "AUD")]
+    jwt_audiences: Vec<String>,
+
+    /// Accept only JWTs whose iss is this value (repeatable: any of them).
+    #[arg(long = "jwt-issuer", value_name = "ISS")]
+    jwt_issuers: Vec<String>,
+
+    /// The JWT claim naming the client id a token may push for (and read).
+    #[arg(long, value_name = "CLAIM", default_value = edge_outbox_server::auth::DEFAULT_CLIENT_CLAIM)]
+    jwt_client_claim: String,
+
+    /// The scope (in the JWT's scope or scp claim) that grants reading every stream.
+    #[arg(long, value_name = "SCOPE", default_value = edge_outbox_server::auth::DEFAULT_READ_SCOPE)]
+    jwt_read_scope: String,
+
+    /// Clock skew tolerated on a JWT's exp and nbf, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = edge_outbox_server::auth::DEFAULT_LEEWAY.as_secs())]
+    jwt_leeway: u64,
+
+    /// Pushes per second each client may make sustained, as N/s, or `off`;
+    /// over it a push gets 429 with Retry-After.
+    #[arg(long, value_name = "N/s|off", default_value = "100/s", value_parser = parse_rate)]
+    rate_limit: Rate,
+
+    /// Pushes a client may make at once before --rate-limit applies.
+    #[arg(long, value_name = "N", default_value_t = edge_outbox_server::DEFAULT_RATE_BURST)]
+    rate_burst: u32,
+
+    /// Accept pushes for any client id, and reads of every stream, without a
+    /// token. LOCAL DEVELOPMENT ONLY.
     #[arg(long)]
     allow_anonymous: bool,
 
@@ -91,6 +151,54 @@ enum Command {
         #[arg(long = "body-limit", value_name = "BYTES", default_value_t = DEFAULT_BODY_LIMIT)]
         body_limit: usize,
     },
+}
+
+/// `--rate-limit`: pushes per second sustained, or `None` for `off`.
+#[derive(Clone, Copy, Debug)]
+struct Rate(Option<u32>);
+
+/// `N/s` (or a bare `N`), or `off`.
+fn parse_rate(s: &str) -> Result<Rate, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(Rate(None));
+    }
+    let n = s.strip_suffix("/s").unwrap_or(s);
+    match n.trim().parse::<u32>() {
+        Ok(0) => Err("a rate of 0 would refuse every push; use `off` for no limit".into()),
+        Ok(n) => Ok(Rate(Some(n))),
+        Err(_) => Err(format!("expected N/s or off, got {s:?}")),
+    }
+}
+
+/// The JWT verification the flags ask for, if any.
+fn jwt_config(args: &Args) -> Result<Option<edge_outbox_server::auth::Jwt>, String> {
+    use edge_outbox_server::auth::Jwt;
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    };
+    let jwt = if let Some(secret) = &args.jwt_secret {
+        Jwt::hs256(secret.as_bytes())
+    } else if let Some(path) = &args.jwt_rsa_pem {
+        Jwt::rs256_pem(&read(path)?)
+    } else if let Some(path) = &args.jwt_ec_pem {
+        Jwt::es256_pem(&read(path)?)
+    } else if let Some(path) = &args.jwks {
+        Jwt::jwks_file(path)
+    } else {
+        return Ok(None);
+    };
+    let mut jwt = jwt
+        .map_err(|e| e.to_string())?
+        .client_claim(&args.jwt_client_claim)
+        .read_scope(&args.jwt_read_scope)
+        .leeway(std::time::Duration::from_secs(args.jwt_leeway));
+    for aud in &args.jwt_audiences {
+        jwt = jwt.audience(aud);
+    }
+    for iss in &args.jwt_issuers {
+        jwt = jwt.issuer(iss);
+    }
+    Ok(Some(jwt))
 }
 
 /// `TOKEN:CLIENT_ID`, split at the last colon (client ids are UUIDs, tokens may hold colons).
@@ -146,6 +254,31 @@ async fn main() -> ExitCode {
     for (token, client) in &args.tokens {
         config = config.token(token, client);
     }
+    for token in &args.reader_tokens {
+        config = config.reader_token(token);
+    }
+    let jwt = match jwt_config(&args) {
+        Ok(jwt) => jwt,
+        Err(e) => {
+            eprintln!("edge-outbox-server: JWT configuration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let has_jwt = jwt.is_some();
+    if let Some(jwt) = jwt {
+        if args.jwt_audiences.is_empty() {
+            eprintln!(
+                "edge-outbox-server: WARNING: no --jwt-audience: any token the key signed is accepted, \
+                 whatever service it was issued for"
+            );
+        }
+        config = config.jwt(jwt);
+    }
+    config = config.rate_limit(
+        args.rate_limit
+            .0
+            .map(|n| edge_outbox_server::RateLimit::new(n, args.rate_burst)),
+    );
     for origin in &args.cors_origins {
         config = config.cors_origin(origin);
     }
@@ -164,9 +297,9 @@ async fn main() -> ExitCode {
              Tests only."
         );
     }
-    if args.tokens.is_empty() && !args.allow_anonymous {
+    if args.tokens.is_empty() && !has_jwt && !args.allow_anonymous {
         eprintln!(
-            "edge-outbox-server: no --token given and no --allow-anonymous: every push will get 401"
+            "edge-outbox-server: no --token, no JWT key and no --allow-anonymous: every push will get 401"
         );
     }
 

@@ -25,15 +25,18 @@ const CLIENT_A: &str = "0192f0c1-7c1e-7000-8000-00000000000a";
 const CLIENT_B: &str = "0192f0c1-7c1e-7000-8000-00000000000b";
 const TOKEN_A: &str = "token-a";
 const TOKEN_B: &str = "token-b";
+/// A backend's token: reads every stream, pushes for no one.
+const READER: &str = "reader-token";
 
 // ---------- helpers ----------
 
-/// A server on a fresh SQLite file with tokens for clients A and B.
+/// A server on a fresh SQLite file with tokens for clients A and B and a reader token.
 async fn start(configure: impl FnOnce(ServerConfig) -> ServerConfig) -> (RunningServer, TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = ServerConfig::new(dir.path().join("server.db"))
         .token(TOKEN_A, CLIENT_A)
-        .token(TOKEN_B, CLIENT_B);
+        .token(TOKEN_B, CLIENT_B)
+        .reader_token(READER);
     let server = edge_outbox_server::spawn(configure(config))
         .await
         .expect("server starts");
@@ -376,7 +379,7 @@ async fn auth_401_403_and_anonymous() {
         StatusCode::OK
     );
 
-    // Reads: any valid token.
+    // Reads need a valid token too (what each may read: a_client_reads_only_its_own_stream).
     assert_eq!(
         get(server.events_url(), None).await.status,
         StatusCode::UNAUTHORIZED
@@ -658,7 +661,7 @@ async fn pull_pages_in_arrival_order_and_filters_by_client() {
     loop {
         let a = get(
             format!("{}?after={after}&limit=10", server.events_url()),
-            Some(TOKEN_A),
+            Some(READER),
         )
         .await;
         assert_eq!(a.status, StatusCode::OK);
@@ -680,7 +683,7 @@ async fn pull_pages_in_arrival_order_and_filters_by_client() {
 
     let a = get(
         format!("{}?client_id={CLIENT_A}&limit=1000", server.events_url()),
-        Some(TOKEN_B),
+        Some(READER),
     )
     .await;
     let page: PullResponse = serde_json::from_slice(&a.body).unwrap();
@@ -691,7 +694,7 @@ async fn pull_pages_in_arrival_order_and_filters_by_client() {
     );
 
     // Default page size is 100; a bad query is a 400.
-    let a = get(server.events_url(), Some(TOKEN_A)).await;
+    let a = get(server.events_url(), Some(READER)).await;
     let page: PullResponse = serde_json::from_slice(&a.body).unwrap();
     assert_eq!(page.events.len(), 30);
     let bad = get(format!("{}?after=abc", server.events_url()), Some(TOKEN_A)).await;
@@ -1912,4 +1915,630 @@ async fn metrics_count_events_requests_latency_and_bytes_after_pushes() {
     );
     server.shutdown().await.unwrap();
     other.shutdown().await.unwrap();
+}
+
+// ---------- auth: push and read rights, JWTs, rate limit, client_id ----------
+
+fn stream_of(answer: &Answer) -> Vec<String> {
+    assert_eq!(
+        answer.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let page: PullResponse = serde_json::from_slice(&answer.body).unwrap();
+    page.events.into_iter().map(|e| e.client_id).collect()
+}
+
+#[tokio::test]
+async fn a_client_reads_only_its_own_stream_and_a_reader_reads_all() {
+    let (server, _dir) = start(|c| c).await;
+    push(&server, TOKEN_A, CLIENT_A, &events(1..3)).await;
+    push(&server, TOKEN_B, CLIENT_B, &events(1..4)).await;
+    let url = server.events_url();
+
+    // Without client_id a client gets its own stream only.
+    assert_eq!(
+        stream_of(&get(url.clone(), Some(TOKEN_A)).await),
+        [CLIENT_A; 2]
+    );
+    assert_eq!(
+        stream_of(&get(url.clone(), Some(TOKEN_B)).await),
+        [CLIENT_B; 3]
+    );
+    // Its own by name is fine; another's is 403 with the error body, both ways.
+    let own = get(format!("{url}?client_id={CLIENT_A}"), Some(TOKEN_A)).await;
+    assert_eq!(stream_of(&own), [CLIENT_A; 2]);
+    for (token, other) in [(TOKEN_A, CLIENT_B), (TOKEN_B, CLIENT_A)] {
+        let refused = get(format!("{url}?client_id={other}"), Some(token)).await;
+        assert_eq!(
+            refused.status,
+            StatusCode::FORBIDDEN,
+            "{token} reading {other}"
+        );
+        assert_eq!(refused.error().error, "forbidden");
+        assert!(refused.error().message.contains(other));
+    }
+
+    // The reader token reads every stream, or one by name...
+    let all = stream_of(&get(url.clone(), Some(READER)).await);
+    assert_eq!(all.len(), 5);
+    let b = get(format!("{url}?client_id={CLIENT_B}"), Some(READER)).await;
+    assert_eq!(stream_of(&b), [CLIENT_B; 3]);
+    // ...and pushes for no one.
+    let pushed = push(&server, READER, CLIENT_A, &events(9..10)).await;
+    assert_eq!(pushed.status, StatusCode::FORBIDDEN);
+    assert_eq!(pushed.error().error, "forbidden");
+    assert_eq!(server.count(None).unwrap(), 5);
+
+    // Anonymous (development) servers read everything, as before.
+    let (anon, _dir2) = start(|c| c.allow_anonymous(true)).await;
+    post_raw(&anon, None, body(CLIENT_A, &events(1..2)), false)
+        .await
+        .unwrap();
+    post_raw(&anon, None, body(CLIENT_B, &events(1..2)), false)
+        .await
+        .unwrap();
+    assert_eq!(stream_of(&get(anon.events_url(), None).await).len(), 2);
+    // A client token on an anonymous server still gets a client's rights only.
+    let refused = get(
+        format!("{}?client_id={CLIENT_B}", anon.events_url()),
+        Some(TOKEN_A),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+}
+
+const SECRET: &[u8] = b"a shared secret of at least thirty-two bytes";
+const AUDIENCE: &str = "edge-outbox-test";
+
+fn keys_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/keys")
+}
+
+fn key_file(name: &str) -> Vec<u8> {
+    std::fs::read(keys_dir().join(name)).unwrap()
+}
+
+/// Standard claims for client `sub`, expiring `expires_in` seconds from now, plus `extra`.
+fn claims(sub: Option<&str>, expires_in: i64, extra: Value) -> Value {
+    let mut c = json!({
+        "exp": edge_outbox_server::auth::unix_now() + expires_in,
+        "aud": AUDIENCE,
+        "iss": "https://id.example",
+    });
+    if let Some(sub) = sub {
+        c["sub"] = json!(sub);
+    }
+    for (k, v) in extra.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    c
+}
+
+fn sign(alg: jsonwebtoken::Algorithm, kid: Option<&str>, pem: &[u8], claims: &Value) -> String {
+    use jsonwebtoken::{EncodingKey, Header};
+    let key = match alg {
+        jsonwebtoken::Algorithm::RS256 => EncodingKey::from_rsa_pem(pem).unwrap(),
+        jsonwebtoken::Algorithm::ES256 => EncodingKey::from_ec_pem(pem).unwrap(),
+        _ => EncodingKey::from_secret(pem).unwrap(),
+    };
+    let mut header = Header::new(alg);
+    header.kid = kid.map(str::to_owned);
+    jsonwebtoken::encode(&header, claims, &key).unwrap()
+}
+
+fn hs256(claims: &Value) -> String {
+    edge_outbox_server::auth::sign_hs256(SECRET, claims).unwrap()
+}
+
+/// Push one event for `client_id` with `token`: status and error code (if any).
+async fn try_push(server: &RunningServer, token: &str, client_id: &str) -> (StatusCode, String) {
+    let a = push(server, token, client_id, &events(1..2)).await;
+    let code = if a.status == StatusCode::OK {
+        String::new()
+    } else {
+        a.error().error
+    };
+    (a.status, code)
+}
+
+#[tokio::test]
+async fn hs256_jwts_are_verified_and_bind_the_client_id() {
+    use edge_outbox_server::auth::Jwt;
+    let jwt = Jwt::hs256(SECRET).unwrap().audience(AUDIENCE);
+    let (server, _dir) = start(|c| c.jwt(jwt)).await;
+    let ok = (StatusCode::OK, String::new());
+    let unauthorized = (StatusCode::UNAUTHORIZED, "unauthorized".to_owned());
+
+    assert_eq!(
+        try_push(
+            &server,
+            &hs256(&claims(Some(CLIENT_A), 300, json!({}))),
+            CLIENT_A
+        )
+        .await,
+        ok
+    );
+    // Bound to A: pushing for B is 403.
+    assert_eq!(
+        try_push(
+            &server,
+            &hs256(&claims(Some(CLIENT_A), 300, json!({}))),
+            CLIENT_B
+        )
+        .await,
+        (StatusCode::FORBIDDEN, "forbidden".to_owned())
+    );
+    // Expired (past the 30 s leeway): 401 token_expired, with WWW-Authenticate.
+    let expired = push(
+        &server,
+        &hs256(&claims(Some(CLIENT_A), -3600, json!({}))),
+        CLIENT_A,
+        &events(1..2),
+    )
+    .await;
+    assert_eq!(expired.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(expired.error().error, "token_expired");
+    assert!(expired.headers.contains_key("www-authenticate"));
+    // Expired within the leeway: accepted (clock skew).
+    assert_eq!(
+        try_push(
+            &server,
+            &hs256(&claims(Some(CLIENT_A), -5, json!({}))),
+            CLIENT_A
+        )
+        .await,
+        ok
+    );
+    // Wrong audience, no audience, no exp.
+    let wrong_aud = hs256(&claims(
+        Some(CLIENT_A),
+        300,
+        json!({"aud": "another-service"}),
+    ));
+    assert_eq!(try_push(&server, &wrong_aud, CLIENT_A).await, unauthorized);
+    let mut no_aud = claims(Some(CLIENT_A), 300, json!({}));
+    no_aud.as_object_mut().unwrap().remove("aud");
+    assert_eq!(
+        try_push(&server, &hs256(&no_aud), CLIENT_A).await,
+        unauthorized
+    );
+    let mut no_exp = claims(Some(CLIENT_A), 300, json!({}));
+    no_exp.as_object_mut().unwrap().remove("exp");
+    assert_eq!(
+        try_push(&server, &hs256(&no_exp), CLIENT_A).await,
+        unauthorized
+    );
+    // Signed with another secret; tampered payload; not a JWT at all.
+    let other = edge_outbox_server::auth::sign_hs256(
+        b"another secret, thirty-two bytes long",
+        &claims(Some(CLIENT_A), 300, json!({})),
+    )
+    .unwrap();
+    assert_eq!(try_push(&server, &other, CLIENT_A).await, unauthorized);
+    let good = hs256(&claims(Some(CLIENT_A), 300, json!({})));
+    let forged_claims = hs256(&claims(Some(CLIENT_B), 300, json!({})));
+    let mut parts: Vec<&str> = good.split('.').collect();
+    parts[1] = forged_claims.split('.').nth(1).unwrap();
+    assert_eq!(
+        try_push(&server, &parts.join("."), CLIENT_B).await,
+        unauthorized
+    );
+    assert_eq!(try_push(&server, "not.a.jwt", CLIENT_A).await, unauthorized);
+    // No sub claim: a valid token with no push right.
+    let no_sub = hs256(&claims(None, 300, json!({})));
+    assert_eq!(
+        try_push(&server, &no_sub, CLIENT_A).await.0,
+        StatusCode::FORBIDDEN
+    );
+    // Static tokens still work beside JWTs.
+    assert_eq!(try_push(&server, TOKEN_B, CLIENT_B).await, ok);
+
+    // Reads: a client JWT reads its own stream; the read scope reads all.
+    let url = server.events_url();
+    let a = hs256(&claims(Some(CLIENT_A), 300, json!({})));
+    assert!(
+        stream_of(&get(url.clone(), Some(&a)).await)
+            .iter()
+            .all(|c| c == CLIENT_A)
+    );
+    assert_eq!(
+        get(format!("{url}?client_id={CLIENT_B}"), Some(&a))
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    let reader = hs256(&claims(None, 300, json!({"scope": "openid events:read"})));
+    let all = stream_of(&get(url.clone(), Some(&reader)).await);
+    assert!(
+        all.contains(&CLIENT_A.to_owned()) && all.contains(&CLIENT_B.to_owned()),
+        "{all:?}"
+    );
+    let scp = hs256(&claims(None, 300, json!({"scp": ["events:read"]})));
+    assert_eq!(
+        get(format!("{url}?client_id={CLIENT_B}"), Some(&scp))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(url.clone(), Some(&no_sub)).await.status,
+        StatusCode::FORBIDDEN
+    );
+    let expired_reader = hs256(&claims(None, -3600, json!({"scope": "events:read"})));
+    assert_eq!(
+        get(url, Some(&expired_reader)).await.error().error,
+        "token_expired"
+    );
+}
+
+#[tokio::test]
+async fn jwt_client_claim_issuer_and_leeway_are_configurable() {
+    use edge_outbox_server::auth::Jwt;
+    let jwt = Jwt::hs256(SECRET)
+        .unwrap()
+        .client_claim("device_id")
+        .issuer("https://id.example")
+        .leeway(Duration::ZERO);
+    let (server, _dir) = start(|c| c.jwt(jwt)).await;
+    // The client id comes from `device_id`, not `sub`; no audience configured: aud unchecked.
+    let token = hs256(&claims(
+        Some("user-7"),
+        300,
+        json!({"device_id": CLIENT_A, "aud": "anything"}),
+    ));
+    assert_eq!(try_push(&server, &token, CLIENT_A).await.0, StatusCode::OK);
+    assert_eq!(
+        try_push(&server, &token, "user-7").await.0,
+        StatusCode::FORBIDDEN
+    );
+    let wrong_iss = hs256(&claims(
+        None,
+        300,
+        json!({"device_id": CLIENT_A, "iss": "https://evil.example"}),
+    ));
+    assert_eq!(
+        try_push(&server, &wrong_iss, CLIENT_A).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    // No leeway: a token one second past exp is expired.
+    let just_expired = hs256(&claims(None, -2, json!({"device_id": CLIENT_A})));
+    assert_eq!(
+        try_push(&server, &just_expired, CLIENT_A).await.1,
+        "token_expired"
+    );
+}
+
+#[tokio::test]
+async fn rs256_and_es256_pem_keys_verify_and_refuse_algorithm_confusion() {
+    use edge_outbox_server::auth::Jwt;
+    use jsonwebtoken::Algorithm::{ES256, HS256, RS256};
+    let rs_public = key_file("rs256-public.pem");
+    let rs_private = key_file("rs256-private.pem");
+    let es_private = key_file("es256-private.pem");
+    let es_other = key_file("es256-other-private.pem");
+    let good = claims(Some(CLIENT_A), 300, json!({}));
+
+    let rs = Jwt::rs256_pem(&rs_public).unwrap().audience(AUDIENCE);
+    let (server, _dir) = start(|c| c.jwt(rs)).await;
+    assert_eq!(
+        try_push(&server, &sign(RS256, None, &rs_private, &good), CLIENT_A)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    // Alg confusion: an HS256 token whose "secret" is the server's public key.
+    let confused = sign(HS256, None, &rs_public, &good);
+    assert_eq!(
+        try_push(&server, &confused, CLIENT_A).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    // Another algorithm, and alg "none".
+    assert_eq!(
+        try_push(&server, &sign(ES256, None, &es_private, &good), CLIENT_A)
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    let unsigned = {
+        use base64_like::b64;
+        format!(
+            "{}.{}.",
+            b64(br#"{"alg":"none","typ":"JWT"}"#),
+            b64(good.to_string().as_bytes())
+        )
+    };
+    assert_eq!(
+        try_push(&server, &unsigned, CLIENT_A).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let expired = sign(
+        RS256,
+        None,
+        &rs_private,
+        &claims(Some(CLIENT_A), -3600, json!({})),
+    );
+    assert_eq!(
+        try_push(&server, &expired, CLIENT_A).await.1,
+        "token_expired"
+    );
+    server.shutdown().await.unwrap();
+
+    let es = Jwt::es256_pem(&key_file("es256-public.pem"))
+        .unwrap()
+        .audience(AUDIENCE);
+    let (server, _dir) = start(|c| c.jwt(es)).await;
+    assert_eq!(
+        try_push(&server, &sign(ES256, None, &es_private, &good), CLIENT_A)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    // Same algorithm, another key pair: a bad signature.
+    assert_eq!(
+        try_push(&server, &sign(ES256, None, &es_other, &good), CLIENT_A)
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        try_push(&server, &sign(RS256, None, &rs_private, &good), CLIENT_A)
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    let wrong_aud = claims(Some(CLIENT_A), 300, json!({"aud": ["other", "another"]}));
+    assert_eq!(
+        try_push(
+            &server,
+            &sign(ES256, None, &es_private, &wrong_aud),
+            CLIENT_A
+        )
+        .await
+        .0,
+        StatusCode::UNAUTHORIZED
+    );
+    let listed_aud = claims(Some(CLIENT_A), 300, json!({"aud": ["other", AUDIENCE]}));
+    assert_eq!(
+        try_push(
+            &server,
+            &sign(ES256, None, &es_private, &listed_aud),
+            CLIENT_A
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+
+    // Bad key material is a configuration error, not a server that refuses everything.
+    assert!(Jwt::rs256_pem(b"not a pem").is_err());
+    assert!(Jwt::es256_pem(&rs_public).is_err());
+    assert!(Jwt::hs256(b"").is_err());
+}
+
+/// Unpadded base64url, for hand-made tokens.
+mod base64_like {
+    pub fn b64(bytes: &[u8]) -> String {
+        const ABC: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n =
+                chunk.iter().fold(0u32, |n, &b| (n << 8) | u32::from(b)) << (8 * (3 - chunk.len()));
+            for i in 0..=chunk.len() {
+                out.push(ABC[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+}
+
+#[tokio::test]
+async fn a_jwks_file_picks_the_key_by_kid() {
+    use edge_outbox_server::auth::Jwt;
+    use jsonwebtoken::Algorithm::{ES256, RS256};
+    use jsonwebtoken::jwk::{Jwk, JwkSet};
+    use jsonwebtoken::{DecodingKey, EncodingKey};
+    let rs_private = key_file("rs256-private.pem");
+    let es_private = key_file("es256-private.pem");
+    let es_other = key_file("es256-other-private.pem");
+    let mut rsa = Jwk::from_decoding_key(
+        &DecodingKey::from_rsa_pem(&key_file("rs256-public.pem")).unwrap(),
+        None, // no alg: RSA keys default to RS256
+    )
+    .unwrap();
+    rsa.common.key_id = Some("rsa-1".into());
+    let mut ec =
+        Jwk::from_encoding_key(&EncodingKey::from_ec_pem(&es_private).unwrap(), ES256).unwrap();
+    ec.common.key_id = Some("ec-1".into());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jwks.json");
+    std::fs::write(
+        &path,
+        serde_json::to_vec(&JwkSet {
+            keys: vec![rsa, ec],
+        })
+        .unwrap(),
+    )
+    .unwrap();
+
+    let (server, _dir) = start(|c| c.jwt(Jwt::jwks_file(&path).unwrap().audience(AUDIENCE))).await;
+    let good = claims(Some(CLIENT_A), 300, json!({}));
+    assert_eq!(
+        try_push(
+            &server,
+            &sign(RS256, Some("rsa-1"), &rs_private, &good),
+            CLIENT_A
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        try_push(
+            &server,
+            &sign(ES256, Some("ec-1"), &es_private, &good),
+            CLIENT_A
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    // Unknown kid; no kid in a set of two; a kid naming a key of another algorithm;
+    // the right kid signed by another key.
+    for token in [
+        sign(ES256, Some("ec-2"), &es_private, &good),
+        sign(ES256, None, &es_private, &good),
+        sign(ES256, Some("rsa-1"), &es_private, &good),
+        sign(ES256, Some("ec-1"), &es_other, &good),
+    ] {
+        assert_eq!(
+            try_push(&server, &token, CLIENT_A).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    let expired = sign(
+        ES256,
+        Some("ec-1"),
+        &es_private,
+        &claims(Some(CLIENT_A), -3600, json!({})),
+    );
+    assert_eq!(
+        try_push(&server, &expired, CLIENT_A).await.1,
+        "token_expired"
+    );
+    // A symmetric key has no place in a key set file; garbage is refused at start.
+    assert!(Jwt::jwks(br#"{"keys":[{"kty":"oct","k":"c2VjcmV0","alg":"HS256"}]}"#).is_err());
+    assert!(Jwt::jwks(b"{}").is_err());
+    assert!(Jwt::jwks_file(dir.path().join("missing.json")).is_err());
+}
+
+#[tokio::test]
+async fn a_client_pushing_too_fast_gets_429_with_retry_after_and_others_do_not() {
+    use edge_outbox_server::RateLimit;
+    let (server, _dir) = start(|c| c.rate_limit(Some(RateLimit::new(1, 3)))).await;
+    for seq in 1..4 {
+        assert_eq!(
+            push(&server, TOKEN_A, CLIENT_A, &events(seq..seq + 1))
+                .await
+                .status,
+            StatusCode::OK
+        );
+    }
+    let refused = push(&server, TOKEN_A, CLIENT_A, &events(4..5)).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.error().error, "rate_limited");
+    let retry_after: u64 = refused.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    assert_eq!(
+        server.count(Some(CLIENT_A)).unwrap(),
+        3,
+        "a refused push stores nothing"
+    );
+    // Another client has its own budget.
+    assert_eq!(
+        push(&server, TOKEN_B, CLIENT_B, &events(1..2)).await.status,
+        StatusCode::OK
+    );
+    // Once the window passes, A pushes again (waits as told, bounded).
+    let mut answer = refused;
+    for _ in 0..10 {
+        if answer.status == StatusCode::OK {
+            break;
+        }
+        let secs: u64 = answer.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        answer = push(&server, TOKEN_A, CLIENT_A, &events(4..5)).await;
+    }
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(server.count(Some(CLIENT_A)).unwrap(), 4);
+    // Unauthenticated requests spend no client's budget; reads are not limited.
+    for _ in 0..5 {
+        assert_eq!(
+            push(&server, "nope", CLIENT_B, &events(9..10)).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            get(server.events_url(), Some(TOKEN_B)).await.status,
+            StatusCode::OK
+        );
+    }
+    server.shutdown().await.unwrap();
+
+    // Anonymous servers limit by the pushed client_id; `None` turns limits off.
+    let (anon, _dir2) = start(|c| {
+        c.allow_anonymous(true)
+            .rate_limit(Some(RateLimit::new(1, 2)))
+    })
+    .await;
+    let codes = |n: usize, client: &'static str| {
+        let anon = &anon;
+        async move {
+            let mut out = Vec::new();
+            for i in 0..n as i64 {
+                out.push(
+                    post_raw(anon, None, body(client, &events(i..i + 1)), false)
+                        .await
+                        .unwrap()
+                        .status
+                        .as_u16(),
+                );
+            }
+            out
+        }
+    };
+    assert_eq!(codes(3, CLIENT_A).await, [200, 200, 429]);
+    assert_eq!(codes(2, CLIENT_B).await, [200, 200]);
+    let (free, _dir3) = start(|c| c.rate_limit(None)).await;
+    for seq in 0..300 {
+        assert_eq!(
+            push(&free, TOKEN_A, CLIENT_A, &events(seq..seq + 1))
+                .await
+                .status,
+            StatusCode::OK
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_client_id_with_control_characters_is_refused() {
+    let (server, _dir) = start(|c| c.allow_anonymous(true)).await;
+    for bad in [
+        "a\u{1b}[31mred",
+        "nul\0byte",
+        "tab\there",
+        "new\nline",
+        "del\u{7f}",
+        "c1\u{85}next",
+        "csi\u{9b}2J",
+    ] {
+        let a = post_raw(&server, None, body(bad, &events(1..2)), false)
+            .await
+            .unwrap();
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{bad:?}");
+        assert_eq!(a.error().error, "invalid_request");
+        assert!(
+            a.error().message.contains("control"),
+            "{}",
+            a.error().message
+        );
+    }
+    assert_eq!(server.count(None).unwrap(), 0);
+    // Printable non-ASCII is fine.
+    let ok = post_raw(&server, None, body("client-ü-東京", &events(1..2)), false)
+        .await
+        .unwrap();
+    assert_eq!(ok.status, StatusCode::OK);
+    // The pull query's client_id too.
+    let refused = get(format!("{}?client_id=a%1Bb", server.events_url()), None).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert_eq!(refused.error().error, "invalid_request");
 }
