@@ -235,14 +235,8 @@ pub fn parse_retry_after(value: &str, now: Timestamp) -> Option<Duration> {
     if let Ok(secs) = value.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
-    let fmt = time::macros::format_description!(
-        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
-    );
-    let at = time::PrimitiveDateTime::parse(value, &fmt)
-        .ok()?
-        .assume_utc();
-    let at_ms = (at.unix_timestamp_nanos() / 1_000_000) as i64;
-    Some(Timestamp::from_millis(at_ms).since(now))
+    let at = Timestamp::parse_http_date(value)?;
+    Some(at.since(now))
 }
 
 #[cfg(test)]
