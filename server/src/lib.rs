@@ -129,6 +129,7 @@ pub struct ServerConfig {
     pub(crate) inbox: Option<Arc<dyn Inbox>>,
     pub(crate) pg_inbox: Option<Arc<dyn PgInbox>>,
     pub(crate) limits: listener::Limits,
+    pub(crate) tls: Option<listener::Tls>,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -146,6 +147,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("cors_origins", &self.cors_origins)
             .field("test_controls", &self.test_controls)
             .field("limits", &self.limits)
+            .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -167,6 +169,7 @@ impl ServerConfig {
             inbox: None,
             pg_inbox: None,
             limits: listener::Limits::default(),
+            tls: None,
         }
     }
 
@@ -320,6 +323,25 @@ impl ServerConfig {
         self.limits.max_connections = n.max(1);
         self
     }
+
+    /// Terminate HTTPS here: `cert_chain_pem` holds the server's certificate
+    /// and its intermediates (PEM, leaf first), `key_pem` its private key
+    /// (PEM: PKCS#8, PKCS#1 or SEC1). HTTP/1.1 over TLS 1.2 or 1.3 (rustls);
+    /// plain HTTP is then not served on this listener. Both are parsed when
+    /// the server starts: [`spawn`] and [`serve`] fail with [`Error::Config`]
+    /// on unusable ones. Behind a load balancer that terminates TLS, leave
+    /// it unset.
+    pub fn tls_pem(
+        mut self,
+        cert_chain_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls = Some(listener::Tls {
+            cert_chain_pem: cert_chain_pem.into(),
+            key_pem: key_pem.into(),
+        });
+        self
+    }
 }
 
 /// Serve `config` on `listener` until `shutdown` completes, then stop
@@ -330,17 +352,19 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let limits = config.limits;
+    let tls = listener::Tls::acceptor(config.tls.as_ref())?;
     let state = AppState::open(config).await?;
-    serve_state(listener, state, limits, shutdown).await
+    serve_state(listener, state, limits, tls, shutdown).await
 }
 
 async fn serve_state(
     listener: TcpListener,
     state: AppState,
     limits: listener::Limits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    listener::serve(listener, router(state), limits, shutdown).await
+    listener::serve(listener, router(state), limits, tls, shutdown).await
 }
 
 /// Start a server in this process on `config`'s listen address (by default
@@ -351,14 +375,17 @@ pub async fn spawn(config: ServerConfig) -> Result<RunningServer, Error> {
     let listener = TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let limits = config.limits;
+    let tls = listener::Tls::acceptor(config.tls.as_ref())?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let state = AppState::build(config, true).await?;
     let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve_state(listener, state.clone(), limits, async {
+    let task = tokio::spawn(serve_state(listener, state.clone(), limits, tls, async {
         // Either an explicit shutdown or the RunningServer being dropped.
         let _ = rx.await;
     }));
     Ok(RunningServer {
         addr,
+        scheme,
         state,
         shutdown: Some(tx),
         task: Some(task),
@@ -369,6 +396,8 @@ pub async fn spawn(config: ServerConfig) -> Result<RunningServer, Error> {
 #[derive(Debug)]
 pub struct RunningServer {
     addr: SocketAddr,
+    /// `https` when the server terminates TLS ([`ServerConfig::tls_pem`]).
+    scheme: &'static str,
     state: AppState,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), Error>>>,
@@ -394,14 +423,15 @@ impl RunningServer {
         self.addr
     }
 
-    /// Base URL, e.g. `http://127.0.0.1:41234`.
+    /// Base URL, e.g. `http://127.0.0.1:41234` (`https://` with
+    /// [`ServerConfig::tls_pem`]).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// The push/pull endpoint, e.g. `http://127.0.0.1:41234/v1/events`.
     pub fn events_url(&self) -> String {
-        format!("http://{}/v1/events", self.addr)
+        format!("{}/v1/events", self.url())
     }
 
     /// Fault injection and the request log.

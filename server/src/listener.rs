@@ -41,6 +41,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tower_service::Service;
 
 use crate::Error;
@@ -82,6 +86,7 @@ pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let max = limits.max_connections.max(1);
@@ -109,19 +114,73 @@ pub(crate) async fn serve(
             () = &mut shutdown => break,
         };
         let router = router.clone();
+        let tls = tls.clone();
         let closing = closing_rx.clone();
         connections.spawn(async move {
             let _permit = permit;
             // Answers go out at once: pushes are small and latency matters.
             let _ = stream.set_nodelay(true);
             let watch = Arc::new(Watch::new());
-            connection(stream, router, limits, watch, closing).await;
+            match tls {
+                None => connection(stream, router, limits, watch, closing).await,
+                Some(acceptor) => {
+                    // The handshake counts against the first head's timeout.
+                    let deadline = Instant::now() + limits.header_timeout;
+                    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => connection(stream, router, limits, watch, closing).await,
+                        Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
+            }
         });
     }
     drop(listener);
     let _ = closing_tx.send(true);
     while connections.join_next().await.is_some() {}
     Ok(())
+}
+
+/// The TLS settings of a server that terminates HTTPS itself: a certificate
+/// chain and its private key, both PEM.
+#[derive(Clone)]
+pub(crate) struct Tls {
+    pub(crate) cert_chain_pem: Vec<u8>,
+    pub(crate) key_pem: Vec<u8>,
+}
+
+impl Tls {
+    /// A rustls acceptor for HTTP/1.1 when `tls` is set: rustls' safe
+    /// defaults (TLS 1.2 and 1.3) on the aws-lc-rs provider, named explicitly
+    /// so that another provider compiled into the binary cannot make the
+    /// choice ambiguous. Fails with [`Error::Config`] on a chain without certificates, a file
+    /// without a private key, or a key that does not match the certificate.
+    pub(crate) fn acceptor(tls: Option<&Tls>) -> Result<Option<TlsAcceptor>, Error> {
+        tls.map(Tls::build).transpose()
+    }
+
+    fn build(&self) -> Result<TlsAcceptor, Error> {
+        let certs = CertificateDer::pem_slice_iter(&self.cert_chain_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::Config(format!("TLS certificate chain: {e}")))?;
+        if certs.is_empty() {
+            return Err(Error::Config(
+                "TLS certificate chain: no CERTIFICATE in the PEM".into(),
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem)
+            .map_err(|e| Error::Config(format!("TLS private key: {e}")))?;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Config(format!("TLS: {e}")))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| Error::Config(format!("TLS certificate and key: {e}")))?;
+        // The server speaks HTTP/1.1 only.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
 }
 
 /// Errors of `accept`: a connection reset before it was accepted is the

@@ -129,6 +129,34 @@ struct Args {
     /// and targets come from RUST_LOG (default: info).
     #[arg(long, value_name = "json|text", default_value = "text")]
     log_format: LogFormat,
+
+    /// Seconds a client has to send a request's head (from the connection's
+    /// accept and TLS handshake, or from a later request's first byte);
+    /// slower connections are closed.
+    #[arg(long, value_name = "SECS", default_value_t = edge_outbox_server::DEFAULT_HEADER_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    header_timeout: u64,
+
+    /// Seconds a keep-alive connection may stay silent between requests
+    /// before it is closed.
+    #[arg(long, value_name = "SECS", default_value_t = edge_outbox_server::DEFAULT_IDLE_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout: u64,
+
+    /// Connections open at once; more wait in the listen backlog until one
+    /// closes. Keep it below the file descriptor limit (ulimit -n).
+    #[arg(long, value_name = "N", default_value_t = edge_outbox_server::DEFAULT_MAX_CONNECTIONS as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
+
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); needs
+    /// --tls-key. Without it the server speaks plain HTTP (put TLS in front).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -250,7 +278,22 @@ async fn main() -> ExitCode {
     }
     .allow_anonymous(args.allow_anonymous)
     .body_limit(args.body_limit)
-    .test_controls(args.enable_test_controls);
+    .test_controls(args.enable_test_controls)
+    .header_timeout(std::time::Duration::from_secs(args.header_timeout))
+    .idle_timeout(std::time::Duration::from_secs(args.idle_timeout))
+    .max_connections(usize::try_from(args.max_connections).unwrap_or(usize::MAX));
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+        };
+        match read(cert).and_then(|cert| Ok((cert, read(key)?))) {
+            Ok((cert, key)) => config = config.tls_pem(cert, key),
+            Err(e) => {
+                eprintln!("edge-outbox-server: TLS: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     for (token, client) in &args.tokens {
         config = config.token(token, client);
     }
@@ -312,7 +355,12 @@ async fn main() -> ExitCode {
     };
     let addr = listener.local_addr().unwrap_or(args.listen);
     // Test scripts read this line to learn the port.
-    println!("listening on http://{addr}");
+    let scheme = if args.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    println!("listening on {scheme}://{addr}");
     let _ = std::io::stdout().flush();
     match &args.database_url {
         // The URL may hold a password: name the storage, not the URL.

@@ -1,8 +1,10 @@
 //! The server's connections (issue 12, item 3): the header-read timeout, the
 //! idle timeout and the bound on open connections, each with short
 //! configured values; a real push is answered during a slow-header flood.
-//! Real servers on 127.0.0.1, raw TCP clients. No timed assertions: "closed"
-//! is an end of stream read within a generous deadline, "served" an answer.
+//! And HTTPS terminated by the server (item 5), with a certificate made at
+//! test time. Real servers on 127.0.0.1, raw TCP and TLS clients. No timed
+//! assertions: "closed" is an end of stream read within a generous
+//! deadline, "served" an answer.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,9 +14,16 @@ use edge_outbox::protocol::{PROTOCOL_VERSION, PushRequest, WireEvent};
 use edge_outbox::{EventId, Timestamp};
 use edge_outbox_server::{RunningServer, ServerConfig};
 use serde_json::value::RawValue;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+
+#[path = "../../tests/support/tls.rs"]
+mod tls;
+use tls::TestPki;
 
 const CLIENT: &str = "0192f0c1-7c1e-7000-8000-0000000000c1";
 /// Far beyond anything the tests wait for: "never" in a test.
@@ -66,7 +75,7 @@ const METRICS_REQUEST: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n";
 
 /// Reads one answer (head and a Content-Length body); returns its status
 /// line, or `None` when the connection ended first.
-async fn read_answer(stream: &mut TcpStream) -> Option<String> {
+async fn read_answer(stream: &mut (impl AsyncRead + Unpin)) -> Option<String> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -98,7 +107,7 @@ async fn read_answer(stream: &mut TcpStream) -> Option<String> {
 
 /// Waits (up to [`GENEROUS`]) for the server to close `stream`: an end of
 /// stream or a reset. Returns the bytes the server sent before closing.
-async fn closed(stream: &mut TcpStream) -> Vec<u8> {
+async fn closed(stream: &mut (impl AsyncRead + Unpin)) -> Vec<u8> {
     let mut got = Vec::new();
     let mut chunk = [0u8; 1024];
     let read_all = async {
@@ -295,4 +304,130 @@ async fn pushes_are_served_during_a_slow_header_flood() {
     .expect("the flood is cut by the header timeout");
     assert_eq!(all_cut, 200);
     server.shutdown().await.unwrap();
+}
+
+// ---------- HTTPS (issue 12, item 5) ----------
+
+/// A TLS client that trusts only `ca_pem`.
+fn tls_connector(ca_pem: &str) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+async fn tls_start(
+    pki: &TestPki,
+    configure: impl FnOnce(ServerConfig) -> ServerConfig,
+) -> RunningServer {
+    start(|c| configure(c.tls_pem(pki.cert_pem.clone(), pki.key_pem.clone()))).await
+}
+
+#[tokio::test]
+async fn https_pushes_are_answered_and_plain_http_is_not() {
+    let pki = TestPki::new();
+    let server = tls_start(&pki, |c| c).await;
+    assert!(server.events_url().starts_with("https://127.0.0.1:"));
+
+    let tcp = TcpStream::connect(server.addr()).await.unwrap();
+    let mut stream = tls_connector(&pki.ca_pem)
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .expect("the handshake succeeds with the CA trusted");
+    // Two pushes on one keep-alive TLS connection.
+    for seqs in [1..4, 4..6] {
+        stream
+            .write_all(&push_request(&push_body(seqs)))
+            .await
+            .unwrap();
+        let status = read_answer(&mut stream).await.expect("push answered");
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    }
+    assert_eq!(server.count(Some(CLIENT)).unwrap(), 5);
+
+    // Plain HTTP on the HTTPS port gets no HTTP answer.
+    let mut plain = TcpStream::connect(server.addr()).await.unwrap();
+    plain.write_all(METRICS_REQUEST).await.unwrap();
+    let answered = closed(&mut plain).await;
+    assert!(
+        !answered.starts_with(b"HTTP/"),
+        "plain HTTP was answered: {:?}",
+        String::from_utf8_lossy(&answered)
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stalled_tls_handshake_is_closed_after_the_header_timeout() {
+    let pki = TestPki::new();
+    let server = tls_start(&pki, |c| {
+        c.header_timeout(Duration::from_millis(300))
+            .idle_timeout(NEVER)
+    })
+    .await;
+    // Connected, but no ClientHello ever comes.
+    let mut silent = TcpStream::connect(server.addr()).await.unwrap();
+    assert!(closed(&mut silent).await.is_empty());
+    // A client that completes its handshake and asks is served.
+    let tcp = TcpStream::connect(server.addr()).await.unwrap();
+    let mut stream = tls_connector(&pki.ca_pem)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    stream.write_all(METRICS_REQUEST).await.unwrap();
+    let status = read_answer(&mut stream).await.expect("answered");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_trust_the_certificate_fails_its_handshake() {
+    let pki = TestPki::new();
+    let server = tls_start(&pki, |c| c).await;
+    let stranger = TestPki::new();
+    let tcp = TcpStream::connect(server.addr()).await.unwrap();
+    let err = tls_connector(&stranger.ca_pem)
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .expect_err("an unknown issuer is refused");
+    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn unusable_tls_files_fail_the_start() {
+    let pki = TestPki::new();
+    for (cert, key, expected) in [
+        (
+            "not a pem".to_owned(),
+            pki.key_pem.clone(),
+            "no CERTIFICATE",
+        ),
+        (
+            pki.cert_pem.clone(),
+            "not a pem".to_owned(),
+            "TLS private key",
+        ),
+        // A key that is not the certificate's.
+        (
+            pki.cert_pem.clone(),
+            TestPki::new().key_pem,
+            "certificate and key",
+        ),
+    ] {
+        let err = edge_outbox_server::spawn(ServerConfig::in_memory().tls_pem(cert, key))
+            .await
+            .expect_err("the server does not start");
+        assert!(
+            matches!(&err, edge_outbox_server::Error::Config(m) if m.contains(expected)),
+            "{err}"
+        );
+    }
 }
