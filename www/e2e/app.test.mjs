@@ -313,6 +313,38 @@ chromiumOnlyTest("a frozen sender tab gives the lock up: another tab takes over 
   });
 });
 
+engineTest("a sender tab hidden and shown again (a background tab): the other tab's commits arrive meanwhile, the shown tab catches up", async () => {
+  await scenario(async ({ server, browser, url }) => {
+    const a = await openApp(browser, url);
+    await waitFor(async () => (await text(a, "sender")) === "this tab sends", { message: "the first tab to send" });
+    const b = await openApp(browser, url);
+    const client = await clientId(a);
+    await addItem(a, "before-hiding");
+    await waitServerCount(server, client, 1);
+
+    // Minimized: the page is hidden (where WebKit on iOS may close its
+    // IndexedDB connections; WebKitGTK does not). It keeps the sender lock.
+    const window = (await a.focus()).manage().window();
+    await window.minimize();
+    assert.equal(await a.eval(() => document.visibilityState), "hidden");
+    const titles = Array.from({ length: 3 }, (_, i) => `while-hidden-${pad(i + 1)}`);
+    for (const title of titles) await addItem(b, title);
+    await waitServerCount(server, client, 4);
+    await waitStat(b, "pending", 0);
+
+    await a.show();
+    assert.equal(await a.eval(() => document.visibilityState), "visible");
+    await waitFor(async () => (await items(a)).length === 4, { message: "the shown tab to list the other tab's todos" });
+    await addItem(a, "after-showing");
+    await waitServerCount(server, client, 5);
+    await waitStat(a, "pending", 0);
+    assert.equal(await shown(a, "banner"), null, "no lost connection");
+    const events = await checkedEvents(server, client);
+    assert.deepEqual(titlesOf(events), ["before-hiding", ...titles, "after-showing"]);
+    await assertNoOverlap(server, client);
+  });
+});
+
 engineTest("three tabs writing while the network flaps: every event once, pushes never overlap", async () => {
   await scenario((s) => threeTabs(s, { noLocks: false }));
 });
