@@ -946,3 +946,57 @@ async fn peak_memory_flushing_a_million_events() {
     assert_eq!(server.count(None).unwrap(), BACKLOG as u64);
     assert!(after <= 64 * 1024, "peak RSS {after} KiB is over 64 MiB");
 }
+
+// ---- JWT expiry end to end (issue 12, item 2) ----
+
+/// The relay's app hands out an expired JWT first (a cached token past its
+/// `exp`); the server answers 401 `token_expired`, the relay asks the app for
+/// fresh credentials and resends: everything arrives exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_jwt_is_refused_with_401_and_the_refreshed_one_delivers() {
+    use edge_outbox_server::auth::{Jwt, sign_hs256, unix_now};
+    const SECRET: &[u8] = b"relay test secret, thirty-two bytes or more";
+    let dir = TempDir::new().unwrap();
+    let outbox = open(&dir);
+    let jwt = Jwt::hs256(SECRET).unwrap().audience("edge-outbox");
+    let server = server(ServerConfig::in_memory().jwt(jwt)).await;
+    let token_for = |expires_in: i64| {
+        let claims = serde_json::json!({
+            "sub": outbox.client_id(),
+            "aud": "edge-outbox",
+            "exp": unix_now() + expires_in,
+        });
+        sign_hs256(SECRET, &claims).unwrap()
+    };
+    // The app's token cache: starts with a token that expired an hour ago.
+    let token = Arc::new(Mutex::new(token_for(-3600)));
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let fresh = token_for(600);
+    let credentials = {
+        let (token, asked) = (token.clone(), asked.clone());
+        credentials_fn(move |refresh: bool| {
+            asked.lock().unwrap().push(refresh);
+            if refresh {
+                *token.lock().unwrap() = fresh.clone();
+            }
+            let value = format!("Bearer {}", token.lock().unwrap());
+            async move { Ok(vec![("authorization".to_owned(), value)]) }
+        })
+    };
+    let transport = HttpTransport::builder(server.events_url())
+        .credentials(credentials)
+        .build()
+        .unwrap();
+    enqueue(&outbox, "T", 150);
+    let relay = relay(&outbox, transport).spawn();
+    assert_eq!(flushed(&relay, &outbox).await, (150, 0));
+    assert_delivered_once_in_order(&server, &outbox, 150);
+    let statuses: Vec<u16> = server.requests().iter().map(|r| r.status).collect();
+    assert_eq!(statuses.first(), Some(&401), "{statuses:?}");
+    assert!(statuses[1..].iter().all(|&s| s == 200), "{statuses:?}");
+    // Asked once without refresh, then exactly one refresh, then the fresh token kept.
+    let asked = asked.lock().unwrap().clone();
+    assert_eq!(asked.iter().filter(|&&r| r).count(), 1, "{asked:?}");
+    assert_eq!(asked[..2], [false, true], "{asked:?}");
+    stop(relay).await;
+}
