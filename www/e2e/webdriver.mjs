@@ -53,13 +53,10 @@ const ENGINE_SETUP = {
       browserName: "chrome",
       "goog:chromeOptions": {
         binary,
-        // chromedriver gives every session a fresh temporary profile. Every
-        // window stays visible and unthrottled, as in Playwright: headless
-        // Chromium otherwise hides every window but the last one opened.
+        // chromedriver gives every session a fresh temporary profile.
         args: ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
                "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--disable-backgrounding-occluded-windows", "--disable-renderer-backgrounding",
-               "--disable-background-timer-throttling", "--window-size=1280,900"],
+               "--window-size=1280,900"],
       },
     }),
   },
