@@ -296,7 +296,11 @@ export interface Outbox {
 }
 
 export declare const Outbox: {
-  /** Open (create/upgrade) the database and start the relay when `endpoint` is set. */
+  /**
+   * Open (create/upgrade) the database and start the relay when `endpoint` is set.
+   * Rejects with a `StorageError` where there is no IndexedDB (Node, server-side
+   * rendering: importing the package there is fine, opening an outbox is not).
+   */
   open(options: OutboxOptions): Promise<Outbox>;
 };
 

@@ -17,6 +17,13 @@ export function ready(wasm) {
 /** Open an outbox: see index.d.ts and README.md. */
 export const Outbox = {
   async open(options) {
+    // Checked before the wasm is loaded: on a server (Node, server-side
+    // rendering) loading it would fail first, with fetch's opaque error.
+    if (globalThis.indexedDB == null) {
+      const e = new Error("IndexedDB is not available here (globalThis.indexedDB is missing): edge-outbox runs in a browser page or worker. Importing it on a server (Node, server-side rendering) is fine; open the outbox in the browser only.");
+      e.name = "StorageError";
+      throw e;
+    }
     await ready();
     return WasmOutbox.open(options);
   },
