@@ -1528,3 +1528,143 @@ async fn a_slow_uplink_delays_large_events_but_delivers_them() {
     );
     wait(outbox.close()).await.unwrap();
 }
+
+/// Schema version 1 (before the sent watermark): a database an older build
+/// wrote, with events sent, dead and pending, opens, delivers its pending
+/// events in order, keeps the others as they were, and is marked version 2.
+#[wasm_bindgen_test]
+async fn a_version_1_outbox_opens_and_delivers_its_pending_events() {
+    let server = server();
+    let name = fresh_name("schema-v1");
+    let db = app_made_database(&name).await;
+    let client = uuid::Uuid::new_v4().to_string();
+    let ids: Vec<String> = (0..4).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    // The records and meta exactly as version 1 wrote them.
+    let write = Function::new_with_args(
+        "db, client, ids",
+        r#"return new Promise((resolve, reject) => {
+             const tx = db.transaction(["edge_outbox_events", "edge_outbox_meta"], "readwrite");
+             const now = Date.now();
+             const rec = (i, status, extra) => ({ id: ids[i], type: "Old", key: `k${i}`, payload: `{"n":${i}}`,
+               headers: {}, created_at: now - 1000, status, attempts: 0, next_attempt_at: now - 1000, ...extra });
+             const events = tx.objectStore("edge_outbox_events");
+             events.add(rec(0, "sent", { attempts: 1, sent_at: now - 500 }));
+             events.add(rec(1, "dead", { attempts: 1, last_error: "rejected" }));
+             events.add(rec(2, "pending", { attempts: 2, last_error: "timeout" }));
+             events.add(rec(3, "pending", {}));
+             const meta = tx.objectStore("edge_outbox_meta");
+             meta.put(1, "schema_version");
+             meta.put(client, "client_id");
+             tx.oncomplete = () => { db.close(); resolve(); };
+             tx.onabort = () => reject(tx.error);
+           });"#,
+    );
+    let ids_js: js_sys::Array = ids.iter().map(|s| JsValue::from_str(s)).collect();
+    let written: Promise = write
+        .call3(&JsValue::UNDEFINED, &db, &client.as_str().into(), &ids_js)
+        .unwrap()
+        .unchecked_into();
+    wait(written).await.unwrap();
+
+    let outbox = Outbox::open_with(js(&format!(
+        r#"{{ database: {name:?}, durability: "relaxed", endpoint: "{server}/v1/events" }}"#
+    )))
+    .await
+    .unwrap();
+    assert_eq!(outbox.client_id(), client);
+    drained(&outbox, 10).await;
+    assert_eq!(received(server, &client).await, ids[2..]);
+    let stats = wait(outbox.stats()).await.unwrap();
+    assert_eq!(
+        (
+            num(&stats, "pending"),
+            num(&stats, "sent"),
+            num(&stats, "dead")
+        ),
+        (0.0, 3.0, 1.0)
+    );
+    let dead = js_sys::Array::from(&wait(outbox.dead_letters(None)).await.unwrap());
+    assert_eq!(dead.length(), 1);
+    assert_eq!(prop(&dead.get(0), "id").as_string(), Some(ids[1].clone()));
+    let version = run_js(&format!(
+        r#"const db = await new Promise((ok, ko) => {{ const r = indexedDB.open({name:?}); r.onsuccess = () => ok(r.result); r.onerror = () => ko(r.error); }});
+           const v = await new Promise((ok) => {{ const r = db.transaction("edge_outbox_meta").objectStore("edge_outbox_meta").get("schema_version"); r.onsuccess = () => ok(r.result); }});
+           db.close();
+           return v;"#
+    ))
+    .await;
+    assert_eq!(version.as_f64(), Some(2.0));
+    wait(outbox.close()).await.unwrap();
+}
+
+// ---- JWT expiry end to end (issue 12, item 2) ----
+
+/// The page's `headers` callback hands out a cached JWT that has expired (the
+/// server, started by scripts/test-browser with `--jwt-secret`, mints both
+/// tokens at `/__test/token`, so no JWT code ships in the test's wasm): the
+/// push gets 401 `token_expired`, the callback is asked again with
+/// `refresh: true`, and the fresh token delivers everything once, in order.
+#[wasm_bindgen_test]
+async fn an_expired_jwt_gets_401_and_the_headers_callback_refreshes_it() {
+    let server = server();
+    let name = fresh_name("jwt-expiry");
+    let outbox = open_todos(
+        &name,
+        &format!(
+            r#", endpoint: "{server}/v1/events", retry: {{ baseMs: 100, capMs: 400 }},
+                headers: async ({{ refresh }}) => {{
+                    const s = globalThis.jwtTest;
+                    s.asked.push(refresh);
+                    const mint = async (expiresIn) => {{
+                        const r = await fetch("{server}/__test/token", {{
+                            method: "POST",
+                            headers: {{ "content-type": "application/json" }},
+                            body: JSON.stringify({{ claims: {{ sub: s.client }}, expires_in: expiresIn }}),
+                        }});
+                        if (!r.ok) throw new Error("minting a token: " + r.status + " " + await r.text());
+                        return (await r.json()).token;
+                    }};
+                    if (s.token === undefined) s.token = await mint(-3600);
+                    if (refresh) s.token = await mint(600);
+                    return {{ authorization: "Bearer " + s.token }};
+                }}"#
+        ),
+    )
+    .await;
+    let client = outbox.client_id();
+    // Set before the first commit, so before the first push asks for headers.
+    Reflect::set(
+        &js_sys::global(),
+        &"jwtTest".into(),
+        &js(&format!(r#"{{ client: {client:?}, asked: [] }}"#)),
+    )
+    .unwrap();
+
+    let expected = commit_todos(&outbox, 0..5).await;
+    drained(&outbox, 15).await;
+    assert_eq!(
+        received(server, &client).await,
+        expected,
+        "all, in order, once"
+    );
+
+    let state = Reflect::get(&js_sys::global(), &"jwtTest".into()).unwrap();
+    let asked: Vec<bool> = js_sys::Array::from(&prop(&state, "asked"))
+        .iter()
+        .map(|r| r.as_bool().unwrap())
+        .collect();
+    assert_eq!(asked.first(), Some(&false), "{asked:?}");
+    assert_eq!(
+        asked.iter().filter(|&&r| r).count(),
+        1,
+        "one refresh: {asked:?}"
+    );
+    let statuses: Vec<f64> = request_log(server, &client, false)
+        .await
+        .iter()
+        .map(|r| num(r, "status"))
+        .collect();
+    assert_eq!(statuses.first(), Some(&401.0), "{statuses:?}");
+    assert!(statuses[1..].iter().all(|&s| s == 200.0), "{statuses:?}");
+    wait(outbox.close()).await.unwrap();
+}

@@ -112,6 +112,10 @@ struct Inner {
     reopening: RefCell<Option<Promise>>,
     /// The app's stores: a reopened database must still have them.
     app: RefCell<Vec<AppStore>>,
+    /// The sent watermark as this store last read or wrote it: claims and
+    /// settles issue their reads above it at once, with the watermark's own
+    /// read, and read again only when it moved meanwhile (another tab).
+    floor_hint: Cell<i64>,
     /// Called after every local commit that added events (wakes the relay).
     on_commit: RefCell<Option<Rc<dyn Fn()>>>,
     /// Told when the connection is lost, reopened or given up.
@@ -213,6 +217,7 @@ impl IdbStore {
                 lost: RefCell::new(None),
                 reopening: RefCell::new(None),
                 app: RefCell::new(Vec::new()),
+                floor_hint: Cell::new(0),
                 on_commit: RefCell::new(None),
                 on_connection: RefCell::new(None),
                 handlers: RefCell::new(Vec::new()),
@@ -1008,27 +1013,46 @@ impl IdbStore {
         Ok(())
     }
 
-    /// How far a settle of `outcomes` can raise the sent watermark from
-    /// `floor`: up to the last of the oldest pending events that `outcomes`
-    /// settle as `Sent`, passing over those it settles as `Dead` (their
-    /// records are written and stop being pending), stopping at the first
-    /// pending event it leaves pending. `floor` when nothing moves.
-    async fn sent_run(store: &IdbObjectStore, outcomes: &[Settlement], floor: i64) -> Result<i64> {
-        let mut sent: Vec<i64> = outcomes
-            .iter()
-            .filter(|o| matches!(o.outcome, Outcome::Sent) && o.seq > floor)
-            .map(|o| o.seq)
-            .collect();
-        let Some(&hi) = sent.iter().max() else {
-            return Ok(floor);
-        };
-        sent.sort_unstable();
+    /// The sent watermark, and how far a settle of `outcomes` can raise it:
+    /// up to the last of the oldest pending events that `outcomes` settle as
+    /// `Sent`, passing over those it settles as `Dead` (their records are
+    /// written and stop being pending), stopping at the first pending event
+    /// it leaves pending. The pending keys are read above the last watermark
+    /// seen together with the watermark itself, and again only if it moved.
+    async fn sent_run(
+        &self,
+        store: &IdbObjectStore,
+        meta: &IdbObjectStore,
+        outcomes: &[Settlement],
+    ) -> Result<(i64, i64)> {
+        let is_sent = |o: &&Settlement| matches!(o.outcome, Outcome::Sent);
+        let hi = outcomes.iter().filter(is_sent).map(|o| o.seq).max();
         let index = store.index(BY_STATUS).idb("settling")?;
-        let range = status_range_between("pending", floor, hi)?;
-        let keys: Array = idb::wait(index.get_all_keys_with_key(&range).idb("settling")?)
-            .await
-            .idb("settling")?
-            .unchecked_into();
+        let keys_between = |lo: i64, hi: i64| -> Result<idb::Request> {
+            let range = status_range_between("pending", lo, hi)?;
+            Ok(idb::wait(
+                index.get_all_keys_with_key(&range).idb("settling")?,
+            ))
+        };
+        let guess = self.inner.floor_hint.get();
+        let floor = idb::wait(meta.get(&SENT_THROUGH.into()).idb("settling")?);
+        let keys = match hi {
+            Some(hi) if hi > guess => Some(keys_between(guess, hi)?),
+            _ => None,
+        };
+        let floor = floor.await.idb("settling")?.as_f64().unwrap_or(0.0) as i64;
+        let keys = match hi {
+            Some(hi) if hi > floor && floor != guess => Some(keys_between(floor, hi)?),
+            Some(hi) if hi > floor => keys,
+            _ => None,
+        };
+        let Some(keys) = keys else {
+            self.inner.floor_hint.set(floor);
+            return Ok((floor, floor));
+        };
+        let keys: Array = keys.await.idb("settling")?.unchecked_into();
+        let mut sent: Vec<i64> = outcomes.iter().filter(is_sent).map(|o| o.seq).collect();
+        sent.sort_unstable();
         let mut upto = floor;
         for key in keys.iter() {
             let seq = key.as_f64().unwrap_or(0.0) as i64;
@@ -1041,7 +1065,8 @@ impl IdbStore {
                 break;
             }
         }
-        Ok(upto)
+        self.inner.floor_hint.set(upto);
+        Ok((floor, upto))
     }
 
     /// The current records of the settled events (undefined for one that is
@@ -1055,6 +1080,9 @@ impl IdbStore {
         store: &IdbObjectStore,
         settled: &[Settlement],
     ) -> Result<Vec<JsValue>> {
+        if settled.is_empty() {
+            return Ok(Vec::new());
+        }
         let same_event = |record: &JsValue, s: &Settlement| {
             // A seq is never reused, but check the id anyway: it is cheap.
             record.is_object() && opt_str(get(record, "id")) == Some(s.id.to_string())
@@ -1151,10 +1179,26 @@ impl Store for IdbStore {
         let done = idb::done(&tx);
         let meta = tx.object_store(META).idb("claiming")?;
         let events = tx.object_store(EVENTS).idb("claiming")?;
+        let index = events.index(BY_STATUS).idb("claiming")?;
+        let limit = count_arg(request.max_events.max(1));
+        // Pending events start above the sent watermark: read them above the
+        // last one seen together with the lease and the watermark itself
+        // (one round trip), and again only if the watermark moved.
+        let read_above = |after: i64| -> Result<idb::Request> {
+            let range = status_range("pending", Some(after))?;
+            Ok(idb::wait(
+                index
+                    .get_all_with_key_and_limit(&range, limit)
+                    .idb("claiming")?,
+            ))
+        };
+        let guess = request.after.unwrap_or(0).max(self.inner.floor_hint.get());
         let lease = idb::wait(meta.get(&"lease".into()).idb("claiming")?);
         let floor = idb::wait(meta.get(&SENT_THROUGH.into()).idb("claiming")?);
+        let records = read_above(guess)?;
         let lease = lease.await.idb("claiming")?;
         let floor = floor.await.idb("claiming")?.as_f64().unwrap_or(0.0) as i64;
+        self.inner.floor_hint.set(floor);
         if lease.is_object() {
             let owner = opt_str(get(&lease, "owner")).unwrap_or_default();
             let until = Timestamp::from_millis(num(&lease, "until").unwrap_or(0.0) as i64);
@@ -1173,14 +1217,13 @@ impl Store for IdbStore {
         meta.put_with_key(&new_lease, &"lease".into())
             .idb("claiming")?;
 
-        let index = events.index(BY_STATUS).idb("claiming")?;
-        // Pending events start above the sent watermark.
         let after = request.after.unwrap_or(0).max(floor);
-        let range = status_range("pending", Some(after))?;
-        let req = index
-            .get_all_with_key_and_limit(&range, count_arg(request.max_events.max(1)))
-            .idb("claiming")?;
-        let records: Array = idb::wait(req).await.idb("claiming")?.unchecked_into();
+        let records = if after == guess {
+            records
+        } else {
+            read_above(after)?
+        };
+        let records: Array = records.await.idb("claiming")?.unchecked_into();
         let mut batch = Vec::new();
         let mut bytes = 0usize;
         for record in records.iter() {
@@ -1212,8 +1255,7 @@ impl Store for IdbStore {
         let done = idb::done(&tx);
         let store = tx.object_store(EVENTS).idb("settling")?;
         let meta = tx.object_store(META).idb("settling")?;
-        let floor = watermark(&meta, "settling").await?;
-        let upto = Self::sent_run(&store, &outcomes, floor).await?;
+        let (floor, upto) = self.sent_run(&store, &meta, &outcomes).await?;
         // Outcomes the watermark does not cover: one record each.
         let rest: Vec<Settlement> = outcomes
             .into_iter()
