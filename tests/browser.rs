@@ -1597,3 +1597,74 @@ async fn a_version_1_outbox_opens_and_delivers_its_pending_events() {
     wait(outbox.close()).await.unwrap();
 }
 
+// ---- JWT expiry end to end (issue 12, item 2) ----
+
+/// The page's `headers` callback hands out a cached JWT that has expired (the
+/// server, started by scripts/test-browser with `--jwt-secret`, mints both
+/// tokens at `/__test/token`, so no JWT code ships in the test's wasm): the
+/// push gets 401 `token_expired`, the callback is asked again with
+/// `refresh: true`, and the fresh token delivers everything once, in order.
+#[wasm_bindgen_test]
+async fn an_expired_jwt_gets_401_and_the_headers_callback_refreshes_it() {
+    let server = server();
+    let name = fresh_name("jwt-expiry");
+    let outbox = open_todos(
+        &name,
+        &format!(
+            r#", endpoint: "{server}/v1/events", retry: {{ baseMs: 100, capMs: 400 }},
+                headers: async ({{ refresh }}) => {{
+                    const s = globalThis.jwtTest;
+                    s.asked.push(refresh);
+                    const mint = async (expiresIn) => {{
+                        const r = await fetch("{server}/__test/token", {{
+                            method: "POST",
+                            headers: {{ "content-type": "application/json" }},
+                            body: JSON.stringify({{ claims: {{ sub: s.client }}, expires_in: expiresIn }}),
+                        }});
+                        if (!r.ok) throw new Error("minting a token: " + r.status + " " + await r.text());
+                        return (await r.json()).token;
+                    }};
+                    if (s.token === undefined) s.token = await mint(-3600);
+                    if (refresh) s.token = await mint(600);
+                    return {{ authorization: "Bearer " + s.token }};
+                }}"#
+        ),
+    )
+    .await;
+    let client = outbox.client_id();
+    // Set before the first commit, so before the first push asks for headers.
+    Reflect::set(
+        &js_sys::global(),
+        &"jwtTest".into(),
+        &js(&format!(r#"{{ client: {client:?}, asked: [] }}"#)),
+    )
+    .unwrap();
+
+    let expected = commit_todos(&outbox, 0..5).await;
+    drained(&outbox, 15).await;
+    assert_eq!(
+        received(server, &client).await,
+        expected,
+        "all, in order, once"
+    );
+
+    let state = Reflect::get(&js_sys::global(), &"jwtTest".into()).unwrap();
+    let asked: Vec<bool> = js_sys::Array::from(&prop(&state, "asked"))
+        .iter()
+        .map(|r| r.as_bool().unwrap())
+        .collect();
+    assert_eq!(asked.first(), Some(&false), "{asked:?}");
+    assert_eq!(
+        asked.iter().filter(|&&r| r).count(),
+        1,
+        "one refresh: {asked:?}"
+    );
+    let statuses: Vec<f64> = request_log(server, &client, false)
+        .await
+        .iter()
+        .map(|r| num(r, "status"))
+        .collect();
+    assert_eq!(statuses.first(), Some(&401.0), "{statuses:?}");
+    assert!(statuses[1..].iter().all(|&s| s == 200.0), "{statuses:?}");
+    wait(outbox.close()).await.unwrap();
+}
