@@ -7,7 +7,9 @@
 //   throw; opening an outbox rejects with a StorageError that says why;
 // - the built app in headless Chromium, served by the reference server: the
 //   .wasm Vite emitted is fetched and instantiated, Outbox.open works and the
-//   committed event reaches the server.
+//   committed event reaches the server;
+// - the same under Vite's dev server (which pre-bundles dependencies and can
+//   lose a package's .wasm), proxying /v1 to the reference server.
 // Run by scripts/test-consumer:
 //   EDGE_OUTBOX_SERVER=target/debug/edge-outbox-server CONSUMER_APP_DIR=DIST node --test test/
 // Fails (never skips) when the server, the build or the browser is missing.
@@ -68,14 +70,47 @@ test("importing the package in Node does not throw; opening an outbox says it ne
 });
 
 test("the Vite-built app loads the wasm, opens an outbox and delivers an event", { timeout: 120_000 }, async (t) => {
-  assert.ok(serverBin && fs.existsSync(serverBin), `EDGE_OUTBOX_SERVER is not a server binary (${serverBin}): run scripts/test-consumer`);
   assert.ok(appDir && fs.existsSync(path.join(appDir, "index.html")), `CONSUMER_APP_DIR has no built app (${appDir}): run scripts/test-consumer`);
-  assert.ok(fs.existsSync(chromiumPath), `no browser at ${chromiumPath}: run scripts/setup`);
   const emitted = fs.readdirSync(path.join(appDir, "assets")).filter((f) => f.endsWith(".wasm"));
   assert.equal(emitted.length, 1, `Vite should emit the package's .wasm as one asset; assets: ${fs.readdirSync(path.join(appDir, "assets"))}`);
-
   const server = await startServer(appDir);
   t.after(() => server.stop());
+  const wasm = await runApp(t, `${server.url}/`, server.url);
+  assert.equal(new URL(wasm.url()).pathname, `/assets/${emitted[0]}`, "the page loaded the .wasm Vite emitted");
+});
+
+test("under Vite's dev server (dependencies pre-bundled) the same app loads the wasm and delivers", { timeout: 120_000 }, async (t) => {
+  const server = await startServer();
+  t.after(() => server.stop());
+  // What a user's vite.config.js holds to reach their backend in
+  // development: a proxy for the API routes. Nothing for the package.
+  const { createServer } = await import("vite");
+  // A fresh dependency cache: a pre-bundle of an older tarball must not be reused.
+  const cacheDir = fs.mkdtempSync(path.join(os.tmpdir(), "edge-outbox-consumer-vite-"));
+  t.after(() => fs.rmSync(cacheDir, { recursive: true, force: true }));
+  const dev = await createServer({
+    root: appRoot,
+    configFile: false,
+    cacheDir,
+    logLevel: "warn",
+    clearScreen: false,
+    server: { host: "127.0.0.1", port: 0, proxy: { "/v1": server.url } },
+  });
+  t.after(() => dev.close());
+  await dev.listen();
+  const url = dev.resolvedUrls?.local[0];
+  assert.ok(url, "the Vite dev server has no local URL");
+  await runApp(t, url, server.url);
+});
+
+/**
+ * Open the app at `url` in headless Chromium; assert that it reports
+ * success, fetched exactly one .wasm (200, application/wasm) and that its
+ * event reached the reference server at `serverUrl`. Returns the .wasm's
+ * response.
+ */
+async function runApp(t, url, serverUrl) {
+  assert.ok(fs.existsSync(chromiumPath), `no browser at ${chromiumPath}: run scripts/setup`);
   const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), "edge-outbox-consumer-"));
   t.after(() => fs.rmSync(userDataDir, { recursive: true, force: true }));
   const context = await chromium.launchPersistentContext(userDataDir, {
@@ -92,7 +127,7 @@ test("the Vite-built app loads the wasm, opens an outbox and delivers an event",
   const wasmResponses = [];
   page.on("response", (r) => new URL(r.url()).pathname.endsWith(".wasm") && wasmResponses.push(r));
 
-  await page.goto(`${server.url}/`);
+  await page.goto(url);
   await page.waitForFunction(() => document.getElementById("result")?.dataset.state !== "running", null, { timeout: 30_000 })
     .catch(async (e) => { throw new Error(`the app did not finish (it shows "${await page.textContent("#result")}"): ${e.message}; ${problems.join("; ")}`); });
   const result = await page.evaluate(() => window.consumerResult);
@@ -100,14 +135,13 @@ test("the Vite-built app loads the wasm, opens an outbox and delivers an event",
 
   assert.equal(wasmResponses.length, 1, `one .wasm fetched: ${wasmResponses.map((r) => r.url())}`);
   const wasm = wasmResponses[0];
-  assert.equal(new URL(wasm.url()).pathname, `/assets/${emitted[0]}`, "the page loaded the .wasm Vite emitted");
   assert.equal(wasm.status(), 200);
   assert.equal(wasm.headers()["content-type"], "application/wasm");
 
   // The relay pushes after the commit; wait (bounded) until the server holds it.
   const events = await waitFor(async () => {
     const q = new URLSearchParams({ after: "0", limit: "100", client_id: result.clientId });
-    const response = await fetch(`${server.url}/v1/events?${q}`);
+    const response = await fetch(`${serverUrl}/v1/events?${q}`);
     assert.equal(response.status, 200, `GET /v1/events answered ${response.status}`);
     const page = await response.json();
     return page.events.length > 0 && page.events;
@@ -117,7 +151,8 @@ test("the Vite-built app loads the wasm, opens an outbox and delivers an event",
   assert.equal(events[0].key, result.note.id);
   assert.deepEqual(events[0].payload, result.note);
   assert.deepEqual(problems, []);
-});
+  return wasm;
+}
 
 /** Poll `check` until it returns a truthy value, for at most 15 s. */
 async function waitFor(check, what) {
@@ -130,12 +165,16 @@ async function waitFor(check, what) {
   }
 }
 
-/** The reference server on a free loopback port, serving `staticDir` at `/`, with a fresh database. */
+/**
+ * The reference server on a free loopback port with a fresh database,
+ * anonymous pushes, and `staticDir` (if given) at `/`.
+ */
 async function startServer(staticDir) {
+  assert.ok(serverBin && fs.existsSync(serverBin), `EDGE_OUTBOX_SERVER is not a server binary (${serverBin}): run scripts/test-consumer`);
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "edge-outbox-consumer-server-"));
-  const proc = spawn(serverBin, [
-    "--listen", "127.0.0.1:0", "--database", path.join(dir, "server.db"), "--allow-anonymous", "--static-dir", staticDir,
-  ], { stdio: ["ignore", "pipe", "pipe"] });
+  const args = ["--listen", "127.0.0.1:0", "--database", path.join(dir, "server.db"), "--allow-anonymous"];
+  if (staticDir) args.push("--static-dir", staticDir);
+  const proc = spawn(serverBin, args, { stdio: ["ignore", "pipe", "pipe"] });
   let output = "";
   proc.stderr.on("data", (d) => { output += d; });
   const url = await new Promise((resolve, reject) => {
