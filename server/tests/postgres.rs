@@ -1090,3 +1090,75 @@ async fn the_conformance_checker_passes_every_obligation_on_postgres() {
         assert_eq!(report.failed(), Vec::<&str>::new(), "{report}");
     }
 }
+
+/// Read rights on PostgreSQL: a client's token reads only its own stream
+/// (with or without `client_id`; another client's is `403`), a reader token
+/// reads every stream (issue 12, item 1; the other auth tests are
+/// storage-independent and run on SQLite in tests/server.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_read_another_clients_stream_on_postgres() {
+    const A: &str = "0192f0c1-7c1e-7000-8000-0000000000d1";
+    const B: &str = "0192f0c1-7c1e-7000-8000-0000000000d2";
+    let pg = Postgres::start();
+    let server = edge_outbox_server::spawn(
+        ServerConfig::postgres(pg.url())
+            .token("token-a", A)
+            .token("token-b", B)
+            .reader_token("reader"),
+    )
+    .await
+    .expect("server on PostgreSQL starts");
+    let http = http();
+    for (token, client, n) in [("token-a", A, 2), ("token-b", B, 3)] {
+        let batch: Vec<WireEvent> = (1..=n).map(|s| event(s, "OrderCreated", "{}")).collect();
+        let body = serde_json::to_vec(&PushRequest {
+            protocol: PROTOCOL_VERSION,
+            client_id: client.to_owned(),
+            events: batch,
+        })
+        .unwrap();
+        let answer = http
+            .post(server.events_url())
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), reqwest::StatusCode::OK);
+    }
+    let read = |token: &'static str, query: String| {
+        let http = http.clone();
+        let url = format!("{}{query}", server.events_url());
+        async move {
+            let answer = http.get(url).bearer_auth(token).send().await.unwrap();
+            let status = answer.status();
+            let bytes = answer.bytes().await.unwrap();
+            let clients: Vec<String> = serde_json::from_slice::<PullResponse>(&bytes)
+                .map(|page| page.events.into_iter().map(|e| e.client_id).collect())
+                .unwrap_or_default();
+            (status.as_u16(), clients)
+        }
+    };
+    assert_eq!(
+        read("token-a", String::new()).await,
+        (200, vec![A.to_owned(); 2])
+    );
+    assert_eq!(
+        read("token-b", String::new()).await,
+        (200, vec![B.to_owned(); 3])
+    );
+    assert_eq!(
+        read("token-a", format!("?client_id={B}")).await,
+        (403, vec![])
+    );
+    assert_eq!(
+        read("token-b", format!("?client_id={A}")).await,
+        (403, vec![])
+    );
+    assert_eq!(read("reader", String::new()).await.1.len(), 5);
+    assert_eq!(
+        read("reader", format!("?client_id={B}")).await,
+        (200, vec![B.to_owned(); 3])
+    );
+}
