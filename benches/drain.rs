@@ -138,7 +138,9 @@ fn main() {
     let server = rt
         .block_on(edge_outbox_server::spawn(
             edge_outbox_server::ServerConfig::new(dir.path().join("server.db"))
-                .allow_anonymous(true),
+                .allow_anonymous(true)
+                // One client pushing flat out for as long as the bench runs.
+                .rate_limit(None),
         ))
         .unwrap();
     let url = server.events_url();

@@ -57,7 +57,10 @@ fn fixture(rt: &Runtime) -> Fixture {
         Err(_) => {
             let server = rt
                 .block_on(edge_outbox_server::spawn(
-                    ServerConfig::new(dir.path().join("server.db")).allow_anonymous(true),
+                    // One client pushing flat out: no push rate limit.
+                    ServerConfig::new(dir.path().join("server.db"))
+                        .allow_anonymous(true)
+                        .rate_limit(None),
                 ))
                 .unwrap();
             let url = server.events_url();

@@ -908,8 +908,13 @@ async fn peak_memory_flushing_a_million_events() {
     }
     drop(outbox);
     println!("backlog of {BACKLOG} committed in {:?}", started.elapsed());
-    let server =
-        server(ServerConfig::new(dir.path().join("server.db")).allow_anonymous(true)).await;
+    // One client flushing a million events flat out: no push rate limit.
+    let server = server(
+        ServerConfig::new(dir.path().join("server.db"))
+            .allow_anonymous(true)
+            .rate_limit(None),
+    )
+    .await;
     let url = server.events_url();
     let started = Instant::now();
     let output = tokio::task::spawn_blocking(move || {
@@ -999,4 +1004,66 @@ async fn an_expired_jwt_is_refused_with_401_and_the_refreshed_one_delivers() {
     assert_eq!(asked.iter().filter(|&&r| r).count(), 1, "{asked:?}");
     assert_eq!(asked[..2], [false, true], "{asked:?}");
     stop(relay).await;
+}
+
+// ---- HTTPS (issue 12, item 5) ----
+
+#[path = "support/tls.rs"]
+mod tls;
+
+/// The reference server terminates TLS with a certificate from a private
+/// CA made at test time. A transport that does not trust the CA (platform
+/// roots only, the default) fails with a transport error naming the
+/// certificate and loses nothing; one that trusts it through
+/// `add_root_certificate` delivers every event once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_delivers_over_https_once_the_ca_is_trusted() {
+    let pki = tls::TestPki::new();
+    let server = server(anonymous().tls_pem(pki.cert_pem.clone(), pki.key_pem.clone())).await;
+    assert!(server.events_url().starts_with("https://"));
+    let dir = TempDir::new().unwrap();
+    let outbox = open(&dir);
+    enqueue(&outbox, "T", 120);
+
+    let untrusting = http(&server.events_url());
+    let refused = relay(&outbox, untrusting).spawn();
+    let report = refused.flush().await.unwrap();
+    stop(refused).await;
+    assert_eq!(report.pending, 120, "{report:?}");
+    let error = report.last_error.expect("the flush stopped on the failure");
+    assert!(
+        error.contains("certificate") && error.contains("UnknownIssuer"),
+        "{error}"
+    );
+    assert_eq!(server.count(None).unwrap(), 0);
+    assert_eq!(outbox.stats().unwrap().dead, 0, "a TLS failure is retried");
+
+    let trusting = HttpTransport::builder(server.events_url())
+        .add_root_certificate(pki.ca_pem.clone())
+        .build()
+        .unwrap();
+    // The events may still wait for their backoff; the app's "try now" ends it.
+    outbox.retry_now().unwrap();
+    let delivering = relay(&outbox, trusting).spawn();
+    assert_eq!(flushed(&delivering, &outbox).await, (120, 0));
+    stop(delivering).await;
+    assert_delivered_once_in_order(&server, &outbox, 120);
+}
+
+/// `add_root_certificate` refuses what it cannot use when the transport is
+/// built, not at the first push.
+#[test]
+fn unusable_root_certificates_fail_the_build() {
+    let err = HttpTransport::builder("https://127.0.0.1:1/v1/events")
+        .add_root_certificate("not a certificate")
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("no CERTIFICATE"), "{err}");
+    let pki = tls::TestPki::new();
+    let err = HttpTransport::builder("https://127.0.0.1:1/v1/events")
+        .client(reqwest::Client::new())
+        .add_root_certificate(pki.ca_pem)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("client of your own"), "{err}");
 }
