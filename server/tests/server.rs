@@ -1623,17 +1623,14 @@ async fn serves_static_files_and_healthz() {
     );
 }
 
-#[tokio::test]
-async fn binary_prints_its_port_and_serves() {
-    let dir = tempfile::tempdir().unwrap();
+/// The server binary on a free port with its database in `dir` and `args`:
+/// the child and its base URL (read from the line it prints).
+fn binary(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (std::process::Child, String) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edge-outbox-server"))
         .args(["--listen", "127.0.0.1:0", "--database"])
-        .arg(dir.path().join("bin.db"))
-        .args([
-            "--token",
-            &format!("{TOKEN_A}:{CLIENT_A}"),
-            "--enable-test-controls",
-        ])
+        .arg(dir.join("bin.db"))
+        .args(args)
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -1647,6 +1644,18 @@ async fn binary_prints_its_port_and_serves() {
         .strip_prefix("listening on ")
         .expect("address line")
         .to_owned();
+    (child, url)
+}
+
+#[tokio::test]
+async fn binary_prints_its_port_and_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = format!("{TOKEN_A}:{CLIENT_A}");
+    let (mut child, url) = binary(
+        dir.path(),
+        &["--token", &token, "--enable-test-controls"],
+        &[],
+    );
     assert!(!url.ends_with(":0"), "{url}");
 
     let health = get(format!("{url}/healthz"), None).await;
@@ -2556,34 +2565,24 @@ async fn a_client_id_with_control_characters_is_refused() {
 #[tokio::test]
 async fn binary_flags_for_jwts_readers_and_rate_limits() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edge-outbox-server"))
-        .args(["--listen", "127.0.0.1:0", "--database"])
-        .arg(dir.path().join("bin.db"))
-        .args(["--jwt-audience", AUDIENCE, "--reader-token", READER])
-        .args([
+    let (mut child, url) = binary(
+        dir.path(),
+        &[
+            "--jwt-audience",
+            AUDIENCE,
+            "--reader-token",
+            READER,
             "--rate-limit",
             "1/s",
             "--rate-burst",
             "2",
             "--enable-test-controls",
-        ])
-        .env(
+        ],
+        &[(
             "EDGE_OUTBOX_JWT_SECRET",
             std::str::from_utf8(SECRET).unwrap(),
-        )
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_owned();
+        )],
+    );
     let send = |token: String, client_id: &'static str, seq: i64| {
         client()
             .post(format!("{url}/v1/events"))
