@@ -1067,3 +1067,31 @@ fn unusable_root_certificates_fail_the_build() {
         .unwrap_err();
     assert!(err.to_string().contains("client of your own"), "{err}");
 }
+
+/// The server's real push rate limit (issue 12, item 6): pushes over the
+/// client's budget get 429 with Retry-After; the relay waits (capped by its
+/// backoff cap) and resends, and every event still arrives exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_relay_waits_and_delivers_everything_once() {
+    use edge_outbox_server::RateLimit;
+    let dir = TempDir::new().unwrap();
+    let outbox = open(&dir);
+    // A burst of 3 pushes, then 1 per second.
+    let server = server(anonymous().rate_limit(Some(RateLimit::new(1, 3)))).await;
+    enqueue(&outbox, "T", 60);
+    // 10 events per push: 3 pushes pass at once, the other 3 wait for the budget.
+    let relay = relay(&outbox, http(&server.events_url()))
+        .max_events(10)
+        .spawn();
+    drained(&outbox).await;
+    assert_delivered_once_in_order(&server, &outbox, 60);
+    let statuses: Vec<u16> = server.requests().iter().map(|r| r.status).collect();
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == 429),
+        "{statuses:?}"
+    );
+    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 3 + 3);
+    assert_eq!(outbox.stats().unwrap().dead, 0);
+    stop(relay).await;
+}
