@@ -8,10 +8,12 @@
 // - the built app in headless Chromium, served by the reference server: the
 //   .wasm Vite emitted is fetched and instantiated, Outbox.open works and the
 //   committed event reaches the server;
+// - the same app built by webpack 5 (webpack.config.js: the entry and the
+//   page, nothing for the package);
 // - the same under Vite's dev server (which pre-bundles dependencies and can
 //   lose a package's .wasm), proxying /v1 to the reference server.
 // Run by scripts/test-consumer:
-//   EDGE_OUTBOX_SERVER=target/debug/edge-outbox-server CONSUMER_APP_DIR=DIST node --test test/
+//   EDGE_OUTBOX_SERVER=target/debug/edge-outbox-server CONSUMER_APP_DIR=DIST WEBPACK_APP_DIR=DIST2 node --test test/
 // Fails (never skips) when the server, the build or the browser is missing.
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
@@ -27,6 +29,7 @@ const appRoot = path.resolve(here, "..");
 const installed = path.join(appRoot, "node_modules", "edge-outbox");
 const serverBin = process.env.EDGE_OUTBOX_SERVER;
 const appDir = process.env.CONSUMER_APP_DIR;
+const webpackDir = process.env.WEBPACK_APP_DIR;
 const chromiumPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
 
 /** The relative module specifiers a JS file imports statically. */
@@ -77,6 +80,16 @@ test("the Vite-built app loads the wasm, opens an outbox and delivers an event",
   t.after(() => server.stop());
   const wasm = await runApp(t, `${server.url}/`, server.url);
   assert.equal(new URL(wasm.url()).pathname, `/assets/${emitted[0]}`, "the page loaded the .wasm Vite emitted");
+});
+
+test("the webpack-built app loads the wasm, opens an outbox and delivers an event", { timeout: 120_000 }, async (t) => {
+  assert.ok(webpackDir && fs.existsSync(path.join(webpackDir, "index.html")), `WEBPACK_APP_DIR has no built app (${webpackDir}): run scripts/test-consumer`);
+  const emitted = fs.readdirSync(webpackDir).filter((f) => f.endsWith(".wasm"));
+  assert.equal(emitted.length, 1, `webpack should emit the package's .wasm as one asset; files: ${fs.readdirSync(webpackDir)}`);
+  const server = await startServer(webpackDir);
+  t.after(() => server.stop());
+  const wasm = await runApp(t, `${server.url}/`, server.url);
+  assert.equal(new URL(wasm.url()).pathname, `/${emitted[0]}`, "the page loaded the .wasm webpack emitted");
 });
 
 test("under Vite's dev server (dependencies pre-bundled) the same app loads the wasm and delivers", { timeout: 120_000 }, async (t) => {
