@@ -35,7 +35,9 @@ const chromiumPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
 /** The relative module specifiers a JS file imports statically. */
 function relativeImports(file) {
   const source = fs.readFileSync(file, "utf8");
-  return [...source.matchAll(/^\s*(?:import|export)\b[^'"]*?from\s*['"](\.[^'"]+)['"]/gm)].map((m) => m[1]);
+  const from = /^\s*(?:import|export)\b[^'"]*?from\s*['"](\.[^'"]+)['"]/gm;
+  const bare = /^\s*import\s*['"](\.[^'"]+)['"]/gm;
+  return [...source.matchAll(from), ...source.matchAll(bare)].map((m) => m[1]);
 }
 
 test("the tarball holds the modules its entry reaches, and no other", () => {
