@@ -58,6 +58,9 @@ pub struct HttpTransportBuilder<C = NoCredentials> {
     min_upload_rate: u64,
     gzip: bool,
     client: Option<reqwest::Client>,
+    /// Extra trusted roots, PEM (see `add_root_certificate`).
+    #[cfg(feature = "rustls")]
+    root_certificates: Vec<Vec<u8>>,
     credentials: C,
 }
 
@@ -76,6 +79,8 @@ impl HttpTransport {
             min_upload_rate: DEFAULT_MIN_UPLOAD_RATE,
             gzip: false,
             client: None,
+            #[cfg(feature = "rustls")]
+            root_certificates: Vec::new(),
             credentials: NoCredentials,
         }
     }
@@ -132,6 +137,19 @@ impl<C: Credentials> HttpTransportBuilder<C> {
         self
     }
 
+    /// Trust the certificate authorities in `pem` (one or more `CERTIFICATE`
+    /// blocks) for HTTPS, besides the platform's roots, which stay trusted:
+    /// for an endpoint whose certificate comes from a private CA (a company
+    /// CA, a test CA). Repeatable. [`build`](Self::build) fails with
+    /// [`Error::InvalidConfig`] on a PEM without a certificate, or when a
+    /// [`client`](Self::client) of your own is given too (configure its
+    /// roots there). Needs the crate feature `rustls`.
+    #[cfg(feature = "rustls")]
+    pub fn add_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_certificates.push(pem.into());
+        self
+    }
+
     /// Ask `credentials` for headers at every send.
     pub fn credentials<C2: Credentials>(self, credentials: C2) -> HttpTransportBuilder<C2> {
         HttpTransportBuilder {
@@ -141,6 +159,8 @@ impl<C: Credentials> HttpTransportBuilder<C> {
             min_upload_rate: self.min_upload_rate,
             gzip: self.gzip,
             client: self.client,
+            #[cfg(feature = "rustls")]
+            root_certificates: self.root_certificates,
             credentials,
         }
     }
@@ -161,12 +181,24 @@ impl<C: Credentials> HttpTransportBuilder<C> {
             });
         }
         let client = match self.client {
+            #[cfg(feature = "rustls")]
+            Some(_) if !self.root_certificates.is_empty() => {
+                return Err(Error::InvalidConfig {
+                    reason: "add_root_certificate has no effect on a client of your own: \
+                             add the roots to that client"
+                        .into(),
+                });
+            }
             Some(client) => client,
-            // The time allowed is set per push (it grows with the body).
-            None => reqwest::Client::builder()
-                .connect_timeout(self.connect_timeout)
-                .build()
-                .map_err(|e| network("cannot build the HTTP client", e))?,
+            None => {
+                // The time allowed is set per push (it grows with the body).
+                let builder = reqwest::Client::builder().connect_timeout(self.connect_timeout);
+                #[cfg(feature = "rustls")]
+                let builder = builder.tls_certs_merge(root_certificates(&self.root_certificates)?);
+                builder
+                    .build()
+                    .map_err(|e| network("cannot build the HTTP client", e))?
+            }
         };
         Ok(HttpTransport {
             client,
@@ -177,6 +209,25 @@ impl<C: Credentials> HttpTransportBuilder<C> {
             credentials: self.credentials,
         })
     }
+}
+
+/// The certificates of each PEM given to `add_root_certificate`.
+#[cfg(feature = "rustls")]
+fn root_certificates(pems: &[Vec<u8>]) -> Result<Vec<reqwest::Certificate>> {
+    let mut certificates = Vec::new();
+    for pem in pems {
+        let found =
+            reqwest::Certificate::from_pem_bundle(pem).map_err(|e| Error::InvalidConfig {
+                reason: format!("root certificate: not a PEM certificate: {e}"),
+            })?;
+        if found.is_empty() {
+            return Err(Error::InvalidConfig {
+                reason: "root certificate: the PEM holds no CERTIFICATE".into(),
+            });
+        }
+        certificates.extend(found);
+    }
+    Ok(certificates)
 }
 
 fn network(message: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
