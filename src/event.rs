@@ -118,7 +118,7 @@ impl NewEvent {
     ) -> Result<Self> {
         let event_type = validate_type(event_type.into())?;
         let payload = payload.into();
-        crate::protocol::check_json_text(&payload).map_err(|e| Error::InvalidPayload {
+        check_json_text(&payload).map_err(|e| Error::InvalidPayload {
             reason: format!("not valid JSON text: {e}"),
         })?;
         Ok(NewEvent {
@@ -222,6 +222,16 @@ fn event_size(
 ) -> usize {
     let headers: usize = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
     event_type.len() + key.map_or(0, str::len) + payload.len() + headers
+}
+
+/// One JSON value whose strings are well-formed Unicode (the protocol's rule
+/// for a payload): natively `serde_json`, in the browser the browser's
+/// `JSON` (whose parser is already there, unlike `serde_json`'s).
+fn check_json_text(text: &str) -> std::result::Result<(), String> {
+    #[cfg(native)]
+    return crate::protocol::check_json_text(text).map_err(|e| e.to_string());
+    #[cfg(web)]
+    return crate::web::json::check_json_text(text);
 }
 
 fn validate_type(name: String) -> Result<String> {

@@ -267,7 +267,7 @@ pub(crate) fn classify(response: Response) -> Verdict {
         narrows,
     };
     match status {
-        200 => match serde_json::from_slice::<PushResponse>(&response.body) {
+        200 => match PushResponse::from_json(&response.body) {
             Ok(parsed) => Verdict::Results(parsed),
             Err(e) => channel(format!("unreadable 200 answer from the server: {e}"), false),
         },
@@ -279,7 +279,7 @@ pub(crate) fn classify(response: Response) -> Verdict {
             too_large: true,
         },
         // Parsed here only: a 200's body is never read as an error body.
-        400 | 422 => match serde_json::from_slice::<ErrorBody>(&response.body).ok() {
+        400 | 422 => match ErrorBody::from_json(&response.body) {
             Some(body) if CONTENT_ERRORS.contains(&body.error.as_str()) => Verdict::Refused {
                 reason: format!("rejected by the server ({status}): {}", body.message),
                 too_large: false,
@@ -339,7 +339,7 @@ pub(crate) fn network_failure(error: &crate::Error) -> Verdict {
 
 /// The message of an [`ErrorBody`], or the body's text (shortened).
 pub(crate) fn error_text(body: &[u8]) -> String {
-    if let Ok(e) = serde_json::from_slice::<ErrorBody>(body) {
+    if let Some(e) = ErrorBody::from_json(body) {
         return e.message;
     }
     let text = String::from_utf8_lossy(body);

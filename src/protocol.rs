@@ -74,6 +74,7 @@ impl TryFrom<&Event> for WireEvent {
 /// passes a plain syntax check; strict readers (serde's `String`) then cannot
 /// read the event. Escapes are decoded only in text that has a `\uD…` escape
 /// at all, so ordinary payloads pay for the syntax check alone.
+#[cfg(native)]
 pub fn check_json_text(text: &str) -> std::result::Result<(), serde_json::Error> {
     serde_json::from_str::<serde::de::IgnoredAny>(text)?;
     check_well_formed_strings(text)
@@ -82,6 +83,7 @@ pub fn check_json_text(text: &str) -> std::result::Result<(), serde_json::Error>
 /// The second half of [`check_json_text`], for text already known to be
 /// valid JSON (a server's parsed `payload`): its strings are well-formed
 /// Unicode. Costs a scan for `\uD…` escapes unless it finds one.
+#[cfg(native)]
 pub fn check_well_formed_strings(json: &str) -> std::result::Result<(), serde_json::Error> {
     if json.contains("\\ud") || json.contains("\\uD") {
         serde_json::from_str::<serde_json::Value>(json)?;
@@ -97,7 +99,6 @@ pub fn check_well_formed_strings(json: &str) -> std::result::Result<(), serde_js
 /// the server answers 400 and the relay's bisection dead-letters that event
 /// alone.) This is the relay's hot path.
 pub fn write_wire_event(out: &mut Vec<u8>, event: &Event) {
-    // Writing strings into a Vec cannot fail, so the results are ignored.
     let mut id = uuid::Uuid::encode_buffer();
     out.extend_from_slice(b"{\"id\":\"");
     out.extend_from_slice(
@@ -111,20 +112,66 @@ pub fn write_wire_event(out: &mut Vec<u8>, event: &Event) {
     out.extend_from_slice(b"\",\"seq\":");
     out.extend_from_slice(event.seq.to_string().as_bytes());
     out.extend_from_slice(b",\"type\":");
-    let _ = serde_json::to_writer(&mut *out, &event.event_type);
+    write_json_string(out, &event.event_type);
     if let Some(key) = &event.key {
         out.extend_from_slice(b",\"key\":");
-        let _ = serde_json::to_writer(&mut *out, key);
+        write_json_string(out, key);
     }
     out.extend_from_slice(b",\"payload\":");
     out.extend_from_slice(event.payload.as_bytes());
     if !event.headers.is_empty() {
         out.extend_from_slice(b",\"headers\":");
-        let _ = serde_json::to_writer(&mut *out, &event.headers);
+        let mut sep = b'{';
+        for (name, value) in &event.headers {
+            out.push(sep);
+            sep = b',';
+            write_json_string(out, name);
+            out.push(b':');
+            write_json_string(out, value);
+        }
+        out.push(b'}');
     }
     out.extend_from_slice(b",\"created_at\":\"");
     out.extend_from_slice(event.created_at.to_rfc3339().as_bytes());
     out.extend_from_slice(b"\"}");
+}
+
+/// Append `s` to `out` as a JSON string, escaped exactly as `serde_json`
+/// writes it: `"` and `\\`, the short escapes `\\b \\f \\n \\r \\t`, other
+/// control characters as `\\u00XX` (lowercase hex), everything else as is.
+/// By hand because it is all the relay needs of a JSON writer, and in the
+/// browser every byte of one ships.
+pub fn write_json_string(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let short = match b {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            0x08 => b'b',
+            0x0C => b'f',
+            b'\n' => b'n',
+            b'\r' => b'r',
+            b'\t' => b't',
+            0..=0x1F => b'u',
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(&[b'\\', short]);
+        if short == b'u' {
+            out.extend_from_slice(&[
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 0xF)],
+            ]);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
 }
 
 /// Body of a `200` answer to a push: one result per event the server handled.
@@ -132,6 +179,18 @@ pub fn write_wire_event(out: &mut Vec<u8>, event: &Event) {
 pub struct PushResponse {
     /// Results, normally one per event of the request.
     pub results: Vec<EventResult>,
+}
+
+impl PushResponse {
+    /// Read the body of a `200` answer. The error says why it is not a
+    /// push response. In the browser the text is parsed by the browser's
+    /// `JSON` (see `web::json`), with the checks `serde_json` makes here.
+    pub fn from_json(body: &[u8]) -> std::result::Result<Self, String> {
+        #[cfg(native)]
+        return serde_json::from_slice(body).map_err(|e| e.to_string());
+        #[cfg(web)]
+        return crate::web::json::push_response(body);
+    }
 }
 
 /// What the server did with one event.
@@ -175,6 +234,15 @@ pub struct ErrorBody {
 }
 
 impl ErrorBody {
+    /// Read a body as the protocol's error body; `None` when it is not one
+    /// (a proxy's HTML page, an empty body).
+    pub fn from_json(body: &[u8]) -> Option<Self> {
+        #[cfg(native)]
+        return serde_json::from_slice(body).ok();
+        #[cfg(web)]
+        return crate::web::json::error_body(body);
+    }
+
     /// An error body with a code and a message.
     pub fn new(error: impl Into<String>, message: impl Into<String>) -> Self {
         ErrorBody {
@@ -311,6 +379,20 @@ mod tests {
             assert_eq!(
                 String::from_utf8(direct).unwrap(),
                 String::from_utf8(via_serde).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn json_strings_are_escaped_as_serde_json_escapes_them() {
+        let mut all: String = (0u8..0x80).map(char::from).collect();
+        all.push_str("\u{80}\u{7ff}\u{2028}\u{2029}\u{feff}\u{ffff}😀é\"\\");
+        for s in [all.as_str(), "", "plain", "\"", "a\u{1f}b\u{7f}c"] {
+            let mut ours = Vec::new();
+            write_json_string(&mut ours, s);
+            assert_eq!(
+                String::from_utf8(ours).unwrap(),
+                serde_json::to_string(s).unwrap()
             );
         }
     }

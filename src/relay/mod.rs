@@ -119,9 +119,7 @@ impl<S: Store, T: Transport> Relay<S, T> {
         body_prefix.extend_from_slice(PROTOCOL_VERSION.to_string().as_bytes());
         body_prefix.extend_from_slice(br#","client_id":"#);
         // A client id is a UUID, but serialize it properly anyway.
-        body_prefix.extend_from_slice(
-            &serde_json::to_vec(store.client_id()).expect("a string always serializes"),
-        );
+        crate::protocol::write_json_string(&mut body_prefix, store.client_id());
         body_prefix.extend_from_slice(br#","events":["#);
         Relay {
             store,

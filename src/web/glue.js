@@ -208,3 +208,45 @@ export function timeout(promise, ms) {
     new Promise((resolve) => { timer = setTimeout(() => resolve("timeout"), ms); }),
   ]);
 }
+
+// ---- used by src/web/json.rs ----
+// The browser's JSON parser instead of serde_json's in the package, with the
+// checks serde's derive makes natively (src/protocol.rs): required fields,
+// their types, unknown fields ignored.
+
+const isObject = (v) => v !== null && typeof v === "object" && !Array.isArray(v);
+const STATUSES = ["accepted", "duplicate", "rejected"];
+export function pushResults(text) {
+  const body = JSON.parse(text);
+  if (!isObject(body)) throw new TypeError("the answer is not a JSON object");
+  if (!Array.isArray(body.results)) throw new TypeError(body.results === undefined ? "missing field `results`" : "`results` is not an array");
+  return body.results.map((r, i) => {
+    const what = `results[${i}]`;
+    if (!isObject(r)) throw new TypeError(`${what} is not an object`);
+    if (typeof r.id !== "string") throw new TypeError(`${what}.id is not a string`);
+    const status = STATUSES.indexOf(r.status);
+    if (status < 0) throw new TypeError(`${what}.status is not one of ${STATUSES.join(", ")}`);
+    if (r.reason != null && typeof r.reason !== "string") throw new TypeError(`${what}.reason is not a string`);
+    return [r.id, status, r.reason ?? undefined];
+  });
+}
+export function errorBody(text) {
+  let b;
+  try { b = JSON.parse(text); } catch (_) { return null; }
+  if (!isObject(b) || typeof b.error !== "string" || typeof b.message !== "string") return null;
+  const v = b.supported_protocols;
+  if (v != null && !(Array.isArray(v) && v.every((n) => Number.isInteger(n) && n >= 0 && n <= 0xffffffff))) return null;
+  return [b.error, b.message, v ?? null];
+}
+const SURROGATE_ESCAPE = /\\u[dD][89a-fA-F]/;
+export function checkJsonText(text) {
+  // Escapes are decoded, and strings checked, only in text that has a
+  // surrogate escape at all (as natively: protocol::check_well_formed_strings).
+  if (!SURROGATE_ESCAPE.test(text)) return void JSON.parse(text);
+  JSON.parse(text, function (key, v) {
+    if (!wellFormed(key) || (typeof v === "string" && !wellFormed(v))) {
+      throw new SyntaxError(`a string ${LONE}`);
+    }
+    return v;
+  });
+}

@@ -9,6 +9,7 @@
 //!   Lock or lease election, tabs, freezing, the network's state);
 //! - `bindings.rs`: the JavaScript API (`Outbox`, exported by wasm-bindgen,
 //!   typed by hand in `js/index.d.ts`), a thin layer over the three above;
+//! - `json.rs`: JSON through the browser's `JSON` (answers, payload checks);
 //! - `glue.js`: the JavaScript helpers the Rust code imports.
 //!
 //! Rust code uses [`IdbStore`], [`FetchTransport`] and [`Driver`] directly;
@@ -17,6 +18,7 @@
 mod bindings;
 mod driver;
 mod idb;
+pub(crate) mod json;
 mod transport;
 
 pub use bindings::{Outbox, OutboxTransaction, to_js_error};
