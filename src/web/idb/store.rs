@@ -382,9 +382,12 @@ fn install_handlers(inner: &Rc<Inner>, db: &IdbDatabase) {
         // Close at once: an open connection would block the upgrade.
         closing.close();
         let Some(inner) = weak.upgrade() else { return };
+        // An integer: formatted as u64, as f64 formatting would add ~7 KB
+        // gzip to the package.
         match Reflect::get(&e, &"newVersion".into())
             .ok()
             .and_then(|v| v.as_f64())
+            .map(|v| v as u64)
         {
             Some(v) => connection_lost(
                 &inner,
@@ -483,7 +486,8 @@ fn connection_lost(inner: &Rc<Inner>, reason: String) {
                     &inner,
                     format!(
                         "{reason}, and reopening it did not finish within {} s (another upgrade is blocked)",
-                        REOPEN_TIMEOUT_MS / 1000.0
+                        // Whole seconds: u64, not f64 (see on_versionchange).
+                        (REOPEN_TIMEOUT_MS / 1000.0) as u64
                     ),
                 );
             }
