@@ -44,20 +44,21 @@ after(async () => {
  * all torn down whatever happens, and on failure the server's stderr and the
  * pages' errors are added to the message. `network.set(false)` cuts the
  * network (the proxy refuses, the engine signals offline), `set(true)`
- * restores it.
+ * restores it; `{ signal: false }` leaves the engine's signal alone (the
+ * network fails while the browser says online).
  */
 async function scenario(body) {
   const server = await startServer();
   const proxy = await startProxy(server.url);
   const browser = await driver.newSession();
   const network = {
-    async set(online) {
+    async set(online, { signal = true } = {}) {
       if (online) {
         await proxy.accept();
-        await browser.setOffline(false);
+        if (signal) await browser.setOffline(false);
       } else {
         await proxy.refuse();
-        await browser.setOffline(true);
+        if (signal) await browser.setOffline(true);
       }
     },
   };
@@ -151,6 +152,31 @@ engineTest("offline: 20 items survive a reload, then arrive exactly once in comm
     assert.ok(events.every((e) => e.type === "TodoCreated" && e.key === e.payload.id));
     await waitFor(async () => (await items(page)).every((i) => i.sync === "synced"),
       { message: "every todo marked synced" });
+  });
+});
+
+engineTest("the network refuses while the browser says online: nothing is lost, the relay backs off, all arrive once the network is back", async () => {
+  await scenario(async ({ server, browser, network, url }) => {
+    const page = await openApp(browser, url);
+    const client = await clientId(page);
+    await addItem(page, "before-1");
+    await waitServerCount(server, client, 1);
+
+    // What WebKit's driver can only do, and what a dead server or a captive
+    // portal does in any browser: connections fail, navigator.onLine stays true.
+    await network.set(false, { signal: false });
+    assert.equal(await page.eval(() => navigator.onLine), true);
+    const titles = Array.from({ length: 5 }, (_, i) => `refused-${pad(i + 1)}`);
+    for (const title of titles) await addItem(page, title);
+    await waitStat(page, "pending", 5);
+    await waitFor(async () => Boolean(await shown(page, "last-error")), { message: "the failed push to be shown" });
+    assert.equal((await server.events(client)).length, 1, "nothing gets through a refusing network");
+
+    await network.set(true, { signal: false });
+    await waitServerCount(server, client, 6);
+    await waitStat(page, "pending", 0);
+    const events = await checkedEvents(server, client);
+    assert.deepEqual(titlesOf(events), ["before-1", ...titles], "each once, in commit order");
   });
 });
 
