@@ -161,6 +161,15 @@ try {
   const prof = await page.evaluate((o) => window.runOutbox(o), { n, batch, tag: "profile", profile: true });
   if (prof.sent !== n) throw new Error(`profiled outbox sent ${prof.sent} of ${n}`);
 
+  // The floor: the same transactions by hand in JS, no network (3 runs each).
+  const floors = { watermark: [], perRecord: [] };
+  for (let r = 0; r < 3; r++) {
+    for (const perRecord of [false, true]) {
+      const f = await page.evaluate((o) => window.runFloor(o), { n, batch, tag: `f${r}-${perRecord}`, perRecord });
+      floors[perRecord ? "perRecord" : "watermark"].push(f);
+    }
+  }
+
   const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
   const range = (xs) => `${Math.min(...xs).toFixed(2)}–${Math.max(...xs).toFixed(2)}`;
   const version = context.browser()?.version?.() ?? "unknown";
@@ -183,6 +192,13 @@ try {
     + `range ${range(perRound)}; target >= 0.5)`);
   if (workboxRates.length) console.log(`ratio edge-outbox / Workbox: ${(o / w).toFixed(1)}x (target >= 20x)`);
   console.log(profileSplit(prof));
+  const ms = (xs, k) => `${median(xs.map((x) => x[k])).toFixed(2)} (${range(xs.map((x) => x[k]))})`;
+  console.log(`floor, the same IndexedDB transactions by hand in JS, ms per batch of ${batch} (median of 3 runs, range):`);
+  console.log("| transaction | ms per batch |");
+  console.log("|---|---|");
+  console.log(`| claim (lease get + put, watermark get, getAll on the status index) | ${ms(floors.watermark, "claimMs")} |`);
+  console.log(`| settle by the watermark (watermark get, getAllKeys, 2 meta puts) | ${ms(floors.watermark, "settleMs")} |`);
+  console.log(`| settle one put per event (getAll by seq range, ${batch} puts) | ${ms(floors.perRecord, "settleMs")} |`);
 } finally {
   await context.close();
   server.kill();
