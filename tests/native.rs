@@ -710,7 +710,6 @@ fn a_schema_v2_file_is_migrated_in_place() {
         .ok()
     };
     assert_eq!(meta("schema_version"), Some(SCHEMA_VERSION.to_string()));
-    assert_eq!(SCHEMA_VERSION, 3);
     assert_eq!((meta("lease_owner"), meta("lease_until")), (None, None));
     let stored: Option<i64> = conn
         .query_row(
@@ -724,6 +723,206 @@ fn a_schema_v2_file_is_migrated_in_place() {
     drop((conn, outbox));
     let again = Outbox::open(&path, config()).unwrap();
     assert_eq!(again.get(retried.id).unwrap().unwrap(), retried);
+}
+
+/// A schema v3 file (as the previous release left it: a unique index on the
+/// ids, random UUIDv7s, the top seq pruned) is migrated in place to v4: the
+/// index is gone, every event keeps its seq, id and state, pending and dead
+/// events keep their order, lookups by the old ids still work, and no seq is
+/// ever given twice.
+/// seq, id, payload, headers, status, last_error of a stored event.
+type StoredRow = (i64, Vec<u8>, String, Option<String>, String, Option<String>);
+
+#[test]
+fn a_schema_v3_file_is_migrated_in_place() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("v3.db");
+    let old_ids: Vec<edge_outbox::EventId> = (0..6).map(|_| edge_outbox::EventId::new()).collect();
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE edge_outbox_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+             CREATE TABLE edge_outbox_events (
+                 seq INTEGER PRIMARY KEY AUTOINCREMENT, id BLOB NOT NULL UNIQUE,
+                 type TEXT NOT NULL, key TEXT, payload TEXT NOT NULL, headers TEXT,
+                 created_at INTEGER NOT NULL,
+                 status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'dead')),
+                 attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at INTEGER NOT NULL,
+                 last_error TEXT, sent_at INTEGER, retried_at INTEGER);
+             CREATE INDEX edge_outbox_events_dead ON edge_outbox_events (seq) WHERE status = 'dead';
+             INSERT INTO edge_outbox_meta VALUES ('schema_version', '3'),
+                 ('client_id', '0191d3a4-0000-7000-8000-000000000003'),
+                 ('pending_floor', '3'), ('sent_count', '1');",
+        )
+        .unwrap();
+        // seq 1 sent, 2 dead, 3 pending, 4 dead, 5 pending with headers
+        // and a retry time; 6 was sent and pruned (only sqlite_sequence
+        // remembers it).
+        let rows: [(&str, Option<&str>, Option<&str>); 6] = [
+            ("sent", None, None),
+            ("dead", None, Some("HTTP 422")),
+            ("pending", Some("order-3"), None),
+            ("dead", None, Some("too old")),
+            ("pending", None, None),
+            ("sent", None, None),
+        ];
+        for (i, (status, key, error)) in rows.into_iter().enumerate() {
+            conn.execute(
+                "INSERT INTO edge_outbox_events (id, type, key, payload, headers, created_at, \
+                 status, attempts, next_attempt_at, last_error, sent_at, retried_at) \
+                 VALUES (?1, 'T', ?2, ?3, ?4, 1000, ?5, 1, 2000, ?6, NULL, ?7)",
+                rusqlite::params![
+                    old_ids[i].as_uuid().as_bytes(),
+                    key,
+                    format!("{{\"n\":{}}}", i + 1),
+                    (i == 4).then_some(r#"{"trace":"t-5"}"#),
+                    status,
+                    error,
+                    (i == 4).then_some(1500i64),
+                ],
+            )
+            .unwrap();
+        }
+        conn.execute("DELETE FROM edge_outbox_events WHERE seq = 6", [])
+            .unwrap();
+    }
+    let before: Vec<StoredRow> = {
+        let conn = Connection::open(&path).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT seq, id, payload, headers, status, last_error FROM edge_outbox_events ORDER BY seq")
+            .unwrap();
+        stmt.query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+    };
+    assert_eq!(before.len(), 5);
+
+    let outbox = Outbox::open(&path, config()).unwrap();
+    assert_eq!(outbox.client_id(), "0191d3a4-0000-7000-8000-000000000003");
+    let stats = outbox.stats().unwrap();
+    assert_eq!((stats.pending, stats.sent, stats.dead), (2, 1, 2));
+    let seqs = |events: Vec<edge_outbox::Event>| events.iter().map(|e| e.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(outbox.pending(10).unwrap()), [3, 5]);
+    assert_eq!(seqs(outbox.dead_letters().unwrap()), [2, 4]);
+
+    let conn = Connection::open(&path).unwrap();
+    let after: Vec<StoredRow> = {
+        let mut stmt = conn
+            .prepare("SELECT seq, id, payload, headers, status, last_error FROM edge_outbox_events ORDER BY seq")
+            .unwrap();
+        stmt.query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+    };
+    assert_eq!(after, before, "every row kept as it was");
+    let unique_indexes: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM pragma_index_list('edge_outbox_events') WHERE \"unique\"",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(unique_indexes, 0, "v4 has no index of ids");
+    let version: String = conn
+        .query_row(
+            "SELECT value FROM edge_outbox_meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION.to_string());
+    assert_eq!(SCHEMA_VERSION, 4);
+
+    // Every old id is still found, with the event it names.
+    for (i, id) in old_ids[..5].iter().enumerate() {
+        let event = outbox.get(*id).unwrap().unwrap();
+        assert_eq!((event.seq, event.id), (i as i64 + 1, *id));
+    }
+    let kept = outbox.get(old_ids[4]).unwrap().unwrap();
+    assert_eq!(kept.headers.get("trace").map(String::as_str), Some("t-5"));
+    assert_eq!(kept.retried_at, Some(Timestamp::from_millis(1500)));
+    assert_eq!(outbox.get(old_ids[5]).unwrap(), None, "pruned stays gone");
+    // Retry and discard by an old id.
+    assert!(outbox.retry(old_ids[3]).unwrap());
+    assert_eq!(seqs(outbox.pending(10).unwrap()), [3, 4, 5]);
+    assert!(outbox.discard(old_ids[1]).unwrap());
+    assert_eq!(outbox.get(old_ids[1]).unwrap(), None);
+    assert!(outbox.dead_letters().unwrap().is_empty());
+
+    // A new event: the next seq after the pruned 6, never 6 again; its id
+    // is a UUIDv7 at its commit time and is found.
+    let new = outbox
+        .enqueue([NewEvent::json("T", &serde_json::json!({"n": 7})).unwrap()])
+        .unwrap()
+        .remove(0);
+    assert_eq!(new.seq, 7);
+    assert_eq!(new.id.as_uuid().get_version_num(), 7);
+    let (secs, nanos) = new.id.as_uuid().get_timestamp().unwrap().to_unix();
+    assert_eq!(
+        secs as i64 * 1000 + i64::from(nanos / 1_000_000),
+        new.created_at.as_millis()
+    );
+    assert_eq!(outbox.get(new.id).unwrap(), Some(new.clone()));
+
+    // Opening again (already v4) changes nothing.
+    drop((conn, outbox));
+    let again = Outbox::open(&path, config()).unwrap();
+    assert_eq!(again.get(new.id).unwrap(), Some(new));
+    assert_eq!(again.get(old_ids[4]).unwrap().unwrap(), kept);
+    assert_eq!(seqs(again.pending(10).unwrap()), [3, 4, 5, 7]);
+}
+
+/// An id carries its seq, but a lookup checks the stored id: the id of an
+/// event of another database, at the same seq, is not found here, and a
+/// retry or discard by it touches nothing.
+#[test]
+fn an_id_from_another_outbox_finds_nothing_here() {
+    let (_a_dir, _a_path, a) = open_new();
+    let (_b_dir, _b_path, b) = open_new();
+    let event = || NewEvent::json("T", &serde_json::json!({})).unwrap();
+    let a_event = a.enqueue([event()]).unwrap().remove(0);
+    let b_event = b.enqueue([event()]).unwrap().remove(0);
+    assert_eq!((a_event.seq, b_event.seq), (1, 1));
+    assert_ne!(a_event.id, b_event.id);
+    assert_eq!(a.get(b_event.id).unwrap(), None);
+    assert_eq!(a.get(a_event.id).unwrap(), Some(a_event.clone()));
+    // Make a's event dead, then try b's id on it.
+    block_on(a.store().settle(
+        vec![Settlement {
+            seq: a_event.seq,
+            id: a_event.id,
+            outcome: Outcome::Dead {
+                reason: "test".into(),
+            },
+        }],
+        Timestamp::now(),
+    ))
+    .unwrap();
+    assert!(!a.retry(b_event.id).unwrap());
+    assert!(!a.discard(b_event.id).unwrap());
+    assert_eq!(a.dead_letters().unwrap().len(), 1);
+    assert!(a.retry(a_event.id).unwrap());
 }
 
 fn claim_request(owner: &str, now: Timestamp) -> ClaimRequest<'_> {
