@@ -315,10 +315,12 @@ impl ServerConfig {
     }
 
     /// Connections open at once (default [`DEFAULT_MAX_CONNECTIONS`], 1024;
-    /// at least 1). At the bound the server stops accepting: new connections
-    /// wait in the kernel's listen backlog and are served as slots free up
-    /// (the timeouts free them), instead of being refused. Keep it below the
-    /// process's file descriptor limit (`ulimit -n`).
+    /// at least 1). At the bound, idle keep-alive connections are closed to
+    /// make room, and the server stops accepting: new connections wait in
+    /// the kernel's listen backlog and are served as slots free up (the
+    /// timeouts free them), instead of being refused. Keep it below the
+    /// process's file descriptor limit (`ulimit -n`; a warning is logged at
+    /// start on Linux when it is not).
     pub fn max_connections(mut self, n: usize) -> Self {
         self.limits.max_connections = n.max(1);
         self

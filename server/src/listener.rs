@@ -19,12 +19,14 @@
 //!
 //! A connection over its limit is dropped (the socket closed, no answer).
 //!
-//! The connection bound: while `max_connections` are open, the loop stops
-//! calling `accept`, so new connections wait in the kernel's listen backlog
-//! (their request is served once a slot frees) instead of being refused;
-//! they hold no file descriptor of the process meanwhile. The timeouts above
-//! guarantee slots do free up. When the backlog is full too, the kernel drops
-//! new connection attempts and the clients retry them.
+//! The connection bound: when a connection is accepted while
+//! `max_connections` are open, the idle keep-alive connections are closed to
+//! make room (as nginx does), and the loop accepts nothing more until a slot
+//! frees, so further connections wait in the kernel's listen backlog (their
+//! request is served once a slot frees) instead of being refused; they hold
+//! no file descriptor of the process meanwhile. The timeouts above guarantee
+//! slots do free up. When the backlog is full too, the kernel drops new
+//! connection attempts and the clients retry them.
 
 use std::future::Future;
 use std::io;
@@ -38,7 +40,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -91,18 +93,16 @@ pub(crate) async fn serve(
 ) -> Result<(), Error> {
     let max = limits.max_connections.max(1);
     let slots = Arc::new(Semaphore::new(max));
-    // Every connection task holds a receiver; `closing` tells them to finish.
-    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
+    // Every connection task holds receivers of both: `closing` tells them to
+    // finish, a new `pressure` value tells idle ones to give way.
+    let (closing_tx, closing_rx) = watch::channel(false);
+    let (pressure_tx, pressure_rx) = watch::channel(0u64);
     let mut connections = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    warn_if_over_fd_limit(max);
     loop {
         // Finished connections (at most `max` of them are kept).
         while connections.try_join_next().is_some() {}
-        // A slot first: at the bound, connections wait in the backlog.
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            () = &mut shutdown => break,
-        };
         let (stream, _peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -113,21 +113,38 @@ pub(crate) async fn serve(
             },
             () = &mut shutdown => break,
         };
+        // A slot for it. At the bound, idle keep-alive connections are closed
+        // to make room (as nginx does), and the loop accepts nothing more
+        // until a slot frees: further connections wait in the backlog.
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                pressure_tx.send_modify(|n| *n = n.wrapping_add(1));
+                tokio::select! {
+                    permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                    () = &mut shutdown => break,
+                }
+            }
+        };
         let router = router.clone();
         let tls = tls.clone();
-        let closing = closing_rx.clone();
+        let mut signals = Signals {
+            closing: closing_rx.clone(),
+            pressure: pressure_rx.clone(),
+        };
+        signals.pressure.mark_unchanged();
         connections.spawn(async move {
             let _permit = permit;
             // Answers go out at once: pushes are small and latency matters.
             let _ = stream.set_nodelay(true);
             let watch = Arc::new(Watch::new());
             match tls {
-                None => connection(stream, router, limits, watch, closing).await,
+                None => connection(stream, router, limits, watch, signals).await,
                 Some(acceptor) => {
                     // The handshake counts against the first head's timeout.
                     let deadline = Instant::now() + limits.header_timeout;
                     match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => connection(stream, router, limits, watch, closing).await,
+                        Ok(Ok(stream)) => connection(stream, router, limits, watch, signals).await,
                         Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
@@ -200,15 +217,43 @@ async fn accept_error(e: io::Error) {
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
+/// What the accept loop tells every connection.
+struct Signals {
+    /// `true`: the server is shutting down; finish the request in flight.
+    closing: watch::Receiver<bool>,
+    /// A new value: the connection bound is reached and a connection waits;
+    /// an idle connection closes to make room.
+    pressure: watch::Receiver<u64>,
+}
+
+/// Logs a warning when `max` connections (plus some room for the database,
+/// the listener and logs) would not fit under the process's soft limit on
+/// open files: the bound would then not keep `accept` from failing with
+/// `EMFILE`. Linux only (read from /proc); silent elsewhere.
+fn warn_if_over_fd_limit(max: usize) {
+    let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else {
+        return;
+    };
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse::<usize>().ok());
+    if let Some(soft) = soft
+        && max.saturating_add(64) > soft
+    {
+        tracing::warn!(
+            "max connections {max} is not below the open file limit {soft} (ulimit -n) \
+             with room to spare: raise the limit (e.g. LimitNOFILE in systemd) or lower \
+             --max-connections"
+        );
+    }
+}
+
 /// Serve one connection until it ends, a timeout closes it, or the server
 /// closes and it has finished its request.
-async fn connection<I>(
-    io: I,
-    router: Router,
-    limits: Limits,
-    watch: Arc<Watch>,
-    mut closing: tokio::sync::watch::Receiver<bool>,
-) where
+async fn connection<I>(io: I, router: Router, limits: Limits, watch: Arc<Watch>, signals: Signals)
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let io = TokioIo::new(Watched {
@@ -231,7 +276,12 @@ async fn connection<I>(
         .header_read_timeout(None)
         .serve_connection(io, service);
     let mut conn = std::pin::pin!(conn);
+    let Signals {
+        mut closing,
+        mut pressure,
+    } = signals;
     let mut closing_seen = *closing.borrow();
+    let mut pressure_gone = false;
     if closing_seen {
         conn.as_mut().graceful_shutdown();
     }
@@ -251,6 +301,14 @@ async fn connection<I>(
                 }
             }
             () = watch.changed.notified() => {}
+            changed = pressure.changed(), if !pressure_gone => {
+                if changed.is_err() {
+                    pressure_gone = true;
+                } else if watch.is_idle() {
+                    tracing::debug!("idle connection closed: the connection bound is reached");
+                    return;
+                }
+            }
             changed = closing.changed(), if !closing_seen => {
                 if changed.is_err() || *closing.borrow() {
                     closing_seen = true;
@@ -315,6 +373,10 @@ impl Watch {
             Phase::Idle => Some(state.since + limits.idle_timeout),
             Phase::Busy => None,
         }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.lock().phase == Phase::Idle
     }
 
     fn phase_name(&self) -> &'static str {

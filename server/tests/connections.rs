@@ -261,6 +261,38 @@ async fn connections_over_the_bound_wait_for_a_free_slot() {
     server.shutdown().await.unwrap();
 }
 
+#[tokio::test]
+async fn at_the_bound_idle_connections_give_way_to_a_new_one() {
+    let server = start(|c| {
+        c.header_timeout(NEVER)
+            .idle_timeout(NEVER)
+            .max_connections(2)
+    })
+    .await;
+    // Two keep-alive connections, each answered once, then idle: both
+    // slots are taken, and their idle timeout is never.
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(server.addr()).await.unwrap();
+        s.write_all(METRICS_REQUEST).await.unwrap();
+        read_answer(&mut s).await.expect("answered");
+        idle.push(s);
+    }
+    let mut third = TcpStream::connect(server.addr()).await.unwrap();
+    third.write_all(METRICS_REQUEST).await.unwrap();
+    let status = tokio::time::timeout(GENEROUS, read_answer(&mut third))
+        .await
+        .expect("the new connection is served")
+        .expect("answered");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    // The idle ones were closed to make room (both: each of them was idle
+    // when the bound was hit).
+    for mut s in idle {
+        assert!(closed(&mut s).await.is_empty());
+    }
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_are_served_during_a_slow_header_flood() {
     // Fewer slots than flooding connections: only the header timeout frees them.
