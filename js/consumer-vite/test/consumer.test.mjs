@@ -35,8 +35,10 @@ const chromiumPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
 /** The relative module specifiers a JS file imports statically. */
 function relativeImports(file) {
   const source = fs.readFileSync(file, "utf8");
-  const from = /^\s*(?:import|export)\b[^'"]*?from\s*['"](\.[^'"]+)['"]/gm;
-  const bare = /^\s*import\s*['"](\.[^'"]+)['"]/gm;
+  // The package's JS is minified: several statements share a line, and
+  // `import*as x from"./y.js"` has no spaces.
+  const from = /(?:^|[;}\s])(?:import|export)\b[^'";]*?from\s*['"](\.[^'"]+)['"]/gm;
+  const bare = /(?:^|[;}\s])import\s*['"](\.[^'"]+)['"]/gm;
   return [...source.matchAll(from), ...source.matchAll(bare)].map((m) => m[1]);
 }
 
