@@ -354,8 +354,21 @@ mod tests {
             let e = NewEvent::from_json_text("T", text).unwrap_err();
             assert!(matches!(e, Error::InvalidPayload { .. }), "{text}: {e}");
         }
-        // A surrogate pair (an emoji) is fine.
-        NewEvent::from_json_text("T", r#""\ud83d\ude00""#).unwrap();
+        // A surrogate pair (an emoji) is fine, in a value or a name, and so
+        // is a number beyond f64 beside it (the protocol allows it; a check
+        // that parsed the text into numbers refused this).
+        for text in [
+            r#""\ud83d\ude00""#,
+            r#"{"\uD83D\uDE00":1}"#,
+            r#"[1e400,"\ud83d\ude00"]"#,
+            r#"["\\ud83d"]"#,
+        ] {
+            NewEvent::from_json_text("T", text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        }
+        // A lone surrogate in a member name, or a high one at the very end.
+        for text in [r#"{"\udc00":1}"#, r#"["\ud83d"]"#, r#"["\ud83d\n"]"#] {
+            assert!(NewEvent::from_json_text("T", text).is_err(), "{text}");
+        }
     }
 
     #[test]

@@ -81,14 +81,57 @@ pub fn check_json_text(text: &str) -> std::result::Result<(), serde_json::Error>
 }
 
 /// The second half of [`check_json_text`], for text already known to be
-/// valid JSON (a server's parsed `payload`): its strings are well-formed
-/// Unicode. Costs a scan for `\uD…` escapes unless it finds one.
+/// valid JSON (a server's parsed `payload`): its strings (member names
+/// included) are well-formed Unicode. Costs a scan for `\uD…` escapes unless
+/// it finds one.
+///
+/// The escapes are checked by a scan of the text rather than by parsing it
+/// into a `serde_json::Value`: that parse refuses numbers beyond `f64`
+/// (`1e400`) which the protocol allows and the syntax check accepts, so a
+/// payload holding such a number and an emoji escape would be refused.
 #[cfg(native)]
 pub fn check_well_formed_strings(json: &str) -> std::result::Result<(), serde_json::Error> {
-    if json.contains("\\ud") || json.contains("\\uD") {
-        serde_json::from_str::<serde_json::Value>(json)?;
+    if !(json.contains("\\ud") || json.contains("\\uD")) {
+        return Ok(());
     }
-    Ok(())
+    match lone_surrogate_at(json.as_bytes()) {
+        None => Ok(()),
+        Some(at) => Err(<serde_json::Error as serde::de::Error>::custom(format!(
+            "lone surrogate escape {} at byte {at}: a string must be well-formed Unicode",
+            &json[at..at + 6]
+        ))),
+    }
+}
+
+/// The byte offset of the first `\uXXXX` escape in valid JSON text that is a
+/// UTF-16 surrogate without its other half, if any.
+#[cfg(native)]
+fn lone_surrogate_at(json: &[u8]) -> Option<usize> {
+    // Outside strings no backslash can occur in valid JSON, so escapes need no
+    // string tracking: every `\` starts an escape of two or six bytes.
+    let unit = |at: usize| -> Option<u16> {
+        let hex = std::str::from_utf8(json.get(at + 2..at + 6)?).ok()?;
+        (json.get(at + 1) == Some(&b'u'))
+            .then(|| u16::from_str_radix(hex, 16).ok())
+            .flatten()
+    };
+    let mut i = 0;
+    while i < json.len() {
+        if json[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        match unit(i) {
+            Some(0xD800..=0xDBFF) => match unit(i + 6) {
+                Some(0xDC00..=0xDFFF) => i += 12,
+                _ => return Some(i),
+            },
+            Some(0xDC00..=0xDFFF) => return Some(i),
+            Some(_) => i += 6,
+            None => i += 2,
+        }
+    }
+    None
 }
 
 /// Append `event` to `out` as one element of a push's `events` array: the
