@@ -332,11 +332,7 @@ impl Jwt {
             .iter()
             .filter_map(|c| claims.get(*c))
             .any(has_scope);
-        Access::Credential {
-            client,
-            read_all,
-            reader_key: None,
-        }
+        Access::Credential { client, read_all }
     }
 }
 
@@ -361,6 +357,7 @@ pub fn unix_now() -> i64 {
 enum Refusal {
     Missing,
     NotBearer,
+    SeveralHeaders,
     UnknownToken,
     Expired,
     Invalid(String),
@@ -373,6 +370,10 @@ impl Refusal {
             Refusal::NotBearer => (
                 "unauthorized",
                 "the Authorization header is not a bearer token".to_owned(),
+            ),
+            Refusal::SeveralHeaders => (
+                "unauthorized",
+                "more than one Authorization header: send one".to_owned(),
             ),
             Refusal::UnknownToken => ("unauthorized", "unknown token".to_owned()),
             Refusal::Expired => (TOKEN_EXPIRED, "the token has expired (exp)".to_owned()),
@@ -394,8 +395,6 @@ pub(crate) enum Access {
         client: Option<String>,
         /// May read every stream.
         read_all: bool,
-        /// The rate-limit key of a reader credential not bound to a client.
-        reader_key: Option<String>,
     },
 }
 
@@ -445,19 +444,28 @@ impl Access {
         }
     }
 
-    /// The key this caller's pushes are rate limited under: its client id
-    /// (the one it pushes for, when anonymous).
-    pub(crate) fn rate_key(&self, client_id: &str) -> String {
+    /// What can be decided about a push from the request head alone, before
+    /// its body is read: `403` for a credential that may not push at all (not
+    /// bound to a client id), else the key its pushes are rate limited under
+    /// when the credential fixes it (its client id; `None` when anonymous:
+    /// the pushed `client_id` is the key, known once the body is read).
+    pub(crate) fn push_rate_key(&self) -> Result<Option<String>, Response> {
         match self {
-            Access::Anonymous => format!("client:{client_id}"),
+            Access::Anonymous => Ok(None),
             Access::Credential {
                 client: Some(c), ..
-            } => format!("client:{c}"),
-            Access::Credential { reader_key, .. } => {
-                reader_key.clone().unwrap_or_else(|| "reader".to_owned())
-            }
+            } => Ok(Some(rate_key(c))),
+            Access::Credential { client: None, .. } => Err(forbidden(
+                "this token may not push: it is not bound to a client_id".into(),
+            )),
         }
     }
+}
+
+/// The rate-limit key of pushes for `client_id`: one budget per client,
+/// whichever of its credentials (or, anonymous, whoever) pushes.
+pub(crate) fn rate_key(client_id: &str) -> String {
+    format!("client:{client_id}")
 }
 
 /// The credentials a server accepts.
@@ -482,15 +490,21 @@ impl std::fmt::Debug for Auth {
 }
 
 /// The bearer token of a request: `None` when there is no Authorization
-/// header, `Some(Err)` when there is one but it is not a usable bearer token.
-fn bearer(headers: &HeaderMap) -> Option<Result<&str, ()>> {
-    let value = headers.get(header::AUTHORIZATION)?;
+/// header, `Some(Err)` when there is one but it is not a usable bearer
+/// token, or when there are several: a proxy in front may check one and
+/// this server would use another, so neither is believed.
+fn bearer(headers: &HeaderMap) -> Option<Result<&str, Refusal>> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return Some(Err(Refusal::SeveralHeaders));
+    }
     let parsed = value.to_str().ok().and_then(|v| {
         let (scheme, token) = v.trim().split_once(' ')?;
         let token = token.trim();
         (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
     });
-    Some(parsed.ok_or(()))
+    Some(parsed.ok_or(Refusal::NotBearer))
 }
 
 impl Auth {
@@ -516,7 +530,7 @@ impl Auth {
         let token = match bearer(headers) {
             None if self.allow_anonymous => return Ok(Access::Anonymous),
             None => return Err(Refusal::Missing.response()),
-            Some(Err(())) => return Err(Refusal::NotBearer.response()),
+            Some(Err(refusal)) => return Err(refusal.response()),
             Some(Ok(token)) => token,
         };
         let mut client = None;
@@ -525,18 +539,14 @@ impl Auth {
                 client = Some(client_id.clone());
             }
         }
-        let mut reader_key = None;
-        for (i, known) in self.reader_tokens.iter().enumerate() {
+        let mut read_all = false;
+        for known in &self.reader_tokens {
             if bool::from(known.as_bytes().ct_eq(token.as_bytes())) {
-                reader_key = Some(format!("reader:{i}"));
+                read_all = true;
             }
         }
-        if client.is_some() || reader_key.is_some() {
-            return Ok(Access::Credential {
-                client,
-                read_all: reader_key.is_some(),
-                reader_key,
-            });
+        if client.is_some() || read_all {
+            return Ok(Access::Credential { client, read_all });
         }
         let Some(jwt) = &self.jwt else {
             return Err(Refusal::UnknownToken.response());
@@ -592,18 +602,40 @@ pub(crate) async fn post_token(
 }
 
 /// Why `client_id` is not acceptable, if it is not: empty, longer than
-/// `max_len` bytes, or holding a control character (C0, DEL or C1: a
-/// client id is printed by logs and tools, and escapes in it could drive a
-/// terminal).
+/// `max_len` bytes, or holding a character that changes how text is shown
+/// rather than showing: a control character (C0, DEL, C1: escapes could
+/// drive the terminal of whoever reads a log or a tool's output), or one of
+/// [`invisible`] (bidi controls reorder what is shown, as in "Trojan
+/// Source", CVE-2021-42574; zero-width characters make two different ids
+/// look the same; line separators split a log line).
 pub(crate) fn invalid_client_id(client_id: &str, max_len: usize) -> Option<String> {
     if client_id.is_empty() || client_id.len() > max_len {
         return Some(format!("client_id must be 1 to {max_len} bytes long"));
     }
-    if let Some(c) = client_id.chars().find(|c| c.is_control()) {
+    if let Some(c) = client_id.chars().find(|&c| c.is_control() || invisible(c)) {
         return Some(format!(
-            "client_id must not hold control characters (found U+{:04X})",
+            "client_id must not hold control, bidi, invisible or line separator characters (found U+{:04X})",
             c as u32
         ));
     }
     None
+}
+
+/// The format characters refused in a client id besides the control
+/// characters: bidi controls (U+061C, U+200E, U+200F, U+202A-U+202E,
+/// U+2066-U+2069), zero-width and invisible characters (U+00AD, U+180E,
+/// U+200B-U+200D, U+2060-U+2064, U+FEFF) and the line and paragraph
+/// separators (U+2028, U+2029).
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{2028}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
 }

@@ -5,6 +5,7 @@
 // once on the failure path and returned as is, so boxing it buys nothing.
 #![allow(clippy::result_large_err)]
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +56,8 @@ struct Inner {
     /// Push rate limit per client; `None`: unlimited.
     limiter: Option<Limiter>,
     body_limit: usize,
+    /// Base time a push body may take to arrive (see [`BodyPace`]).
+    body_timeout: Duration,
     /// Faults are consulted (and pushes logged) only when this is set, so a
     /// production server pays nothing and keeps no log.
     faults_active: bool,
@@ -114,6 +117,7 @@ impl AppState {
                 ),
                 limiter: config.rate_limit.map(Limiter::new),
                 body_limit: config.body_limit,
+                body_timeout: config.body_timeout,
                 faults_active: in_process || config.test_controls,
                 test_routes: config.test_controls,
                 faults: Arc::new(Faults::new()),
@@ -466,7 +470,37 @@ async fn push_inner(
 ) -> (Response, Plan) {
     let none = Plan::default();
     let limit = state.inner.body_limit;
-    let bytes = match read_body(headers, body, limit, upload_rate).await {
+    // Who is pushing, from the head alone, before the body is read: a
+    // request without the right to push costs no parsing and can hold a
+    // connection no longer than it takes to drain what it sent.
+    let access = match state.inner.auth.authenticate(headers) {
+        Ok(access) => access,
+        Err(response) => return (refuse_unread(state, headers, body, response).await, none),
+    };
+    let known_key = match access.push_rate_key() {
+        Ok(key) => key,
+        Err(response) => return (refuse_unread(state, headers, body, response).await, none),
+    };
+    // A credential's budget is spent before its body is read; after
+    // authentication, so a flood of bad tokens spends no client's budget.
+    if let Some(key) = &known_key
+        && let Err(response) = state.rate_check(key)
+    {
+        return (refuse_unread(state, headers, body, response).await, none);
+    }
+    // The slow-upload test control throttles the reading itself: no pace then.
+    let pace = upload_rate
+        .is_none()
+        .then(|| BodyPace::new(state.inner.body_timeout));
+    let body = match &pace {
+        Some(pace) => pace.wrap(body),
+        None => body,
+    };
+    let read = read_body(headers, body, limit, upload_rate).await;
+    if pace.as_ref().is_some_and(BodyPace::timed_out) {
+        return (body_timed_out(state.inner.body_timeout), none);
+    }
+    let bytes = match read {
         Ok(b) => b,
         Err(BodyError::TooLarge) => {
             let msg =
@@ -523,19 +557,15 @@ async fn push_inner(
             plan,
         );
     }
-    let access = match state.inner.auth.authenticate(headers) {
-        Ok(access) => access,
-        Err(response) => return (response, plan),
-    };
     if let Err(response) = access.check_push(&req.client_id) {
         return (response, plan);
     }
-    // After authentication, so an unauthenticated flood cannot spend a
-    // client's budget; before the store, which is what the limit protects.
-    if let Some(limiter) = &state.inner.limiter
-        && let Err(wait) = limiter.check(&access.rate_key(&req.client_id))
+    // Anonymous: the pushed client id is the key, known only now; before
+    // the store, which is what the limit protects.
+    if known_key.is_none()
+        && let Err(response) = state.rate_check(&crate::auth::rate_key(&req.client_id))
     {
-        return (rate_limited(wait), plan);
+        return (response, plan);
     }
 
     let mut verdicts: Vec<Option<String>> = req.events.iter().map(invalid_event).collect();
@@ -631,6 +661,187 @@ fn injected_failure(status: u16, retry_after: Option<u64>) -> Response {
             .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     response
+}
+
+impl AppState {
+    /// Count one push under rate-limit `key`: the `429` answer when it is
+    /// over the budget.
+    fn rate_check(&self, key: &str) -> Result<(), Response> {
+        match &self.inner.limiter {
+            Some(limiter) => limiter.check(key).map_err(rate_limited),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Answer `response` to a push refused from its head, its body unread:
+/// the body is first read and thrown away (up to `limit` bytes, paced like
+/// any body), because a client still writing to a connection that is
+/// closed under it usually reports a reset, not the answer (a relay would
+/// then back off instead of refreshing its token). A body larger than that,
+/// or too slow, is not waited for: the answer then closes the connection.
+/// A client that sent `Expect: 100-continue` has sent no body yet and is
+/// told not to.
+async fn refuse_unread(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    mut response: Response,
+) -> Response {
+    let limit = state.inner.body_limit;
+    let expects = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let drained = !expects && {
+        let declared = declared_length(headers);
+        let compressed = headers.contains_key(header::CONTENT_ENCODING);
+        if declared.is_some_and(|n| !compressed && n > limit) {
+            false
+        } else {
+            let pace = BodyPace::new(state.inner.body_timeout.min(DRAIN_TIMEOUT));
+            let mut body = pace.wrap(body);
+            let mut seen = 0usize;
+            loop {
+                match body.frame().await {
+                    None => break true,
+                    Some(Err(_)) => break false,
+                    Some(Ok(frame)) => {
+                        seen = seen.saturating_add(frame.data_ref().map_or(0, Bytes::len));
+                        if seen > limit {
+                            break false;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if !drained {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// The `408` of a push whose body did not arrive in time; the connection
+/// closes with it.
+fn body_timed_out(base: Duration) -> Response {
+    let mut response = error_response(
+        StatusCode::REQUEST_TIMEOUT,
+        "request_timeout",
+        format!(
+            "the request body came too slowly: a push body may take {} s plus 1 s per {} bytes",
+            base.as_secs(),
+            BODY_MIN_RATE
+        ),
+    );
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// Default base time a push body may take ([`BodyPace`]): 30 s, three
+/// times the reference relay's base push timeout, so a client on a slow
+/// link gives up first.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The slowest a push body may arrive on average, in bytes per second
+/// (after gzip inflation), beyond its base time: 1 KiB/s, half the rate the
+/// reference relay allows for (2 KiB/s).
+pub const BODY_MIN_RATE: u64 = 1024;
+/// Longest wait for the body of a push refused from its head: it is only
+/// drained, so a slow one is not worth a connection for long.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The pace a request body must keep: all of it read within `base +
+/// bytes / BODY_MIN_RATE`, counting the bytes received so far (not the
+/// declared length, which a client could inflate). A body dribbled a byte a
+/// second is cut after about `base`; one sent at [`BODY_MIN_RATE`] or faster
+/// is never cut (the body limit bounds its length). The connection's head
+/// and idle timeouts do not apply while a request is answered, so this is
+/// what frees a connection held by a slow body.
+struct BodyPace {
+    base: Duration,
+    timed_out: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BodyPace {
+    fn new(base: Duration) -> Self {
+        BodyPace {
+            base,
+            timed_out: Arc::default(),
+        }
+    }
+
+    /// `body`, failing with an error once it falls behind the pace.
+    fn wrap(&self, body: Body) -> Body {
+        let start = tokio::time::Instant::now();
+        Body::new(PacedBody {
+            inner: body,
+            start,
+            base: self.base,
+            seen: 0,
+            sleep: Box::pin(tokio::time::sleep_until(start + self.base)),
+            timed_out: Arc::clone(&self.timed_out),
+        })
+    }
+
+    /// Did the body fall behind?
+    fn timed_out(&self) -> bool {
+        self.timed_out.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+struct PacedBody {
+    inner: Body,
+    start: tokio::time::Instant,
+    base: Duration,
+    seen: u64,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    timed_out: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl axum::body::HttpBody for PacedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.seen = this.seen.saturating_add(data.len() as u64);
+                    let earned = Duration::from_secs_f64(this.seen as f64 / BODY_MIN_RATE as f64);
+                    let deadline = this.start + this.base + earned;
+                    this.sleep.as_mut().reset(deadline);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => match this.sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    this.timed_out
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    Poll::Ready(Some(Err(axum::Error::new(
+                        "the request body came too slowly",
+                    ))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The `429` of a push over its client's rate limit.

@@ -59,7 +59,7 @@ mod ratelimit;
 mod store;
 
 pub use faults::{Failure, Faults, RequestRecord};
-pub use http::{AppState, router};
+pub use http::{AppState, BODY_MIN_RATE, DEFAULT_BODY_TIMEOUT, router};
 pub use inbox::{
     Applied, BoxError, Inbox, InboxFuture, PgInbox, Rejection, StoreOnly, decode_payload,
 };
@@ -123,6 +123,7 @@ pub struct ServerConfig {
     pub(crate) rate_limit: Option<RateLimit>,
     pub(crate) allow_anonymous: bool,
     pub(crate) body_limit: usize,
+    pub(crate) body_timeout: Duration,
     pub(crate) static_dir: Option<PathBuf>,
     pub(crate) cors_origins: Vec<String>,
     pub(crate) test_controls: bool,
@@ -163,6 +164,7 @@ impl ServerConfig {
             rate_limit: Some(RateLimit::default()),
             allow_anonymous: false,
             body_limit: DEFAULT_BODY_LIMIT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
             static_dir: None,
             cors_origins: Vec::new(),
             test_controls: false,
@@ -257,6 +259,19 @@ impl ServerConfig {
     /// Largest push body in bytes, after gzip inflation (default [`DEFAULT_BODY_LIMIT`]); larger ones get 413.
     pub fn body_limit(mut self, bytes: usize) -> Self {
         self.body_limit = bytes;
+        self
+    }
+
+    /// Base time a push body may take to arrive (default
+    /// [`DEFAULT_BODY_TIMEOUT`], 30 s): the whole body must be read within
+    /// this plus 1 s per [`BODY_MIN_RATE`] bytes received (1 KiB/s). A body
+    /// that falls behind is answered `408` and its connection closed, so a
+    /// client dribbling a body cannot hold a connection (the header and
+    /// idle timeouts do not run while a request is answered). A body of a
+    /// push refused from its head (`401`, `403`, `429`) is drained for at
+    /// most 10 s (or this, if shorter).
+    pub fn body_timeout(mut self, timeout: Duration) -> Self {
+        self.body_timeout = timeout;
         self
     }
 

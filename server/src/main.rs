@@ -137,6 +137,12 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(1..))]
     header_timeout: u64,
 
+    /// Base seconds a push body may take to arrive: the whole body within
+    /// this plus 1 s per KiB received; a slower one gets 408 and is closed.
+    #[arg(long, value_name = "SECS", default_value_t = edge_outbox_server::DEFAULT_BODY_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    body_timeout: u64,
+
     /// Seconds a keep-alive connection may stay silent between requests
     /// before it is closed.
     #[arg(long, value_name = "SECS", default_value_t = edge_outbox_server::DEFAULT_IDLE_TIMEOUT.as_secs(),
@@ -280,6 +286,7 @@ async fn main() -> ExitCode {
     .body_limit(args.body_limit)
     .test_controls(args.enable_test_controls)
     .header_timeout(std::time::Duration::from_secs(args.header_timeout))
+    .body_timeout(std::time::Duration::from_secs(args.body_timeout))
     .idle_timeout(std::time::Duration::from_secs(args.idle_timeout))
     .max_connections(usize::try_from(args.max_connections).unwrap_or(usize::MAX));
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {

@@ -1,7 +1,7 @@
 //! Per-client push rate limiting: a keyed GCRA limiter (`governor`).
 //!
 //! One budget per key: the client id an authenticated credential is bound to
-//! (every token of a client shares it), `reader:N` for a reader credential,
+//! (every token of a client shares it; a reader credential does not push),
 //! and on an anonymous server the `client_id` of the push body. A push over
 //! the budget is answered `429` with `Retry-After` (whole seconds, rounded
 //! up, at least 1), which the relay honours. Only pushes are limited: reads

@@ -463,3 +463,157 @@ async fn unusable_tls_files_fail_the_start() {
         );
     }
 }
+
+// ---------- slow bodies and refusals before the body (breaker probes) ----------
+
+/// Sends a push head declaring `declared` body bytes, then the body a byte
+/// at a time, one every `every`, never finishing it: returns what the
+/// server answered before it closed the connection.
+async fn dribble_body(
+    addr: SocketAddr,
+    head_extra: &str,
+    declared: usize,
+    every: Duration,
+) -> Vec<u8> {
+    let mut stream = TcpStream::connect(addr).await.expect("connects");
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+         {head_extra}Content-Length: {declared}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let (mut read, mut write) = stream.split();
+    let mut answered = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        tokio::select! {
+            r = read.read(&mut chunk) => match r {
+                Ok(0) | Err(_) => return answered,
+                Ok(n) => answered.extend_from_slice(&chunk[..n]),
+            },
+            () = tokio::time::sleep(every) => {
+                if write.write_all(b" ").await.is_err() {
+                    return answered;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_slow_body_is_answered_408_and_its_connection_closed() {
+    // One slot, and neither the head nor the idle timeout will free it.
+    let server = start(|c| {
+        c.header_timeout(NEVER)
+            .idle_timeout(NEVER)
+            .body_timeout(Duration::from_millis(500))
+            .max_connections(1)
+    })
+    .await;
+    // The head at once, then a byte every 100 ms: far below 1 KiB/s.
+    let answered = tokio::time::timeout(
+        GENEROUS,
+        dribble_body(server.addr(), "", 10_000, Duration::from_millis(100)),
+    )
+    .await
+    .expect("the slow body is cut");
+    let answered = String::from_utf8_lossy(&answered);
+    assert!(answered.starts_with("HTTP/1.1 408"), "{answered}");
+    assert!(answered.contains("request_timeout"), "{answered}");
+    // The slot is free again: a prompt push is served.
+    let mut prompt = TcpStream::connect(server.addr()).await.unwrap();
+    prompt
+        .write_all(&push_request(&push_body(1..3)))
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(GENEROUS, read_answer(&mut prompt))
+        .await
+        .expect("served once the slow body was cut")
+        .expect("answered");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(server.count(Some(CLIENT)).unwrap(), 2);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_body_that_keeps_the_pace_is_read_however_long_it_takes() {
+    let server = start(|c| {
+        c.header_timeout(NEVER)
+            .idle_timeout(NEVER)
+            .body_timeout(Duration::from_millis(500))
+    })
+    .await;
+    // About 40 KiB in 5 pieces 300 ms apart: 1.2 s in all, over the 0.5 s
+    // base, but each 8 KiB piece earns 8 s at the minimum rate (1 KiB/s).
+    let mut seqs = 1..200;
+    let body = loop {
+        let body = push_body(seqs.clone());
+        if body.len() >= 40 * 1024 {
+            break body;
+        }
+        seqs = 1..seqs.end * 2;
+    };
+    let request = push_request(&body);
+    let (head_len, pieces) = (request.len() - body.len(), 5);
+    let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+    stream.write_all(&request[..head_len]).await.unwrap();
+    for piece in body.chunks(body.len().div_ceil(pieces)) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stream.write_all(piece).await.unwrap();
+    }
+    let status = tokio::time::timeout(GENEROUS, read_answer(&mut stream))
+        .await
+        .expect("answered")
+        .expect("the paced body is read");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(
+        server.count(Some(CLIENT)).unwrap(),
+        u64::try_from(seqs.end - 1).unwrap()
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_push_without_the_right_is_answered_without_waiting_for_its_body() {
+    let server = start(|c| {
+        c.allow_anonymous(false)
+            .token("token-a", CLIENT)
+            .reader_token("reader")
+            .header_timeout(NEVER)
+            .idle_timeout(NEVER)
+            .body_timeout(Duration::from_millis(300))
+    })
+    .await;
+    // A bad token, a reader token (no push right), no token: a head that
+    // declares a body which never comes is answered anyway (its body is
+    // waited for only as long as the body pace allows) and closed.
+    for auth in [
+        "Authorization: Bearer nope\r\n",
+        "Authorization: Bearer reader\r\n",
+        "",
+    ] {
+        let answered =
+            tokio::time::timeout(GENEROUS, dribble_body(server.addr(), auth, 100_000, NEVER))
+                .await
+                .expect("answered and closed without the body");
+        let answered = String::from_utf8_lossy(&answered);
+        assert!(
+            answered.starts_with("HTTP/1.1 401") || answered.starts_with("HTTP/1.1 403"),
+            "{auth:?}: {answered}"
+        );
+    }
+    // A refused push whose body does come is drained: the answer arrives
+    // whole and the connection serves the next request.
+    let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+    let body = push_body(1..3);
+    let mut request = push_request(&body);
+    let at = request.windows(2).position(|w| w == b"\r\n").unwrap() + 2;
+    request.splice(at..at, b"Authorization: Bearer nope\r\n".iter().copied());
+    stream.write_all(&request).await.unwrap();
+    let status = read_answer(&mut stream).await.expect("answered");
+    assert!(status.starts_with("HTTP/1.1 401"), "{status}");
+    stream.write_all(METRICS_REQUEST).await.unwrap();
+    let status = read_answer(&mut stream).await.expect("still open");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(server.count(None).unwrap(), 0);
+    server.shutdown().await.unwrap();
+}

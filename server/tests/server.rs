@@ -1893,7 +1893,8 @@ async fn metrics_count_events_requests_latency_and_bytes_after_pushes() {
         get(r#"edge_outbox_http_requests_total{route="/v1/events",status="401"}"#),
         1.0
     );
-    // Four pushes timed (the 401 too: it was read to learn its client id).
+    // Four pushes timed (the 401 too), but the 401's body was only
+    // drained, never read as a push: its bytes are not counted.
     assert_eq!(get("edge_outbox_push_duration_seconds_count"), 4.0);
     assert!(get("edge_outbox_push_duration_seconds_sum") > 0.0);
     assert_eq!(
@@ -1902,7 +1903,7 @@ async fn metrics_count_events_requests_latency_and_bytes_after_pushes() {
     );
     assert_eq!(
         get("edge_outbox_push_body_bytes_total"),
-        (3 * body_len + mixed_len) as f64
+        (2 * body_len + mixed_len) as f64
     );
 
     // Each instance reports its own: a second server starts from zero.
@@ -2541,6 +2542,17 @@ async fn a_client_id_with_control_characters_is_refused() {
         "del\u{7f}",
         "c1\u{85}next",
         "csi\u{9b}2J",
+        // Not controls to Rust, but they change what a reader sees: bidi
+        // overrides and isolates ("Trojan Source"), zero-width and invisible
+        // characters (two ids that look the same), line separators.
+        "evil\u{202E}gpj.exe",
+        "iso\u{2066}late",
+        "rtl\u{200F}mark",
+        "zero\u{200B}width",
+        "joiner\u{200D}",
+        "bom\u{FEFF}",
+        "soft\u{AD}hyphen",
+        "line\u{2028}sep",
     ] {
         let a = post_raw(&server, None, body(bad, &events(1..2)), false)
             .await
@@ -2559,10 +2571,95 @@ async fn a_client_id_with_control_characters_is_refused() {
         .await
         .unwrap();
     assert_eq!(ok.status, StatusCode::OK);
-    // The pull query's client_id too.
-    let refused = get(format!("{}?client_id=a%1Bb", server.events_url()), None).await;
-    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
-    assert_eq!(refused.error().error, "invalid_request");
+    // The pull query's client_id too, by the same rule.
+    for bad in ["a%1Bb", "a%E2%80%AEb", "a%E2%80%8Bb"] {
+        let refused = get(format!("{}?client_id={bad}", server.events_url()), None).await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{bad}");
+        assert_eq!(refused.error().error, "invalid_request");
+    }
+}
+
+/// Another client's stream is not reachable by spelling the query another
+/// way: a repeated `client_id` (either order), percent-encoding, another
+/// case of the name, an empty value, or a token in the query string.
+#[tokio::test]
+async fn another_stream_is_not_read_by_another_spelling_of_client_id() {
+    let (server, _dir) = start(|c| c).await;
+    push(&server, TOKEN_A, CLIENT_A, &events(1..3)).await;
+    push(&server, TOKEN_B, CLIENT_B, &events(1..4)).await;
+    let url = server.events_url();
+    let encoded_b: String = CLIENT_B.bytes().map(|b| format!("%{b:02X}")).collect();
+    for query in [
+        format!("client_id={CLIENT_A}&client_id={CLIENT_B}"),
+        format!("client_id={CLIENT_B}&client_id={CLIENT_A}"),
+        format!("client_id={encoded_b}"),
+        format!("client_id={}", CLIENT_B.to_uppercase()),
+        format!("client%5Fid={CLIENT_B}"),
+    ] {
+        let answer = get(format!("{url}?{query}"), Some(TOKEN_A)).await;
+        assert!(
+            matches!(
+                answer.status,
+                StatusCode::BAD_REQUEST | StatusCode::FORBIDDEN
+            ),
+            "{query}: {} {}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body)
+        );
+    }
+    // Names the query does not know are ignored: the caller's own stream.
+    for query in [
+        format!("CLIENT_ID={CLIENT_B}"),
+        format!("client_id[]={CLIENT_B}"),
+    ] {
+        let answer = get(format!("{url}?{query}"), Some(TOKEN_A)).await;
+        assert_eq!(stream_of(&answer), [CLIENT_A; 2], "{query}");
+    }
+    let empty = get(format!("{url}?client_id="), Some(TOKEN_A)).await;
+    assert_eq!(empty.status, StatusCode::BAD_REQUEST);
+    // A token is read from the Authorization header only.
+    for query in [format!("access_token={READER}"), format!("token={READER}")] {
+        let answer = get(format!("{url}?{query}"), None).await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{query}");
+    }
+}
+
+/// Two Authorization headers are refused (401) whatever they hold, for
+/// pushes and reads: a proxy in front may have checked the other one.
+#[tokio::test]
+async fn two_authorization_headers_are_refused() {
+    let (server, _dir) = start(|c| c).await;
+    for pair in [[TOKEN_A, TOKEN_B], [TOKEN_B, READER], [READER, READER]] {
+        let mut req = client()
+            .post(server.events_url())
+            .header("content-type", "application/json");
+        for t in pair {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let pushed = req
+            .body(body(CLIENT_A, &events(1..2)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(pushed.status(), StatusCode::UNAUTHORIZED, "{pair:?}");
+        let mut req = client().get(server.events_url());
+        for t in pair {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let read = req.send().await.unwrap();
+        assert_eq!(read.status(), StatusCode::UNAUTHORIZED, "{pair:?}");
+        let error: Value = serde_json::from_slice(&read.bytes().await.unwrap()).unwrap();
+        assert!(
+            error["message"].as_str().unwrap().contains("more than one"),
+            "{error}"
+        );
+    }
+    assert_eq!(server.count(None).unwrap(), 0);
+    // One header is fine.
+    assert_eq!(
+        push(&server, TOKEN_A, CLIENT_A, &events(1..2)).await.status,
+        StatusCode::OK
+    );
 }
 
 /// The binary's auth and limit flags, wired end to end: a JWT from the env
