@@ -1668,3 +1668,44 @@ async fn an_expired_jwt_gets_401_and_the_headers_callback_refreshes_it() {
     assert!(statuses[1..].iter().all(|&s| s == 200.0), "{statuses:?}");
     wait(outbox.close()).await.unwrap();
 }
+
+/// Issue 13 follow-up: `flush()` right after a fresh outbox's first commit,
+/// in a context with no other tab. Its sender lock was requested at open and
+/// is free; the flush used to run before the browser granted it, tried the
+/// lock beside its own queued request, lost, and reported "not-leader" with
+/// the event still pending (every time the flush came before the grant).
+/// Now the flush waits for the lock's answer and delivers. Every round also
+/// bounds the flush (15 s): a hang fails here instead of stalling the suite.
+#[wasm_bindgen_test]
+async fn flush_right_after_open_and_first_commit_delivers_in_a_lone_tab() {
+    let server = server();
+    let opts = format!(r#", endpoint: "{server}/v1/events""#);
+    let mut wrong = Vec::new();
+    for round in 0..20u32 {
+        let outbox = open_todos(&fresh_name("first-flush"), &opts).await;
+        let commit = outbox.transaction(
+            js("['todos']"),
+            callback(
+                "tx.put('todos', { id: 1, done: 0 }); return tx.enqueue('TodoCreated', { id: 1 });",
+            ),
+        );
+        // Even rounds: the commit awaited first; odd: the flush issued at once.
+        let flush = if round % 2 == 0 {
+            wait(commit).await.unwrap();
+            outbox.flush()
+        } else {
+            let flush = outbox.flush();
+            wait(commit).await.unwrap();
+            flush
+        };
+        let report = within(15_000, flush).await.unwrap_or_else(|e| {
+            panic!("round {round}: flush: {e:?} (status {:?})", outbox.status())
+        });
+        if !prop(&report, "skipped").is_null() {
+            wrong.push((round, js_sys::JSON::stringify(&report).unwrap()));
+        }
+        drained(&outbox, 10).await;
+        wait(outbox.close()).await.unwrap();
+    }
+    assert!(wrong.is_empty(), "flushes skipped in a lone tab: {wrong:?}");
+}

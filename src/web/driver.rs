@@ -50,10 +50,12 @@ use crate::transport::Transport;
 
 #[wasm_bindgen(module = "/src/web/glue.js")]
 extern "C" {
-    /// Queue for the Web Lock `name`; `on_acquired` runs once it is held.
+    /// Take the Web Lock `name` if it is free, else queue for it:
+    /// `on_acquired` runs once it is held, `on_queued` when it was not free
+    /// (another context holds it). One of them answers at once.
     /// Returns the function that releases it, or null without Web Locks.
     #[wasm_bindgen(js_name = acquireLock)]
-    fn acquire_lock(name: &str, on_acquired: &JsValue) -> JsValue;
+    fn acquire_lock(name: &str, on_acquired: &JsValue, on_queued: &JsValue) -> JsValue;
 
     /// True when `navigator.locks` exists (secure contexts; WebKit from 15.4).
     #[wasm_bindgen(js_name = hasWebLocks)]
@@ -238,6 +240,11 @@ struct State<S: DriverStore, T: Transport + 'static> {
     explicit_flush: Cell<bool>,
     /// Releases the Web Lock (null without Web Locks).
     release_lock: RefCell<JsValue>,
+    /// The lock was just requested and the browser has not said yet whether
+    /// it was free (held now) or another context holds it (queued).
+    lock_unanswered: Cell<bool>,
+    /// `flush()` calls waiting for that answer.
+    lock_answer_waiters: RefCell<Vec<Function>>,
     /// A wake arrived while the loop was not waiting: run another round.
     dirty: Cell<bool>,
     /// Resolves the loop's current wait.
@@ -302,6 +309,8 @@ impl<S: DriverStore, T: Transport + 'static> Driver<S, T> {
             suspended: Cell::new(false),
             explicit_flush: Cell::new(false),
             release_lock: RefCell::new(JsValue::NULL),
+            lock_unanswered: Cell::new(false),
+            lock_answer_waiters: RefCell::new(Vec::new()),
             dirty: Cell::new(false),
             wake: RefCell::new(None),
             flush_waiters: RefCell::new(Vec::new()),
@@ -542,6 +551,16 @@ impl<S: DriverStore, T: Transport + 'static> Driver<S, T> {
             // Offline: no attempt is made (none is spent); report the counts.
             return counts_report(&st, FlushSkipped::Offline).await;
         }
+        // Just after start the lock request is unanswered: this context may
+        // be the sender in a moment (the lock is free) or not (another holds
+        // it). Wait for the answer (it comes at once) rather than report
+        // "not-leader" for a lock no one else holds.
+        while st.lock_unanswered.get() {
+            let promise = Promise::new(&mut |resolve, _| {
+                st.lock_answer_waiters.borrow_mut().push(resolve);
+            });
+            let _ = JsFuture::from(promise).await;
+        }
         if st.running.get() && (st.leader.get() || (st.no_locks && !st.suspended.get())) {
             let slot: Rc<RefCell<Option<Rc<Waiter>>>> = Rc::new(RefCell::new(None));
             let promise = Promise::new(&mut |resolve, _reject| {
@@ -645,18 +664,37 @@ fn request_lock<S: DriverStore, T: Transport + 'static>(st: &Rc<State<S, T>>) {
     }
     let weak = Rc::downgrade(st);
     let on_acquired = Closure::once_into_js(move || {
-        if let Some(st) = weak.upgrade()
-            && st.running.get()
-            && !st.suspended.get()
-        {
+        let Some(st) = weak.upgrade() else { return };
+        if st.running.get() && !st.suspended.get() {
             st.leader.set(true);
             st.status.borrow_mut().leader = true;
             emit(&st);
             wake(&st);
         }
+        lock_answered(&st);
     });
-    let release = acquire_lock(&st.lock_name, &on_acquired);
+    let weak = Rc::downgrade(st);
+    let on_queued = Closure::once_into_js(move || {
+        if let Some(st) = weak.upgrade() {
+            lock_answered(&st);
+        }
+    });
+    st.lock_unanswered.set(true);
+    let release = acquire_lock(&st.lock_name, &on_acquired, &on_queued);
+    if release.is_null() {
+        lock_answered(st);
+    }
     *st.release_lock.borrow_mut() = release;
+}
+
+/// The browser said whether the sender lock was free (or the request was
+/// given up): `flush()` calls waiting for that go on.
+fn lock_answered<S: DriverStore, T: Transport + 'static>(st: &State<S, T>) {
+    st.lock_unanswered.set(false);
+    let waiters: Vec<_> = st.lock_answer_waiters.borrow_mut().drain(..).collect();
+    for resolve in waiters {
+        let _ = resolve.call0(&JsValue::UNDEFINED);
+    }
 }
 
 /// The tab is being frozen or put in the back/forward cache: give up the
@@ -689,6 +727,7 @@ fn release_lock<S: DriverStore, T: Transport + 'static>(st: &State<S, T>) {
     }
     st.leader.set(false);
     st.status.borrow_mut().leader = false;
+    lock_answered(st);
 }
 
 /// Wait until woken, or `ms` milliseconds (forever when `None`).

@@ -181,13 +181,24 @@ export function hasWebLocks() {
   const nav = globalThis.navigator;
   return !!(nav && nav.locks && typeof nav.locks.request === "function");
 }
-export function acquireLock(name, onAcquired) {
+export function acquireLock(name, onAcquired, onQueued) {
   if (!hasWebLocks()) return null;
   let release;
   let released = false;
   const held = new Promise((resolve) => { release = () => { released = true; resolve(); }; });
+  const locks = globalThis.navigator.locks;
   // A request released before it was granted lets go at once, unannounced.
-  globalThis.navigator.locks.request(name, () => { if (!released) onAcquired(); return held; }).catch(() => {});
+  const granted = () => { if (!released) onAcquired(); return held; };
+  // First take it only if it is free (answered at once, never queued): until
+  // then a flush waits for the answer instead of reporting "not-leader" while
+  // no one else holds the lock. Taken: held. Not: another context holds it,
+  // so queue (onQueued is the answer then).
+  locks.request(name, { ifAvailable: true }, (lock) => {
+    if (lock) return granted();
+    onQueued();
+    if (!released) locks.request(name, granted).catch(() => {});
+    return undefined;
+  }).catch(() => onQueued());
   return release;
 }
 export function countsMessage(pending, sent, dead) {
