@@ -41,6 +41,15 @@ const MAX_CLIENT_ID_LEN: usize = 256;
 /// Default and largest page size of `GET /v1/events`.
 const DEFAULT_PULL_LIMIT: usize = 100;
 const MAX_PULL_LIMIT: usize = 1000;
+/// A pull page ends before the event that would take its events past this
+/// many bytes ([`event_bytes`]; a page always holds at least one event), so
+/// a page of big events cannot make the server build an answer of `limit`
+/// times the largest event.
+pub const PULL_PAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Events fetched from the store per query while a pull page fills: what
+/// one page may hold in memory beyond [`PULL_PAGE_BYTES`] is this many
+/// events (each at most the push body limit).
+const PULL_CHUNK: usize = 100;
 
 /// Shared state of one server: its store, auth table, limits and test controls.
 /// Cheap to clone.
@@ -58,6 +67,8 @@ struct Inner {
     body_limit: usize,
     /// Base time a push body may take to arrive (see [`BodyPace`]).
     body_timeout: Duration,
+    /// Largest event accepted ([`event_bytes`]); larger ones are rejected.
+    max_event_bytes: usize,
     /// Faults are consulted (and pushes logged) only when this is set, so a
     /// production server pays nothing and keeps no log.
     faults_active: bool,
@@ -118,6 +129,7 @@ impl AppState {
                 limiter: config.rate_limit.map(Limiter::new),
                 body_limit: config.body_limit,
                 body_timeout: config.body_timeout,
+                max_event_bytes: config.max_event_bytes,
                 faults_active: in_process || config.test_controls,
                 test_routes: config.test_controls,
                 faults: Arc::new(Faults::new()),
@@ -363,6 +375,13 @@ pub(crate) fn parse_push(bytes: &[u8]) -> Result<PushRequest, Response> {
     }
 }
 
+/// An event's size as the client's `max_event_bytes` measures it: type,
+/// key, payload (its JSON text) and header names and values, in bytes.
+pub(crate) fn event_bytes(e: &WireEvent) -> usize {
+    let headers: usize = e.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    e.event_type.len() + e.key.as_deref().map_or(0, str::len) + e.payload.get().len() + headers
+}
+
 /// Why one event is rejected, if it is. These are permanent: resending the
 /// same event can never succeed, so the client may dead-letter it.
 pub(crate) fn invalid_event(e: &WireEvent) -> Option<String> {
@@ -568,7 +587,21 @@ async fn push_inner(
         return (response, plan);
     }
 
-    let mut verdicts: Vec<Option<String>> = req.events.iter().map(invalid_event).collect();
+    let max_event = state.inner.max_event_bytes;
+    let mut verdicts: Vec<Option<String>> = req
+        .events
+        .iter()
+        .map(|e| {
+            invalid_event(e).or_else(|| {
+                let size = event_bytes(e);
+                (size > max_event).then(|| {
+                    format!(
+                        "the event is {size} bytes (type + key + payload + headers), over this server's limit of {max_event} bytes"
+                    )
+                })
+            })
+        })
+        .collect();
     if state.inner.faults_active {
         for verdict in verdicts.iter_mut().filter(|v| v.is_none()) {
             if state.inner.faults.take_event_rejection() {
@@ -916,8 +949,10 @@ async fn pull(
         .unwrap_or(DEFAULT_PULL_LIMIT)
         .clamp(1, MAX_PULL_LIMIT);
     let store = Arc::clone(&state.inner.store);
-    let pulled =
-        tokio::task::spawn_blocking(move || store.pull(after, limit, stream.as_deref())).await;
+    let pulled = tokio::task::spawn_blocking(move || {
+        pull_page(store.as_ref(), after, limit, stream.as_deref())
+    })
+    .await;
     match pulled {
         Ok(Ok(events)) => {
             let next_cursor = events.last().map(|e| e.cursor);
@@ -944,6 +979,38 @@ async fn pull(
             )
         }
     }
+}
+
+/// One pull page: up to `limit` events after `after`, fetched
+/// [`PULL_CHUNK`] at a time, ending before the event that would take the
+/// page past [`PULL_PAGE_BYTES`] (the first event always goes in). A short
+/// page is not the end of the stream: only an empty one is.
+fn pull_page(
+    store: &dyn EventStore,
+    mut after: i64,
+    limit: usize,
+    client_id: Option<&str>,
+) -> Result<Vec<edge_outbox::protocol::ReceivedEvent>, Error> {
+    let mut page = Vec::new();
+    let mut bytes = 0usize;
+    while page.len() < limit {
+        let want = (limit - page.len()).min(PULL_CHUNK);
+        let chunk = store.pull(after, want, client_id)?;
+        let last_chunk = chunk.len() < want;
+        for event in chunk {
+            let size = event_bytes(&event.event);
+            if !page.is_empty() && bytes.saturating_add(size) > PULL_PAGE_BYTES {
+                return Ok(page);
+            }
+            bytes = bytes.saturating_add(size);
+            after = event.cursor;
+            page.push(event);
+        }
+        if last_chunk {
+            break;
+        }
+    }
+    Ok(page)
 }
 
 /// How long [`crate::RunningServer::shutdown`] waits for in-flight requests.

@@ -59,7 +59,7 @@ mod ratelimit;
 mod store;
 
 pub use faults::{Failure, Faults, RequestRecord};
-pub use http::{AppState, BODY_MIN_RATE, DEFAULT_BODY_TIMEOUT, router};
+pub use http::{AppState, BODY_MIN_RATE, DEFAULT_BODY_TIMEOUT, PULL_PAGE_BYTES, router};
 pub use inbox::{
     Applied, BoxError, Inbox, InboxFuture, PgInbox, Rejection, StoreOnly, decode_payload,
 };
@@ -124,6 +124,7 @@ pub struct ServerConfig {
     pub(crate) allow_anonymous: bool,
     pub(crate) body_limit: usize,
     pub(crate) body_timeout: Duration,
+    pub(crate) max_event_bytes: usize,
     pub(crate) static_dir: Option<PathBuf>,
     pub(crate) cors_origins: Vec<String>,
     pub(crate) test_controls: bool,
@@ -165,6 +166,7 @@ impl ServerConfig {
             allow_anonymous: false,
             body_limit: DEFAULT_BODY_LIMIT,
             body_timeout: DEFAULT_BODY_TIMEOUT,
+            max_event_bytes: edge_outbox::DEFAULT_MAX_EVENT_BYTES,
             static_dir: None,
             cors_origins: Vec::new(),
             test_controls: false,
@@ -272,6 +274,17 @@ impl ServerConfig {
     /// most 10 s (or this, if shorter).
     pub fn body_timeout(mut self, timeout: Duration) -> Self {
         self.body_timeout = timeout;
+        self
+    }
+
+    /// Largest event accepted, in bytes, measured as the client's
+    /// `max_event_bytes` is (type + key + payload + headers; default
+    /// [`edge_outbox::DEFAULT_MAX_EVENT_BYTES`], 256 KiB, the client's
+    /// default). A larger event is answered `rejected` (the rest of its
+    /// batch goes on): raise this with the clients' limit. It bounds what one
+    /// stored event costs every reader that pulls it.
+    pub fn max_event_bytes(mut self, bytes: usize) -> Self {
+        self.max_event_bytes = bytes;
         self
     }
 

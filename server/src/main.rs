@@ -137,6 +137,11 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(1..))]
     header_timeout: u64,
 
+    /// Largest event accepted (type + key + payload + headers, bytes); larger
+    /// ones are answered rejected. Keep it at or above the clients' limit.
+    #[arg(long, value_name = "BYTES", default_value_t = edge_outbox::DEFAULT_MAX_EVENT_BYTES)]
+    max_event_bytes: usize,
+
     /// Base seconds a push body may take to arrive: the whole body within
     /// this plus 1 s per KiB received; a slower one gets 408 and is closed.
     #[arg(long, value_name = "SECS", default_value_t = edge_outbox_server::DEFAULT_BODY_TIMEOUT.as_secs(),
@@ -287,6 +292,7 @@ async fn main() -> ExitCode {
     .test_controls(args.enable_test_controls)
     .header_timeout(std::time::Duration::from_secs(args.header_timeout))
     .body_timeout(std::time::Duration::from_secs(args.body_timeout))
+    .max_event_bytes(args.max_event_bytes)
     .idle_timeout(std::time::Duration::from_secs(args.idle_timeout))
     .max_connections(usize::try_from(args.max_connections).unwrap_or(usize::MAX));
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {

@@ -452,7 +452,8 @@ async fn body_over_the_limit_is_413() {
 
 #[tokio::test]
 async fn default_limit_is_4_mib() {
-    let (server, _dir) = start(|c| c).await;
+    // Events as large as the body (the event limit is tested on its own).
+    let (server, _dir) = start(|c| c.max_event_bytes(8 << 20)).await;
     let mut big = event(1, "Big");
     big.payload = RawValue::from_string(format!("\"{}\"", "x".repeat(4 * 1024 * 1024))).unwrap();
     let a = push(&server, TOKEN_A, CLIENT_A, &[big]).await;
@@ -636,6 +637,79 @@ async fn invalid_events_are_rejected_and_the_rest_of_the_batch_goes_through() {
         .map(|e| e.event.seq)
         .collect();
     assert_eq!(stored, vec![1, 3]);
+}
+
+/// An event whose payload (a JSON string) is `bytes` long, with no key and
+/// no headers: its size by the client's measure is 5 (the type) + `bytes`.
+fn sized_event(seq: i64, bytes: usize) -> WireEvent {
+    let mut e = event(seq, "Sized");
+    e.key = None;
+    e.headers.clear();
+    e.payload = RawValue::from_string(format!("\"{}\"", "x".repeat(bytes - 2))).unwrap();
+    e
+}
+
+/// An event over the server's event limit (default 256 KiB, the client's
+/// default, measured the same way) is rejected alone: a hostile client
+/// cannot store events of the body limit's size for every reader to pull.
+#[tokio::test]
+async fn an_event_over_the_event_limit_is_rejected_alone() {
+    let (server, _dir) = start(|c| c).await;
+    let limit = edge_outbox::DEFAULT_MAX_EVENT_BYTES;
+    // Type (5 bytes) + payload: exactly the limit, then one byte over.
+    let batch = vec![
+        sized_event(1, limit - 5),
+        sized_event(2, limit - 4),
+        event(3, "OrderCreated"),
+    ];
+    let a = push(&server, TOKEN_A, CLIENT_A, &batch).await;
+    assert_eq!(
+        a.statuses(),
+        [
+            ResultStatus::Accepted,
+            ResultStatus::Rejected,
+            ResultStatus::Accepted
+        ]
+    );
+    let reason = a.results()[1].reason.clone().unwrap();
+    assert!(reason.contains(&limit.to_string()), "{reason}");
+    assert_eq!(server.count(None).unwrap(), 2);
+    // Raised with the clients' limit, it is accepted.
+    let (roomy, _dir2) = start(|c| c.max_event_bytes(limit + 1)).await;
+    let a = push(&roomy, TOKEN_A, CLIENT_A, &batch[1..2]).await;
+    assert_eq!(a.statuses(), [ResultStatus::Accepted]);
+}
+
+/// A pull page ends before the event that would take it past
+/// `PULL_PAGE_BYTES`: a page of big events is not `limit` times their
+/// size. Every event is still read once, in order, page after page.
+#[tokio::test]
+async fn a_pull_page_stops_at_its_byte_budget() {
+    let (server, _dir) = start(|c| c.max_event_bytes(2 << 20)).await;
+    let big = edge_outbox_server::PULL_PAGE_BYTES * 3 / 8; // 1.5 MiB
+    for seq in 1..=3 {
+        let a = push(&server, TOKEN_A, CLIENT_A, &[sized_event(seq, big)]).await;
+        assert_eq!(a.statuses(), [ResultStatus::Accepted]);
+    }
+    push(&server, TOKEN_A, CLIENT_A, &events(4..6)).await;
+    let mut after = 0;
+    let mut pages = Vec::new();
+    loop {
+        let answer = get(
+            format!("{}?after={after}&limit=1000", server.events_url()),
+            Some(READER),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK);
+        let page: PullResponse = serde_json::from_slice(&answer.body).unwrap();
+        let Some(next) = page.next_cursor else {
+            break;
+        };
+        after = next;
+        pages.push(page.events.iter().map(|e| e.event.seq).collect::<Vec<_>>());
+    }
+    // Two big ones fit (3 MiB), a third would not; then the rest.
+    assert_eq!(pages, [vec![1, 2], vec![3, 4, 5]]);
 }
 
 #[tokio::test]
@@ -880,7 +954,8 @@ async fn fault_reject_answers_the_next_events_rejected_and_stores_the_rest() {
 /// never waits for (or reads) its body, and nothing is stored.
 #[tokio::test]
 async fn fault_early_413_answers_from_the_head_without_reading_the_body() {
-    let (server, _dir) = start(|c| c.test_controls(true)).await;
+    // A 1 MiB event: over the default event limit, which is not tested here.
+    let (server, _dir) = start(|c| c.test_controls(true).max_event_bytes(2 << 20)).await;
     assert_eq!(
         control(&server, "early-413", json!({"above": 64 * 1024})).await,
         StatusCode::NO_CONTENT
