@@ -541,7 +541,8 @@ async fn push_inner(
         Ok(req) => req,
         Err(response) => return (response, none),
     };
-    info.client_id = Some(req.client_id.clone());
+    // The log line names the client only once its id is known to be safe to
+    // print (below): a refused id may hold terminal escapes or bidi controls.
     info.events = req.events.len();
     if let Some(r) = record.as_deref_mut() {
         r.describe(&req.client_id, req.events.len());
@@ -576,6 +577,7 @@ async fn push_inner(
             plan,
         );
     }
+    info.client_id = Some(req.client_id.clone());
     if let Err(response) = access.check_push(&req.client_id) {
         return (response, plan);
     }

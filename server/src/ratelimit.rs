@@ -108,6 +108,30 @@ mod tests {
         assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
     }
 
+    /// An anonymous client rotating its client id makes a new key per
+    /// push: the keyed map must forget keys whose budget is full again, or
+    /// it grows with every id ever seen.
+    #[test]
+    fn keys_whose_budget_is_full_again_are_forgotten() {
+        // A budget refills in 1 ms: any key is forgettable 1 ms after its push.
+        let limiter = Limiter::new(RateLimit::new(1000, 1));
+        let distinct = 3 * SWEEP_EVERY as usize;
+        for i in 0..distinct {
+            assert!(limiter.check(&format!("client:{i}")).is_ok());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        // One more sweep's worth of pushes, all from one client: the sweep
+        // drops every rotated key (without sweeps all 12288 would stay).
+        for _ in 0..SWEEP_EVERY {
+            let _ = limiter.check("client:steady");
+        }
+        assert!(
+            limiter.limiter.len() <= 2,
+            "{} keys kept",
+            limiter.limiter.len()
+        );
+    }
+
     #[test]
     fn a_burst_is_refused_past_its_size_and_keys_are_apart() {
         let limiter = Limiter::new(RateLimit::new(1, 3));

@@ -68,6 +68,20 @@ async fn each_request_is_logged_as_a_json_line() {
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
+    // A refused client id never reaches the log: it may hold terminal
+    // escapes or bidi controls.
+    let hostile = "\u{1b}]0;owned\u{7}\u{1b}[2J\u{202E}evil";
+    let mut refused = body.clone();
+    refused["client_id"] = json!(hostile);
+    let resp = reqwest::Client::new()
+        .post(server.events_url())
+        .header("authorization", format!("Bearer {TOKEN_A}"))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&refused).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
     server.shutdown().await.unwrap();
 
     let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
@@ -86,6 +100,16 @@ async fn each_request_is_logged_as_a_json_line() {
     assert_eq!(v["events"], 2);
     assert!(v["duration_ms"].as_f64().unwrap() > 0.0);
     assert!(v["timestamp"].is_string());
+    let refused_line = text
+        .lines()
+        .find(|l| l.contains("\"status\":400"))
+        .unwrap_or_else(|| panic!("no line for the refused push in:\n{text}"));
+    let v: Value = serde_json::from_str(refused_line).unwrap();
+    assert_eq!(v["client_id"], "", "{refused_line}");
+    assert!(
+        !text.contains("owned") && !text.contains('\u{202E}'),
+        "{text}"
+    );
     // The text format, for contrast: one line, the same fields.
     let text_out = Captured::default();
     let sub = subscriber(LogFormat::Text, "info", false, text_out.clone());

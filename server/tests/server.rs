@@ -2007,6 +2007,53 @@ async fn metrics_count_events_requests_latency_and_bytes_after_pushes() {
     other.shutdown().await.unwrap();
 }
 
+/// `/metrics` needs no token, so it must not name clients, and its series
+/// must not grow with what clients send: many client ids and probed paths
+/// add no series (a scanner or a rotating client cannot blow up a scrape).
+#[tokio::test]
+async fn metrics_name_no_client_and_stay_bounded() {
+    let (server, _dir) = start(|c| c.allow_anonymous(true)).await;
+    let series = |scrape: &str| {
+        scrape
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.rsplit_once(' ').unwrap().0.to_owned())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let scrape = || async {
+        client()
+            .get(format!("{}/metrics", server.url()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let probe = |i: usize| {
+        let url = format!("{}/probe-{i}/../.env?x={i}", server.url());
+        async move { client().get(url).send().await.unwrap().status() }
+    };
+    // One of each kind first, so every series that can exist does.
+    post_raw(&server, None, body("client-0", &events(1..2)), false)
+        .await
+        .unwrap();
+    probe(0).await;
+    scrape().await;
+    let before = series(&scrape().await);
+    for i in 1..40 {
+        let client_id = format!("client-{i}");
+        post_raw(&server, None, body(&client_id, &events(1..2)), false)
+            .await
+            .unwrap();
+        probe(i).await;
+    }
+    let after_scrape = scrape().await;
+    assert_eq!(series(&after_scrape), before, "{after_scrape}");
+    assert!(!after_scrape.contains("client-"), "{after_scrape}");
+    assert!(!after_scrape.contains("probe-"), "{after_scrape}");
+}
+
 // ---------- auth: push and read rights, JWTs, rate limit, client_id ----------
 
 fn stream_of(answer: &Answer) -> Vec<String> {
