@@ -8,12 +8,22 @@
 //! cargo bench --bench flush
 //! ```
 //!
+//! The paired measurement adds a third side, **hand**: the floor of any
+//! outbox on this schema. It posts the same pre-serialized bodies as the bare
+//! side and, while each post is on the wire, runs by hand (raw rusqlite, on
+//! a blocking thread) the SQLite work a relay cannot skip: reading the next
+//! batch's rows from an outbox file of the library's schema, and marking the
+//! previous batch sent with one ranged UPDATE. No serialization, no answer
+//! parsing, no relay logic: what is left between it and the bare side is the
+//! cost of the two SQLite transactions per batch alone.
+//!
 //! Each iteration delivers `EVENTS` fresh events (new ids, so the server does
 //! the same insert work on both sides). Relay side: the events are committed
 //! before the clock starts; the clock covers `RelayHandle::flush` (claim, serialize,
 //! POST, parse, settle, batch after batch). Bare side: the bodies are built
 //! before the clock starts; the clock covers the POSTs and reading the answers.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -138,6 +148,12 @@ struct Sides {
     client_id: String,
     batch: usize,
     seq: i64,
+    /// The hand side's outbox (the library's schema, filled by `enqueue`)
+    /// and a raw connection to the same file.
+    hand_outbox: Outbox,
+    hand_conn: Arc<Mutex<rusqlite::Connection>>,
+    /// The hand side's last claimed seq.
+    hand_after: i64,
 }
 
 impl Sides {
@@ -156,8 +172,18 @@ impl Sides {
             .max_events(batch)
             .poll_interval(Duration::from_secs(3600))
             .spawn();
+        let hand_path = dir.path().join("hand.db");
+        let hand_outbox = Outbox::open(&hand_path, Config::new("unused")).unwrap();
+        let hand_conn = rusqlite::Connection::open(&hand_path).unwrap();
+        // The library's pragmas (`Durability::Normal`, its default).
+        hand_conn
+            .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
+            .unwrap();
         Sides {
             _dir: dir,
+            hand_outbox,
+            hand_conn: Arc::new(Mutex::new(hand_conn)),
+            hand_after: 0,
             outbox,
             relay,
             client: fx.client.clone(),
@@ -201,6 +227,111 @@ impl Sides {
     }
 }
 
+/// The hand side's claim: the next `limit` pending rows after `after`, read
+/// whole (as a relay must, to send them); returns the seq range read.
+fn hand_claim(conn: &rusqlite::Connection, after: i64, limit: usize) -> Option<(i64, i64)> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT seq, id, type, key, payload, headers, created_at, attempts \
+             FROM edge_outbox_events WHERE seq > ?1 AND status = 'pending' \
+             ORDER BY seq LIMIT ?2",
+        )
+        .unwrap();
+    let mut rows = stmt.query(rusqlite::params![after, limit as i64]).unwrap();
+    let (mut lo, mut hi) = (None, 0);
+    let mut bytes = 0;
+    while let Some(row) = rows.next().unwrap() {
+        let seq: i64 = row.get(0).unwrap();
+        let id: [u8; 16] = row.get(1).unwrap();
+        let event_type: String = row.get(2).unwrap();
+        let key: Option<String> = row.get(3).unwrap();
+        let payload: String = row.get(4).unwrap();
+        let headers: Option<String> = row.get(5).unwrap();
+        let created_at: i64 = row.get(6).unwrap();
+        let attempts: i64 = row.get(7).unwrap();
+        bytes += id.len() + event_type.len() + key.map_or(0, |k| k.len()) + payload.len();
+        bytes += headers.map_or(0, |h| h.len()) + (created_at + attempts) as usize % 2;
+        lo.get_or_insert(seq);
+        hi = seq;
+    }
+    std::hint::black_box(bytes);
+    lo.map(|lo| (lo, hi))
+}
+
+/// The hand side's settle: one ranged UPDATE marking `lo..=hi` sent.
+fn hand_settle(conn: &mut rusqlite::Connection, (lo, hi): (i64, i64)) {
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .unwrap();
+    tx.prepare_cached(
+        "UPDATE edge_outbox_events SET status = 'sent', sent_at = ?1, \
+         last_error = NULL, attempts = attempts + 1 \
+         WHERE seq BETWEEN ?2 AND ?3 AND status = 'pending'",
+    )
+    .unwrap()
+    .execute(rusqlite::params![
+        edge_outbox::Timestamp::now().as_millis(),
+        lo,
+        hi
+    ])
+    .unwrap();
+    tx.commit().unwrap();
+}
+
+impl Sides {
+    /// Commit `EVENTS` events to the hand outbox and build the bare side's
+    /// bodies (not timed), then time posting the bodies while claiming and
+    /// settling by hand beside each post.
+    fn hand_round(&mut self, rt: &Runtime) -> Duration {
+        enqueue(&self.hand_outbox, EVENTS);
+        let bodies = bodies(&self.client_id, EVENTS, self.batch, self.seq);
+        self.seq += EVENTS as i64;
+        let (conn, batch) = (Arc::clone(&self.hand_conn), self.batch);
+        let started = Instant::now();
+        let after = rt.block_on(async {
+            // The first batch is claimed before its post, as a relay must.
+            let first = hand_claim(&conn.lock().unwrap(), self.hand_after, batch).unwrap();
+            let mut sending = first;
+            let mut settle: Option<(i64, i64)> = None;
+            for (i, body) in bodies.into_iter().enumerate() {
+                let last = i == EVENTS.div_ceil(batch) - 1;
+                let post = async {
+                    let response = self
+                        .client
+                        .post(&self.url)
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), 200);
+                    response.bytes().await.unwrap();
+                };
+                let conn = Arc::clone(&conn);
+                let after = sending.1;
+                let local = tokio::task::spawn_blocking(move || {
+                    let mut conn = conn.lock().unwrap();
+                    if let Some(range) = settle {
+                        hand_settle(&mut conn, range);
+                    }
+                    (!last).then(|| hand_claim(&conn, after, batch).unwrap())
+                });
+                let ((), next) = tokio::join!(post, local);
+                settle = Some(sending);
+                if let Some(next) = next.unwrap() {
+                    sending = next;
+                }
+            }
+            let range = settle.unwrap();
+            hand_settle(&mut conn.lock().unwrap(), range);
+            range.1
+        });
+        let elapsed = started.elapsed();
+        self.hand_after = after;
+        elapsed
+    }
+}
+
 /// CPU time used so far by this whole process (all threads: the relay, the
 /// HTTP client and, when it runs in this process, the server), from
 /// `/proc/self/stat` (Linux), in clock ticks of 10 ms.
@@ -224,8 +355,11 @@ fn paired(rt: &Runtime, fx: &Fixture, batch: usize, rounds: usize) {
     for _ in 0..3 {
         sides.relay_round(rt);
         sides.bare_round(rt);
+        sides.hand_round(rt);
     }
     let mut ratios = Vec::new();
+    let (mut hand_ratios, mut hand_total, mut hand_cpu) =
+        (Vec::new(), Duration::ZERO, Duration::ZERO);
     let (mut relay_total, mut bare_total) = (Duration::ZERO, Duration::ZERO);
     let (mut relay_cpu, mut bare_cpu) = (Duration::ZERO, Duration::ZERO);
     for _ in 0..rounds {
@@ -237,9 +371,14 @@ fn paired(rt: &Runtime, fx: &Fixture, batch: usize, rounds: usize) {
         let cpu = process_cpu();
         let bare = sides.bare_round(rt);
         bare_cpu += process_cpu() - cpu;
+        let cpu = process_cpu();
+        let hand = sides.hand_round(rt);
+        hand_cpu += process_cpu() - cpu;
         relay_total += relay;
         bare_total += bare;
+        hand_total += hand;
         ratios.push(bare.as_secs_f64() / relay.as_secs_f64());
+        hand_ratios.push(bare.as_secs_f64() / hand.as_secs_f64());
     }
     let commit_cpu = {
         let cpu = process_cpu();
@@ -252,6 +391,7 @@ fn paired(rt: &Runtime, fx: &Fixture, batch: usize, rounds: usize) {
         used
     };
     ratios.sort_by(f64::total_cmp);
+    hand_ratios.sort_by(f64::total_cmp);
     let rate = |d: Duration| (rounds * EVENTS) as f64 / d.as_secs_f64();
     let per_event = |d: Duration| d.as_secs_f64() * 1e6 / (rounds * EVENTS) as f64;
     println!(
@@ -264,7 +404,20 @@ fn paired(rt: &Runtime, fx: &Fixture, batch: usize, rounds: usize) {
         per_event(relay_cpu.saturating_sub(commit_cpu)),
         per_event(bare_cpu),
     );
+    println!(
+        "floor batch={batch}: hand (bare posts + the claim and settle SQLite transactions by hand) {:.0} events/s, bare / hand median {:.2} (min {:.2}, max {:.2}); CPU per event, all threads: hand {:.1} us",
+        rate(hand_total),
+        hand_ratios[rounds / 2],
+        hand_ratios[0],
+        hand_ratios[rounds - 1],
+        // Its untimed commits cost what the relay side's do.
+        per_event(hand_cpu.saturating_sub(commit_cpu)),
+    );
 }
+
+/// Set to `relay`, `bare` or `hand` to run only that side's rounds (no
+/// ratios, no criterion), for a profiler: `perf record` then sees one side.
+const ONLY_ENV: &str = "EDGE_OUTBOX_BENCH_ONLY";
 
 fn flush(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -278,6 +431,29 @@ fn flush(c: &mut Criterion) {
         256,
         "payloads are 256 bytes"
     );
+    if let Ok(side) = std::env::var(ONLY_ENV) {
+        for batch in [100, 500] {
+            let mut sides = Sides::new(&rt, &fx, batch);
+            let (mut took, mut cpu) = (Duration::ZERO, Duration::ZERO);
+            for _ in 0..15 {
+                let before = process_cpu();
+                took += match side.as_str() {
+                    "relay" => sides.relay_round(&rt),
+                    "bare" => sides.bare_round(&rt),
+                    "hand" => sides.hand_round(&rt),
+                    other => panic!("{ONLY_ENV}={other}: relay, bare or hand"),
+                };
+                cpu += process_cpu() - before;
+            }
+            let events = (15 * EVENTS) as f64;
+            println!(
+                "only {side} batch={batch}: {:.0} events/s; CPU per event, all threads, untimed commits included: {:.1} us",
+                events / took.as_secs_f64(),
+                cpu.as_secs_f64() * 1e6 / events
+            );
+        }
+        return;
+    }
     for batch in [100, 500] {
         paired(&rt, &fx, batch, 15);
     }
