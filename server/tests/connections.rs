@@ -617,3 +617,52 @@ async fn a_push_without_the_right_is_answered_without_waiting_for_its_body() {
     assert_eq!(server.count(None).unwrap(), 0);
     server.shutdown().await.unwrap();
 }
+
+/// The server speaks HTTP/1.1 only: an HTTP/2 client (prior knowledge) is
+/// closed at once, so HTTP/2's stream floods (rapid reset) do not apply; an
+/// `Upgrade: h2c` is ignored and answered in HTTP/1.1. A head over hyper's
+/// limits (many headers, a 1 MiB bearer token) is answered `431` without
+/// being parsed further. With the head timeout at "never", each close
+/// below is the server's refusal, not a timeout.
+#[tokio::test]
+async fn http2_and_oversized_heads_are_refused_at_once() {
+    let server = start(|c| c.header_timeout(NEVER).idle_timeout(NEVER)).await;
+    let mut h2 = TcpStream::connect(server.addr()).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    assert!(closed(&mut h2).await.is_empty());
+
+    let mut upgrade = TcpStream::connect(server.addr()).await.unwrap();
+    upgrade
+        .write_all(
+            b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+              Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let status = read_answer(&mut upgrade).await.expect("answered");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+
+    let mut many = b"GET /healthz HTTP/1.1\r\nHost: t\r\n".to_vec();
+    for i in 0..200 {
+        many.extend(format!("X-H{i}: v\r\n").as_bytes());
+    }
+    let mut long = b"GET /v1/events HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer ".to_vec();
+    long.extend(std::iter::repeat_n(b'a', 1 << 20));
+    for (mut head, whole) in [(many, true), (long, false)] {
+        head.extend(b"\r\n\r\n");
+        let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+        // The server may close before the whole 1 MiB is written.
+        let _ = stream.write_all(&head).await;
+        let answered = closed(&mut stream).await;
+        // Closing on a client still writing is a reset, which may cost the
+        // client the 431 (the 1 MiB head): then nothing at all was answered.
+        assert!(
+            answered.starts_with(b"HTTP/1.1 431") || (!whole && answered.is_empty()),
+            "{:?}",
+            String::from_utf8_lossy(&answered)
+        );
+    }
+    server.shutdown().await.unwrap();
+}
