@@ -614,6 +614,32 @@ async fn a_push_without_the_right_is_answered_without_waiting_for_its_body() {
     stream.write_all(METRICS_REQUEST).await.unwrap();
     let status = read_answer(&mut stream).await.expect("still open");
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    // A client that waits for "100 Continue" is refused without being
+    // asked for its body at all.
+    let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+    stream
+        .write_all(
+            b"POST /v1/events HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer nope\r\n\
+              Expect: 100-continue\r\nContent-Length: 5000\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let status = read_answer(&mut stream).await.expect("answered");
+    assert!(status.starts_with("HTTP/1.1 401"), "{status}");
+    // A body naming its client twice is not a push for either.
+    let body = String::from_utf8(push_body(1..2)).unwrap();
+    let twice = body.replacen(
+        "\"client_id\":",
+        "\"client_id\":\"other\",\"client_id\":",
+        1,
+    );
+    let mut request = push_request(twice.as_bytes());
+    let at = request.windows(2).position(|w| w == b"\r\n").unwrap() + 2;
+    request.splice(at..at, b"Authorization: Bearer token-a\r\n".iter().copied());
+    let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+    stream.write_all(&request).await.unwrap();
+    let status = read_answer(&mut stream).await.expect("answered");
+    assert!(status.starts_with("HTTP/1.1 400"), "{status}");
     assert_eq!(server.count(None).unwrap(), 0);
     server.shutdown().await.unwrap();
 }
@@ -663,6 +689,45 @@ async fn http2_and_oversized_heads_are_refused_at_once() {
             "{:?}",
             String::from_utf8_lossy(&answered)
         );
+    }
+    server.shutdown().await.unwrap();
+}
+
+/// The static directory is the only one served: `..` in every spelling
+/// (raw, percent-encoded, encoded slash or backslash) stays inside it.
+#[tokio::test]
+async fn static_files_stay_inside_their_directory() {
+    let site = tempfile::tempdir().unwrap();
+    std::fs::create_dir(site.path().join("www")).unwrap();
+    std::fs::write(site.path().join("www/index.html"), "demo").unwrap();
+    std::fs::write(site.path().join("secret.txt"), "SECRET").unwrap();
+    let server = start(|c| c.static_dir(site.path().join("www"))).await;
+    for path in [
+        "/index.html",
+        "/../secret.txt",
+        "/%2e%2e/secret.txt",
+        "/..%2fsecret.txt",
+        "/%2e%2e%2fsecret.txt",
+        "/.%2e/secret.txt",
+        "//..//secret.txt",
+        "/..\\secret.txt",
+        "/%5c..%5csecret.txt",
+    ] {
+        let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+        let answered = closed(&mut stream).await;
+        let answered = String::from_utf8_lossy(&answered);
+        if path == "/index.html" {
+            assert!(answered.starts_with("HTTP/1.1 200") && answered.ends_with("demo"));
+        } else {
+            assert!(answered.starts_with("HTTP/1.1 404"), "{path}: {answered}");
+            assert!(!answered.contains("SECRET"), "{path}: {answered}");
+        }
     }
     server.shutdown().await.unwrap();
 }
