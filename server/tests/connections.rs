@@ -539,11 +539,11 @@ async fn a_body_that_keeps_the_pace_is_read_however_long_it_takes() {
     let server = start(|c| {
         c.header_timeout(NEVER)
             .idle_timeout(NEVER)
-            .body_timeout(Duration::from_millis(500))
+            .body_timeout(Duration::from_secs(2))
     })
     .await;
-    // About 40 KiB in 5 pieces 300 ms apart: 1.2 s in all, over the 0.5 s
-    // base, but each 8 KiB piece earns 8 s at the minimum rate (1 KiB/s).
+    // About 40 KiB in 5 pieces 600 ms apart: 3 s in all, over the 2 s base,
+    // but each 8 KiB piece earns 8 s at the minimum rate (1 KiB/s).
     let mut seqs = 1..200;
     let body = loop {
         let body = push_body(seqs.clone());
@@ -557,7 +557,7 @@ async fn a_body_that_keeps_the_pace_is_read_however_long_it_takes() {
     let mut stream = TcpStream::connect(server.addr()).await.unwrap();
     stream.write_all(&request[..head_len]).await.unwrap();
     for piece in body.chunks(body.len().div_ceil(pieces)) {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
         stream.write_all(piece).await.unwrap();
     }
     let status = tokio::time::timeout(GENEROUS, read_answer(&mut stream))
@@ -580,7 +580,7 @@ async fn a_push_without_the_right_is_answered_without_waiting_for_its_body() {
             .reader_token("reader")
             .header_timeout(NEVER)
             .idle_timeout(NEVER)
-            .body_timeout(Duration::from_millis(300))
+            .body_timeout(Duration::from_secs(2))
     })
     .await;
     // A bad token, a reader token (no push right), no token: a head that
