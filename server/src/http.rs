@@ -42,7 +42,8 @@ const MAX_CLIENT_ID_LEN: usize = 256;
 const DEFAULT_PULL_LIMIT: usize = 100;
 const MAX_PULL_LIMIT: usize = 1000;
 /// A pull page ends before the event that would take its events past this
-/// many bytes ([`event_bytes`]; a page always holds at least one event), so
+/// many bytes (each event measured as the client's `max_event_bytes` is:
+/// type + key + payload + headers; a page always holds at least one event), so
 /// a page of big events cannot make the server build an answer of `limit`
 /// times the largest event.
 pub const PULL_PAGE_BYTES: usize = 4 * 1024 * 1024;
@@ -776,7 +777,8 @@ fn body_timed_out(base: Duration) -> Response {
     response
 }
 
-/// Default base time a push body may take ([`BodyPace`]): 30 s, three
+/// Default base time a push body may take (the body must arrive within it
+/// plus 1 s per [`BODY_MIN_RATE`] bytes received): 30 s, three
 /// times the reference relay's base push timeout, so a client on a slow
 /// link gives up first.
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
