@@ -2693,6 +2693,20 @@ async fn a_client_id_with_control_characters_is_refused() {
         .await
         .unwrap();
     assert_eq!(ok.status, StatusCode::OK);
+    // At most 256 bytes (not characters), on push and pull alike.
+    for (client_id, status) in [
+        ("a".repeat(256), StatusCode::OK),
+        ("a".repeat(257), StatusCode::BAD_REQUEST),
+        ("é".repeat(129), StatusCode::BAD_REQUEST),
+    ] {
+        let a = post_raw(&server, None, body(&client_id, &events(1..2)), false)
+            .await
+            .unwrap();
+        assert_eq!(a.status, status, "push, {} bytes", client_id.len());
+        let encoded: String = client_id.bytes().map(|b| format!("%{b:02X}")).collect();
+        let pulled = get(format!("{}?client_id={encoded}", server.events_url()), None).await;
+        assert_eq!(pulled.status, status, "pull, {} bytes", client_id.len());
+    }
     // The pull query's client_id too, by the same rule.
     for bad in ["a%1Bb", "a%E2%80%AEb", "a%E2%80%8Bb"] {
         let refused = get(format!("{}?client_id={bad}", server.events_url()), None).await;
