@@ -534,6 +534,62 @@ async fn a_slow_body_is_answered_408_and_its_connection_closed() {
     server.shutdown().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_are_served_during_a_slow_body_flood() {
+    // Fewer slots than flooding connections, head and idle timeouts at
+    // "never": only the body pace frees the slots.
+    let server = start(|c| {
+        c.header_timeout(NEVER)
+            .idle_timeout(NEVER)
+            .body_timeout(Duration::from_secs(1))
+            .max_connections(20)
+    })
+    .await;
+    let addr = server.addr();
+    let mut flood = JoinSet::new();
+    for _ in 0..100 {
+        flood.spawn(dribble_body(addr, "", 100_000, Duration::from_millis(200)));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    for round in 0..3i64 {
+        let answer = tokio::time::timeout(
+            GENEROUS,
+            client
+                .post(format!("http://{addr}/v1/events"))
+                .header("content-type", "application/json")
+                .body(push_body(round * 10..round * 10 + 10))
+                .send(),
+        )
+        .await
+        .expect("the push is answered during the flood")
+        .expect("the push gets an answer");
+        assert_eq!(answer.status(), 200);
+    }
+    assert_eq!(server.count(Some(CLIENT)).unwrap(), 30);
+    // Every flooding connection was cut: 408 (or a reset that lost it).
+    let cut = tokio::time::timeout(GENEROUS, async {
+        let mut cut = 0;
+        while let Some(answered) = flood.join_next().await {
+            let answered = answered.unwrap();
+            assert!(
+                answered.is_empty() || answered.starts_with(b"HTTP/1.1 408"),
+                "{:?}",
+                String::from_utf8_lossy(&answered)
+            );
+            cut += 1;
+        }
+        cut
+    })
+    .await
+    .expect("the flood is cut by the body pace");
+    assert_eq!(cut, 100);
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_body_that_keeps_the_pace_is_read_however_long_it_takes() {
     let server = start(|c| {
