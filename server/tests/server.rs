@@ -812,14 +812,18 @@ async fn fault_fail_next_with_retry_after() {
 #[tokio::test]
 async fn fault_fail_for_a_duration() {
     let (server, _dir) = start(|c| c).await;
-    server
-        .faults()
-        .fail_for(Duration::from_millis(300), Failure::status(500));
-    let a = push(&server, TOKEN_A, CLIENT_A, &events(1..2)).await;
-    assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
-    let b = push(&server, TOKEN_A, CLIENT_A, &events(1..2)).await;
-    assert_eq!(b.status, StatusCode::INTERNAL_SERVER_ERROR);
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    let window = Duration::from_millis(300);
+    let start = Instant::now();
+    server.faults().fail_for(window, Failure::status(500));
+    // An answer back within the window was decided within it: it failed.
+    // (A loaded machine may take longer: then the push says nothing.)
+    for _ in 0..2 {
+        let a = push(&server, TOKEN_A, CLIENT_A, &events(1..2)).await;
+        if start.elapsed() < window {
+            assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
+        }
+    }
+    tokio::time::sleep(window.saturating_sub(start.elapsed()) + Duration::from_millis(50)).await;
     assert_eq!(
         push(&server, TOKEN_A, CLIENT_A, &events(1..2)).await.status,
         StatusCode::OK
@@ -831,7 +835,6 @@ async fn fault_delay_makes_clients_time_out_after_the_commit() {
     let (server, _dir) = start(|c| c).await;
     server.faults().delay_next(1, Duration::from_millis(800));
     let batch = events(1..3);
-    let started = Instant::now();
     let err = reqwest::Client::new()
         .post(server.events_url())
         .header("authorization", format!("Bearer {TOKEN_A}"))
@@ -841,7 +844,6 @@ async fn fault_delay_makes_clients_time_out_after_the_commit() {
         .await
         .expect_err("the client times out");
     assert!(err.is_timeout(), "{err}");
-    assert!(started.elapsed() < Duration::from_millis(700));
     // Committed before the delay: the resend is a duplicate.
     assert_eq!(server.count(None).unwrap(), 2);
     let again = push(&server, TOKEN_A, CLIENT_A, &batch).await;
@@ -855,9 +857,14 @@ async fn fault_delay_makes_clients_time_out_after_the_commit() {
         assert!(t.elapsed() >= Duration::from_millis(150));
     }
     server.faults().delay(Duration::ZERO);
-    let t = Instant::now();
     push(&server, TOKEN_A, CLIENT_A, &events(4..5)).await;
-    assert!(t.elapsed() < Duration::from_millis(150));
+    // Cleared: the last push was not delayed (the request log says so,
+    // where a clock would say so only on an idle machine).
+    let faults: Vec<Option<String>> = server.requests().into_iter().map(|r| r.fault).collect();
+    assert_eq!(
+        faults[faults.len() - 3..],
+        [Some("delay".to_owned()), Some("delay".to_owned()), None]
+    );
 }
 
 #[tokio::test]
