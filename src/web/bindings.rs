@@ -505,12 +505,13 @@ impl Outbox {
                         _ => e,
                     }
                 })?;
-            let done = idb::done(&tx);
+            let mut done = idb::done(&tx);
             let state = Rc::new(TxState {
                 tx: tx.clone(),
                 store: shared.store.clone(),
                 failure: std::cell::RefCell::new(None),
                 enqueued: std::cell::Cell::new(0),
+                raw_taken: std::cell::Cell::new(false),
             });
             let handle: JsValue = OutboxTransaction {
                 state: state.clone(),
@@ -533,6 +534,10 @@ impl Outbox {
                 }
                 (Ok(value), None) => value,
             };
+            // The callback is done and its handle freed: no request can follow.
+            if !state.raw_taken.get() {
+                done.commit_now();
+            }
             done.await?;
             if state.enqueued.get() > 0 {
                 shared.store.committed();
@@ -801,6 +806,9 @@ struct TxState {
     /// The first failure inside the callback: the transaction is aborted with it.
     failure: std::cell::RefCell<Option<JsValue>>,
     enqueued: std::cell::Cell<u32>,
+    /// The callback took the raw `idbTransaction`: it may chain requests from
+    /// `success` handlers, so the transaction is left to commit by itself.
+    raw_taken: std::cell::Cell<bool>,
 }
 
 impl TxState {
@@ -898,6 +906,7 @@ impl OutboxTransaction {
     /// The underlying `IDBTransaction` (for requests this API does not wrap).
     #[wasm_bindgen(getter, js_name = idbTransaction)]
     pub fn idb_transaction(&self) -> IdbTransaction {
+        self.state.raw_taken.set(true);
         self.state.tx.clone()
     }
 }

@@ -13,8 +13,10 @@
 
 pub(crate) mod store;
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Context, Poll};
 
 use js_sys::{Array, Function, Object, Promise, Reflect};
@@ -57,6 +59,16 @@ extern "C" {
         mode: &str,
         options: &JsValue,
     ) -> std::result::Result<IdbTransaction, JsValue>;
+}
+
+#[wasm_bindgen]
+extern "C" {
+    /// An `IDBTransaction`, seen through `commit()` (web-sys marks its
+    /// binding deprecated).
+    type RawTx;
+
+    #[wasm_bindgen(method, catch, js_name = commit)]
+    fn commit(this: &RawTx) -> std::result::Result<(), JsValue>;
 }
 
 /// The future of one `IDBRequest`. The handlers are attached when the future
@@ -103,6 +115,15 @@ fn request_error(req: &IdbRequest, fallback: JsValue) -> JsValue {
 pub(crate) struct Done {
     tx: IdbTransaction,
     done: JsFuture,
+    /// After [`Done::commit_now`]: the first failed request's error, and the
+    /// `error` listener that catches it (removed on drop).
+    request_error: Option<RequestError>,
+}
+
+/// The first error of a transaction's requests, caught by `listener`.
+struct RequestError {
+    first: Rc<RefCell<Option<JsValue>>>,
+    listener: Closure<dyn FnMut(JsValue)>,
 }
 
 /// Start waiting for `tx` to commit or abort.
@@ -114,6 +135,54 @@ pub(crate) fn done(tx: &IdbTransaction) -> Done {
     Done {
         tx: tx.clone(),
         done: JsFuture::from(promise),
+        request_error: None,
+    }
+}
+
+impl Done {
+    /// Tell IndexedDB that the transaction gets no more requests: it commits
+    /// once the placed ones succeed, without waiting for their `success`
+    /// events to reach this page and come back empty-handed (the
+    /// auto-commit's round trip); in Chromium a fifth of a relaxed commit's
+    /// time (BENCHMARKS.md, "Browser commit"). Only for a transaction nobody
+    /// can still add requests to: a request placed later (from an earlier
+    /// request's `success` handler, e.g. a cursor's `continue()`) would fail.
+    /// Browsers without `commit()` (Safari before 15) auto-commit as before.
+    ///
+    /// A request failing after an explicit commit aborts the transaction with
+    /// an `AbortError` in Firefox and WebKit (Chromium keeps the request's
+    /// error): the first failed request's error is kept here and is the
+    /// cause this future reports, as it is without `commit()`.
+    pub(crate) fn commit_now(&mut self) {
+        if self.request_error.is_none() {
+            let first = Rc::new(RefCell::new(None::<JsValue>));
+            let slot = first.clone();
+            let listener = Closure::<dyn FnMut(JsValue)>::new(move |e: JsValue| {
+                let error = Reflect::get(&e, &"target".into())
+                    .ok()
+                    .and_then(|t| t.dyn_into::<IdbRequest>().ok())
+                    .and_then(|r| r.error().ok().flatten());
+                let mut slot = slot.borrow_mut();
+                if slot.is_none() {
+                    *slot = error.map(JsValue::from);
+                }
+            });
+            let _ = self
+                .tx
+                .add_event_listener_with_callback("error", listener.as_ref().unchecked_ref());
+            self.request_error = Some(RequestError { first, listener });
+        }
+        let _ = self.tx.unchecked_ref::<RawTx>().commit();
+    }
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        if let Some(r) = &self.request_error {
+            let _ = self
+                .tx
+                .remove_event_listener_with_callback("error", r.listener.as_ref().unchecked_ref());
+        }
     }
 }
 
@@ -124,17 +193,26 @@ impl Future for Done {
         match Pin::new(&mut self.done).poll(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
-            Poll::Ready(Err(event)) => Poll::Ready(Err(match self.tx.error() {
-                Some(e) => e.into(),
-                // An explicit abort() has no error: report an AbortError.
-                None => DomException::new_with_message_and_name(
-                    "the transaction was aborted",
-                    "AbortError",
-                )
-                .map(JsValue::from)
-                .unwrap_or(event),
+            Poll::Ready(Err(event)) => Poll::Ready(Err(match self.first_request_error() {
+                Some(e) => e,
+                None => match self.tx.error() {
+                    Some(e) => e.into(),
+                    // An explicit abort() has no error: report an AbortError.
+                    None => DomException::new_with_message_and_name(
+                        "the transaction was aborted",
+                        "AbortError",
+                    )
+                    .map(JsValue::from)
+                    .unwrap_or(event),
+                },
             })),
         }
+    }
+}
+
+impl Done {
+    fn first_request_error(&self) -> Option<JsValue> {
+        self.request_error.as_ref()?.first.borrow().clone()
     }
 }
 
