@@ -16,7 +16,7 @@ if (!fs.existsSync(path.join(pkgDir, "index.js"))) throw new Error(`${pkgDir} is
 // PROFILE=1: after the rounds, a CPU profile of PER_ROUND relaxed commits per
 // side (Chrome DevTools protocol), self time by function.
 const profile = process.env.PROFILE === "1";
-const rounds = Number(process.env.ROUNDS ?? 6);
+const rounds = Number(process.env.ROUNDS ?? 15);
 const perRound = Number(process.env.PER_ROUND ?? 200);
 const types = { ".html": "text/html", ".js": "text/javascript", ".wasm": "application/wasm", ".json": "application/json" };
 
