@@ -605,37 +605,21 @@ pub(crate) async fn post_token(
 /// `max_len` bytes, or holding a character that changes how text is shown
 /// rather than showing: a control character (C0, DEL, C1: escapes could
 /// drive the terminal of whoever reads a log or a tool's output), or one of
-/// [`invisible`] (bidi controls reorder what is shown, as in "Trojan
+/// [`crate::text::is_unsafe_to_print`]'s others (bidi controls reorder what is shown, as in "Trojan
 /// Source", CVE-2021-42574; zero-width characters make two different ids
 /// look the same; line separators split a log line).
 pub(crate) fn invalid_client_id(client_id: &str, max_len: usize) -> Option<String> {
     if client_id.is_empty() || client_id.len() > max_len {
         return Some(format!("client_id must be 1 to {max_len} bytes long"));
     }
-    if let Some(c) = client_id.chars().find(|&c| c.is_control() || invisible(c)) {
+    if let Some(c) = client_id
+        .chars()
+        .find(|&c| crate::text::is_unsafe_to_print(c))
+    {
         return Some(format!(
             "client_id must not hold control, bidi, invisible or line separator characters (found U+{:04X})",
             c as u32
         ));
     }
     None
-}
-
-/// The format characters refused in a client id besides the control
-/// characters: bidi controls (U+061C, U+200E, U+200F, U+202A-U+202E,
-/// U+2066-U+2069), zero-width and invisible characters (U+00AD, U+180E,
-/// U+200B-U+200D, U+2060-U+2064, U+FEFF) and the line and paragraph
-/// separators (U+2028, U+2029).
-fn invisible(c: char) -> bool {
-    matches!(
-        c,
-        '\u{00AD}'
-            | '\u{061C}'
-            | '\u{180E}'
-            | '\u{200B}'..='\u{200F}'
-            | '\u{2028}'..='\u{202E}'
-            | '\u{2060}'..='\u{2064}'
-            | '\u{2066}'..='\u{2069}'
-            | '\u{FEFF}'
-    )
 }

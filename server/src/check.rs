@@ -196,7 +196,8 @@ impl fmt::Display for Answer {
             body.truncate(cut);
             body.push('…');
         }
-        write!(f, "{} {}", self.status, body)
+        // The backend under test wrote it: no escapes into the terminal.
+        write!(f, "{} {}", self.status, crate::text::printable(&body))
     }
 }
 

@@ -57,6 +57,7 @@ mod metrics;
 mod postgres;
 mod ratelimit;
 mod store;
+pub mod text;
 
 pub use faults::{Failure, Faults, RequestRecord};
 pub use http::{AppState, BODY_MIN_RATE, DEFAULT_BODY_TIMEOUT, PULL_PAGE_BYTES, router};

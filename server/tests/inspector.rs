@@ -395,3 +395,26 @@ fn refuses_a_newer_schema_and_a_foreign_file_and_leaves_them_unchanged() {
     assert!(!inspector(&missing, &["status"]).status.success());
     assert!(!missing.exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_escape_what_could_drive_the_terminal() {
+    // Keys and types are the app's text, errors a server's: an ANSI escape
+    // (ESC [2J clears the screen) or a bidi override printed raw would act on
+    // the support engineer's terminal.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.db");
+    let outbox = Outbox::open(&path, Config::new("http://test.invalid")).unwrap();
+    outbox
+        .enqueue([ev("note", 1).key("k\u{1b}[2J\u{202E}gpj.exe")])
+        .unwrap();
+    let text = ok(&path, &["pending"]);
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{202E}'),
+        "{text:?}"
+    );
+    assert!(text.contains("key k\\u{001B}[2J\\u{202E}gpj.exe"), "{text}");
+    // --json is for programs: the key reads back as it was stored.
+    let all: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(&path, &["pending", "--json"])).unwrap();
+    assert_eq!(all[0]["key"], "k\u{1b}[2J\u{202E}gpj.exe");
+}

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use edge_outbox::{Config, Event, EventId, Outbox, SCHEMA_VERSION, Timestamp};
+use edge_outbox_server::text::printable;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 #[derive(Parser)]
@@ -198,7 +199,8 @@ fn print_events(events: &[Event], json: bool) -> Result<(), String> {
         if let Some(err) = &e.last_error {
             line.push_str(&format!("  error: {err}"));
         }
-        println!("{line}");
+        // Types, keys and errors are the app's (or a server's) text.
+        println!("{}", printable(&line));
     }
     if events.is_empty() {
         println!("(none)");
@@ -280,11 +282,13 @@ fn run(cli: Cli) -> Result<(), String> {
                     )
                 };
                 match (&lease.held, &lease.holder) {
-                    (true, Some(h)) => println!("lease holder    {}", who(h)),
+                    (true, Some(h)) => println!("lease holder    {}", printable(&who(h))),
                     (true, None) => {
                         println!("lease holder    held (its record in {lock} is unreadable)")
                     }
-                    (false, Some(h)) => println!("lease holder    none (last: {})", who(h)),
+                    (false, Some(h)) => {
+                        println!("lease holder    none (last: {})", printable(&who(h)))
+                    }
                     (false, None) => println!("lease holder    none"),
                 }
             }
@@ -400,7 +404,8 @@ fn tail(path: &Path, interval: Duration, for_: Option<Duration>, json: bool) -> 
                 println!("{v}");
             } else {
                 let key = key.map(|k| format!("  key {k}")).unwrap_or_default();
-                println!("{seq:>6}  {id}  {at}  {status}  {ty}{key}  {payload}");
+                let line = format!("{seq:>6}  {id}  {at}  {status}  {ty}{key}  {payload}");
+                println!("{}", printable(&line));
             }
         }
         let wait = match deadline {
