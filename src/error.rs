@@ -256,3 +256,58 @@ impl fmt::Debug for Error {
         Ok(())
     }
 }
+
+/// `s` in double quotes, escaped as `{:?}` escapes it for the characters a
+/// name or option is likely to hold (`"`, `\`, line breaks, tabs, NUL and
+/// other control characters as `\u{..}`); other characters as they are.
+/// Error messages quote user strings with this instead of `{:?}`: in the
+/// wasm build `{:?}` of a string links `str`'s `Debug` with its Unicode
+/// tables (BENCHMARKS.md, "Package size").
+pub(crate) fn quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\0' => out.push_str("\\0"),
+            c if c.is_control() => {
+                out.push_str("\\u{");
+                let code = c as u32;
+                let digits = (32 - code.leading_zeros()).div_ceil(4).max(1);
+                for i in (0..digits).rev() {
+                    let d = (code >> (4 * i)) & 0xf;
+                    out.push(char::from_digit(d, 16).unwrap_or('0'));
+                }
+                out.push('}');
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod quoted_tests {
+    use super::quoted;
+
+    #[test]
+    fn quotes_as_debug_does_for_names_and_control_characters() {
+        for s in [
+            "",
+            "orders",
+            "a \"quoted\" name",
+            "back\\slash",
+            "line\nbreak\r\ttab",
+            "nul\0",
+            "escape \u{1b} and delete \u{7f} and \u{9f}",
+            "unicode: é, 漢字, emoji 🎉",
+        ] {
+            assert_eq!(quoted(s), format!("{s:?}"), "{s}");
+        }
+    }
+}

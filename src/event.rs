@@ -8,7 +8,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, quoted};
 use crate::json::to_json_strict;
 use crate::time::Timestamp;
 
@@ -66,7 +66,7 @@ impl FromStr for EventId {
         Uuid::parse_str(s)
             .map(EventId)
             .map_err(|e| Error::InvalidConfig {
-                reason: format!("{s:?} is not an event id (a UUID): {e}"),
+                reason: format!("{} is not an event id (a UUID): {e}", quoted(s)),
             })
     }
 }

@@ -19,7 +19,7 @@ use super::idb::store::{
 };
 use super::idb::{self, EVENTS};
 use super::transport::FetchTransport;
-use crate::error::Error;
+use crate::error::{Error, quoted};
 use crate::event::{DEFAULT_MAX_EVENT_BYTES, Event, EventId, NewEvent};
 use crate::policy::RetryPolicy;
 use crate::relay::RelayConfig;
@@ -180,13 +180,17 @@ fn new_event(event_type: &JsValue, payload: &JsValue, opts: &JsValue) -> Result<
             let pair: Array = entry.unchecked_into();
             let name = exact_string(&pair.get(0), "a header name")?.unwrap_or_default();
             let value = pair.get(1);
-            let value = exact_string(&value, &format!("the value of the header {name:?}"))?
-                .ok_or_else(|| {
-                    invalid_event(format!(
-                        "the value of the header {name:?} is a {}, not a string",
-                        type_of(&value)
-                    ))
-                })?;
+            let value = exact_string(
+                &value,
+                &format!("the value of the header {}", quoted(&name)),
+            )?
+            .ok_or_else(|| {
+                invalid_event(format!(
+                    "the value of the header {} is a {}, not a string",
+                    quoted(&name),
+                    type_of(&value)
+                ))
+            })?;
             event = event.header(name, value);
         }
     }
@@ -288,7 +292,8 @@ fn app_stores(stores: &JsValue) -> Result<Vec<AppStore>, JsValue> {
         let name = pair.get(0).as_string().unwrap_or_default();
         if name.starts_with("edge_outbox") {
             return Err(config_error(format!(
-                "the store name {name:?} is reserved for the outbox"
+                "the store name {} is reserved for the outbox",
+                quoted(&name)
             )));
         }
         let def = pair.get(1);
@@ -374,7 +379,8 @@ impl Outbox {
             None => Durability::Default,
             Some(s) => Durability::parse(&s).ok_or_else(|| {
                 config_error(format!(
-                    "durability must be \"strict\", \"relaxed\" or \"default\", not {s:?}"
+                    "durability must be \"strict\", \"relaxed\" or \"default\", not {}",
+                    quoted(&s)
                 ))
             })?,
         };

@@ -261,3 +261,8 @@ export function checkJsonText(text) {
     return v;
   });
 }
+// The text of a thrown value that is neither an Error nor a string (what
+// `{:?}` of a JsValue gave, without wasm-bindgen's debug-string code).
+export function valueText(v) {
+  try { return String(v); } catch (_) { return typeof v; }
+}

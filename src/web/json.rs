@@ -27,6 +27,13 @@ extern "C" {
     /// surrogate escape.
     #[wasm_bindgen(catch, js_name = checkJsonText)]
     fn check_json_text_js(text: &str) -> Result<(), JsValue>;
+
+    /// `String(value)` (`typeof value` when that throws): the text of a
+    /// thrown value that is neither an `Error` nor a string. In place of
+    /// `{:?}` of a `JsValue`, whose debug-string code would ship in the
+    /// package for this one message.
+    #[wasm_bindgen(js_name = valueText)]
+    pub(crate) fn value_text(value: &JsValue) -> String;
 }
 
 /// [`PushResponse::from_json`] in the browser.

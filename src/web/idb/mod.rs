@@ -295,15 +295,17 @@ fn blocked_error(name: &str) -> Closure<dyn Fn(JsValue, JsValue) -> JsValue> {
         let version = |v: JsValue| v.as_f64().map(|n| n as u64);
         let err = js_sys::Error::new(&match (version(old), version(new)) {
             (Some(old), Some(new)) => format!(
-                "the upgrade of the IndexedDB database {name:?} from version {old} to {new} is \
+                "the upgrade of the IndexedDB database {} from version {old} to {new} is \
                  blocked by another connection that does not close (another tab of an older \
                  version of this app, or a connection of the app's own); close the other tabs \
-                 and try again"
+                 and try again",
+                crate::error::quoted(&name)
             ),
             _ => format!(
-                "opening the IndexedDB database {name:?} waited behind another connection's \
+                "opening the IndexedDB database {} waited behind another connection's \
                  upgrade, which another connection blocks (another tab of an older version of \
-                 this app, or a connection of the app's own); close the other tabs and try again"
+                 this app, or a connection of the app's own); close the other tabs and try again",
+                crate::error::quoted(&name)
             ),
         });
         err.set_name(BLOCKED_ERROR);
@@ -395,7 +397,8 @@ pub(crate) fn error_parts(e: &JsValue) -> (String, String) {
     if name.is_empty() && message.is_empty() {
         (
             String::new(),
-            e.as_string().unwrap_or_else(|| format!("{e:?}")),
+            e.as_string()
+                .unwrap_or_else(|| crate::web::json::value_text(e)),
         )
     } else {
         (name, message)

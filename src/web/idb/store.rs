@@ -199,8 +199,8 @@ impl IdbStore {
         if !idb::has_outbox_stores(&db) {
             return Err(Error::InvalidConfig {
                 reason: format!(
-                    "the database {:?} has no outbox stores; call createOutboxStores(db) in its upgrade handler",
-                    db.name()
+                    "the database {} has no outbox stores; call createOutboxStores(db) in its upgrade handler",
+                    crate::error::quoted(&db.name())
                 ),
             });
         }
@@ -611,7 +611,8 @@ pub(crate) async fn open_database(
     .map_err(|e| match idb::error_parts(&e).0.as_str() {
         "VersionError" => OpenFailure::Error(Error::InvalidConfig {
             reason: format!(
-                "the database {name:?} was upgraded by another tab meanwhile; open it again"
+                "the database {} was upgraded by another tab meanwhile; open it again",
+                crate::error::quoted(name)
             ),
         }),
         _ => blocked_or("upgrading the database")(e),
