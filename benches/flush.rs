@@ -364,7 +364,8 @@ fn paired(rt: &Runtime, fx: &Fixture, batch: usize, rounds: usize) {
     let (mut relay_cpu, mut bare_cpu) = (Duration::ZERO, Duration::ZERO);
     for _ in 0..rounds {
         // The relay round's CPU includes committing its events (untimed);
-        // `commit_cpu` below measures that part alone to subtract it.
+        // `commit_cpu` below measures that part alone to subtract it (and
+        // `bodies_cpu` the bare and hand rounds' untimed bodies).
         let cpu = process_cpu();
         let relay = sides.relay_round(rt);
         relay_cpu += process_cpu() - cpu;
@@ -390,6 +391,15 @@ fn paired(rt: &Runtime, fx: &Fixture, batch: usize, rounds: usize) {
         rt.block_on(sides.relay.flush()).unwrap();
         used
     };
+    // The bare and hand rounds build their bodies untimed: that part alone,
+    // to subtract it from their CPU as the commits are from the relay's.
+    let bodies_cpu = {
+        let cpu = process_cpu();
+        for _ in 0..rounds {
+            std::hint::black_box(bodies("cpu", EVENTS, batch, 1));
+        }
+        process_cpu() - cpu
+    };
     ratios.sort_by(f64::total_cmp);
     hand_ratios.sort_by(f64::total_cmp);
     let rate = |d: Duration| (rounds * EVENTS) as f64 / d.as_secs_f64();
@@ -402,7 +412,7 @@ fn paired(rt: &Runtime, fx: &Fixture, batch: usize, rounds: usize) {
         ratios[0],
         ratios[rounds - 1],
         per_event(relay_cpu.saturating_sub(commit_cpu)),
-        per_event(bare_cpu),
+        per_event(bare_cpu.saturating_sub(bodies_cpu)),
     );
     println!(
         "floor batch={batch}: hand (bare posts + the claim and settle SQLite transactions by hand) {:.0} events/s, bare / hand median {:.2} (min {:.2}, max {:.2}); CPU per event, all threads: hand {:.1} us",
@@ -411,7 +421,7 @@ fn paired(rt: &Runtime, fx: &Fixture, batch: usize, rounds: usize) {
         hand_ratios[0],
         hand_ratios[rounds - 1],
         // Its untimed commits cost what the relay side's do.
-        per_event(hand_cpu.saturating_sub(commit_cpu)),
+        per_event(hand_cpu.saturating_sub(commit_cpu + bodies_cpu)),
     );
 }
 
