@@ -258,11 +258,32 @@ fn hand_claim(conn: &rusqlite::Connection, after: i64, limit: usize) -> Option<(
     lo.map(|lo| (lo, hi))
 }
 
-/// The hand side's settle: one ranged UPDATE marking `lo..=hi` sent.
+/// Set to `watermark` to make the hand side settle without rewriting the
+/// rows: one meta row records the highest seq sent (what a schema whose
+/// sent state is a watermark would write), to see what such a schema would
+/// buy. The hand side's claim reads the same rows either way.
+const HAND_SETTLE_ENV: &str = "EDGE_OUTBOX_BENCH_HAND_SETTLE";
+
+fn watermark_settle() -> bool {
+    std::env::var(HAND_SETTLE_ENV).is_ok_and(|v| v == "watermark")
+}
+
+/// The hand side's settle: one ranged UPDATE marking `lo..=hi` sent (or,
+/// with [`HAND_SETTLE_ENV`], one meta row holding `hi`).
 fn hand_settle(conn: &mut rusqlite::Connection, (lo, hi): (i64, i64)) {
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .unwrap();
+    if watermark_settle() {
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO edge_outbox_meta (key, value) VALUES ('bench_sent_through', ?1)",
+        )
+        .unwrap()
+        .execute([hi.to_string()])
+        .unwrap();
+        tx.commit().unwrap();
+        return;
+    }
     tx.prepare_cached(
         "UPDATE edge_outbox_events SET status = 'sent', sent_at = ?1, \
          last_error = NULL, attempts = attempts + 1 \
@@ -415,7 +436,12 @@ fn paired(rt: &Runtime, fx: &Fixture, batch: usize, rounds: usize) {
         per_event(bare_cpu.saturating_sub(bodies_cpu)),
     );
     println!(
-        "floor batch={batch}: hand (bare posts + the claim and settle SQLite transactions by hand) {:.0} events/s, bare / hand median {:.2} (min {:.2}, max {:.2}); CPU per event, all threads: hand {:.1} us",
+        "floor batch={batch}{}: hand (bare posts + the claim and settle SQLite transactions by hand) {:.0} events/s, bare / hand median {:.2} (min {:.2}, max {:.2}); CPU per event, all threads: hand {:.1} us",
+        if watermark_settle() {
+            " (settle: watermark)"
+        } else {
+            ""
+        },
         rate(hand_total),
         hand_ratios[rounds / 2],
         hand_ratios[0],
