@@ -304,25 +304,7 @@ async fn pushes_are_served_during_a_slow_header_flood() {
     }
     // Let the flood connect first, so the pushes queue behind it.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap();
-    for round in 0..3i64 {
-        let answer = tokio::time::timeout(
-            GENEROUS,
-            client
-                .post(format!("http://{addr}/v1/events"))
-                .header("content-type", "application/json")
-                .body(push_body(round * 10..round * 10 + 10))
-                .send(),
-        )
-        .await
-        .expect("the push is answered during the flood")
-        .expect("the push gets an answer");
-        assert_eq!(answer.status(), 200);
-    }
-    assert_eq!(server.count(Some(CLIENT)).unwrap(), 30);
+    pushes_get_through(&server).await;
     // Every flooding connection was cut, none answered.
     let all_cut = tokio::time::timeout(GENEROUS, async {
         let mut cut = 0;
@@ -551,25 +533,7 @@ async fn pushes_are_served_during_a_slow_body_flood() {
         flood.spawn(dribble_body(addr, "", 100_000, Duration::from_millis(200)));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap();
-    for round in 0..3i64 {
-        let answer = tokio::time::timeout(
-            GENEROUS,
-            client
-                .post(format!("http://{addr}/v1/events"))
-                .header("content-type", "application/json")
-                .body(push_body(round * 10..round * 10 + 10))
-                .send(),
-        )
-        .await
-        .expect("the push is answered during the flood")
-        .expect("the push gets an answer");
-        assert_eq!(answer.status(), 200);
-    }
-    assert_eq!(server.count(Some(CLIENT)).unwrap(), 30);
+    pushes_get_through(&server).await;
     // Every flooding connection was cut: 408 (or a reset that lost it).
     let cut = tokio::time::timeout(GENEROUS, async {
         let mut cut = 0;
@@ -786,4 +750,29 @@ async fn static_files_stay_inside_their_directory() {
         }
     }
     server.shutdown().await.unwrap();
+}
+
+/// Three pushes of 10 events each, on fresh connections, are answered 200
+/// while a flood holds the server's connections, and all 30 are stored.
+async fn pushes_get_through(server: &RunningServer) {
+    let addr = server.addr();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    for round in 0..3i64 {
+        let answer = tokio::time::timeout(
+            GENEROUS,
+            client
+                .post(format!("http://{addr}/v1/events"))
+                .header("content-type", "application/json")
+                .body(push_body(round * 10..round * 10 + 10))
+                .send(),
+        )
+        .await
+        .expect("the push is answered during the flood")
+        .expect("the push gets an answer");
+        assert_eq!(answer.status(), 200);
+    }
+    assert_eq!(server.count(Some(CLIENT)).unwrap(), 30);
 }
