@@ -377,14 +377,31 @@ impl ServerConfig {
 
 /// Serve `config` on `listener` until `shutdown` completes, then stop
 /// accepting, let in-flight requests finish, and return.
+///
+/// Fails with [`Error::Config`] on unusable TLS files and with the storage's
+/// error when the database cannot be opened or migrated, before serving.
 pub async fn serve(
     listener: TcpListener,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    serve_when_ready(listener, config, || {}, shutdown).await
+}
+
+/// [`serve`], calling `ready` once the TLS files are parsed and the
+/// database is open and migrated, just before the first connection is
+/// accepted: the moment to tell a supervisor or a test script that the
+/// server is up. Not called when starting fails.
+pub async fn serve_when_ready(
+    listener: TcpListener,
+    config: ServerConfig,
+    ready: impl FnOnce(),
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
     let limits = config.limits;
     let tls = listener::Tls::acceptor(config.tls.as_ref())?;
     let state = AppState::open(config).await?;
+    ready();
     serve_state(listener, state, limits, tls, shutdown).await
 }
 

@@ -367,14 +367,11 @@ async fn main() -> ExitCode {
         }
     };
     let addr = listener.local_addr().unwrap_or(args.listen);
-    // Test scripts read this line to learn the port.
     let scheme = if args.tls_cert.is_some() {
         "https"
     } else {
         "http"
     };
-    println!("listening on {scheme}://{addr}");
-    let _ = std::io::stdout().flush();
     match &args.database_url {
         // The URL may hold a password: name the storage, not the URL.
         Some(_) => eprintln!(
@@ -384,7 +381,13 @@ async fn main() -> ExitCode {
         None => eprintln!("edge-outbox-server: database {}", args.database.display()),
     }
 
-    match edge_outbox_server::serve(listener, config, shutdown_signal()).await {
+    // Scripts and tests read this line to learn the port and that the
+    // server is up: printed only once the database is open and migrated.
+    let ready = || {
+        println!("listening on {scheme}://{addr}");
+        let _ = std::io::stdout().flush();
+    };
+    match edge_outbox_server::serve_when_ready(listener, config, ready, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("edge-outbox-server: {e}");

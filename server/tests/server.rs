@@ -1734,6 +1734,24 @@ fn binary(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (std::process::Chi
     (child, url)
 }
 
+#[test]
+fn binary_says_it_listens_only_once_its_database_is_open() {
+    // Scripts wait for "listening on" to know the server is up: a server
+    // whose database cannot be opened must exit without ever printing it.
+    let dir = tempfile::tempdir().unwrap();
+    let not_sqlite = dir.path().join("notes.txt");
+    std::fs::write(&not_sqlite, "not a database, just text that is long enough").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-outbox-server"))
+        .args(["--listen", "127.0.0.1:0", "--allow-anonymous", "--database"])
+        .arg(&not_sqlite)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "started on a file that is not SQLite");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("listening on"), "announced before failing: {stdout}");
+    assert!(!out.stderr.is_empty(), "failed without saying why");
+}
+
 #[tokio::test]
 async fn binary_prints_its_port_and_serves() {
     let dir = tempfile::tempdir().unwrap();
