@@ -11,7 +11,10 @@
 //   scripts/build-pkg && cargo build --release -p edge-outbox-server \
 //     && (cd benches/browser && npm install && node flush.mjs)
 //   N=1000 ROUNDS=5 BATCH=100 by default; PKG_DIR=<a built package> (default pkg/);
-//   SIDES=outbox,fetch leaves Workbox out (quicker, to compare changes)
+//   SIDES=outbox,fetch leaves Workbox out (quicker, to compare changes);
+//   PROFILE=1 adds a CPU profile of one more outbox flush: self time per
+//   function, per batch (wasm functions are named only in a build that keeps
+//   its name section)
 // The page, its service worker and pkg/ are served by the reference server
 // itself (--static-dir), so both sides talk to a same-origin endpoint: no
 // CORS preflight on either side.
@@ -160,6 +163,31 @@ try {
   // One more outbox flush, profiled: where its time goes.
   const prof = await page.evaluate((o) => window.runOutbox(o), { n, batch, tag: "profile", profile: true });
   if (prof.sent !== n) throw new Error(`profiled outbox sent ${prof.sent} of ${n}`);
+
+  if (process.env.PROFILE === "1") {
+    const cdp = await context.newCDPSession(page);
+    await cdp.send("Profiler.enable");
+    await cdp.send("Profiler.setSamplingInterval", { interval: 50 });
+    // The page brackets the timed flush alone with console.profile().
+    const finished = new Promise((resolve) => cdp.once("Profiler.consoleProfileFinished", resolve));
+    const res = await page.evaluate((o) => window.runOutbox(o), { n, batch, tag: "cpu", cpu: true });
+    const { profile: p } = await finished;
+    if (res.sent !== n) throw new Error(`CPU-profiled outbox sent ${res.sent} of ${n}`);
+    // Self time per function: samples are node ids, timeDeltas in µs;
+    // "(idle)" and "(program)" are the main thread waiting or in the browser.
+    const byId = new Map(p.nodes.map((x) => [x.id, x]));
+    const self = new Map();
+    p.samples.forEach((id, i) => {
+      const f = byId.get(id).callFrame;
+      const name = `${f.functionName || "(anonymous)"} ${f.url ? path.basename(f.url) : ""}`.trim();
+      self.set(name, (self.get(name) ?? 0) + (p.timeDeltas[i] ?? 0));
+    });
+    const batches = n / batch;
+    console.log(`CPU profile of one outbox flush (${n} events, ${res.ms.toFixed(0)} ms); self ms per batch of ${batch}, top 25:`);
+    for (const [name, us] of [...self].sort((a, b) => b[1] - a[1]).slice(0, 25)) {
+      console.log(`  ${(us / 1000 / batches).toFixed(3).padStart(7)} ms  ${name}`);
+    }
+  }
 
   // The floor: the same transactions by hand in JS, no network (3 runs each).
   const floors = { watermark: [], perRecord: [] };

@@ -220,6 +220,17 @@ export function timeout(promise, ms) {
   ]);
 }
 
+// The fields of a stored event record in one call, in the order
+// store.rs parse_record reads them: from wasm, each Reflect.get passed its
+// property name as a new string (13 per record). Object(): a corrupt record
+// that is not an object reads as all fields absent, not as a throw.
+const FIELDS = ["id", "status", "headers", "seq", "type", "key", "payload", "created_at", "attempts",
+  "next_attempt_at", "last_error", "sent_at", "retried_at"];
+export function recordFields(r) {
+  const o = Object(r);
+  return FIELDS.map((k) => o[k]);
+}
+
 // ---- used by src/web/json.rs ----
 // The browser's JSON parser instead of serde_json's in the package, with the
 // checks serde's derive makes natively (src/protocol.rs): required fields,

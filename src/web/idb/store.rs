@@ -158,6 +158,15 @@ const REOPEN_TIMEOUT_MS: f64 = 10_000.0;
 extern "C" {
     /// `promise`'s value, or `"timeout"` after `ms` milliseconds.
     fn timeout(promise: &Promise, ms: f64) -> Promise;
+
+    /// The fields of a stored event record, in one call: `[id, status,
+    /// headers, seq, type, key, payload, created_at, attempts,
+    /// next_attempt_at, last_error, sent_at, retried_at]` (undefined where
+    /// absent). Read field by field, each `Reflect.get` passed its property
+    /// name as a new JS string: 13 per record, the largest main-thread item
+    /// of a browser flush (BENCHMARKS.md, "Flush").
+    #[wasm_bindgen(js_name = recordFields)]
+    fn record_fields(record: &JsValue) -> Array;
 }
 
 impl std::fmt::Debug for IdbStore {
@@ -824,15 +833,19 @@ pub(crate) fn parse_record(r: &JsValue) -> Result<Event> {
         message: format!("a stored outbox record is corrupt ({what})"),
         source: None,
     };
-    let id: EventId = opt_str(get(r, "id"))
+    // In the order of glue.js `recordFields`.
+    let f = record_fields(r);
+    let text = |i| f.get(i).as_string();
+    let ts = |i| f.get(i).as_f64().map(|n| Timestamp::from_millis(n as i64));
+    let id: EventId = text(0)
         .ok_or_else(|| bad("id"))?
         .parse()
         .map_err(|_| bad("id"))?;
-    let status = opt_str(get(r, "status"))
+    let status = text(1)
         .and_then(|s| EventStatus::parse(&s))
         .ok_or_else(|| bad("status"))?;
     let mut headers = BTreeMap::new();
-    let h = get(r, "headers");
+    let h = f.get(2);
     if h.is_object() {
         for entry in Object::entries(h.unchecked_ref()).iter() {
             let pair: Array = entry.unchecked_into();
@@ -841,21 +854,20 @@ pub(crate) fn parse_record(r: &JsValue) -> Result<Event> {
             }
         }
     }
-    let ts = |k: &str| num(r, k).map(|n| Timestamp::from_millis(n as i64));
     Ok(Event {
-        seq: num(r, "seq").ok_or_else(|| bad("seq"))? as i64,
+        seq: f.get(3).as_f64().ok_or_else(|| bad("seq"))? as i64,
         id,
-        event_type: opt_str(get(r, "type")).ok_or_else(|| bad("type"))?,
-        key: opt_str(get(r, "key")),
-        payload: opt_str(get(r, "payload")).ok_or_else(|| bad("payload"))?,
+        event_type: text(4).ok_or_else(|| bad("type"))?,
+        key: text(5),
+        payload: text(6).ok_or_else(|| bad("payload"))?,
         headers,
-        created_at: ts("created_at").ok_or_else(|| bad("created_at"))?,
+        created_at: ts(7).ok_or_else(|| bad("created_at"))?,
         status,
-        attempts: num(r, "attempts").unwrap_or(0.0) as u32,
-        next_attempt_at: ts("next_attempt_at").unwrap_or(Timestamp::from_millis(0)),
-        last_error: opt_str(get(r, "last_error")),
-        sent_at: ts("sent_at"),
-        retried_at: ts("retried_at"),
+        attempts: f.get(8).as_f64().unwrap_or(0.0) as u32,
+        next_attempt_at: ts(9).unwrap_or(Timestamp::from_millis(0)),
+        last_error: text(10),
+        sent_at: ts(11),
+        retried_at: ts(12),
     })
 }
 
