@@ -12,6 +12,8 @@
 //     && (cd benches/browser && npm install && node flush.mjs)
 //   N=1000 ROUNDS=5 BATCH=100 by default; PKG_DIR=<a built package> (default pkg/);
 //   SIDES=outbox,fetch leaves Workbox out (quicker, to compare changes);
+//   SIDES=outbox,fetch,handjs adds the pipelined floor: the outbox's own
+//   IndexedDB transactions and push, written by hand in JS (no wasm);
 //   PROFILE=1 adds a CPU profile of one more outbox flush: self time per
 //   function, per batch (wasm functions are named only in a build that keeps
 //   its name section)
@@ -125,6 +127,7 @@ try {
   const fetchRates = [];
   const workboxRates = [];
   const queueRates = [];
+  const handRates = [];
   const run = {
     async outbox(r) {
       const res = await page.evaluate((o) => window.runOutbox(o), { n, batch, tag: `r${r}` });
@@ -139,6 +142,13 @@ try {
       const ids = await received(res.clientId);
       if (ids.length !== n || new Set(ids).size !== n) throw new Error(`server holds ${ids.length} fetch-loop events, expected ${n}`);
       fetchRates.push((n * 1000) / res.ms);
+    },
+    async handjs(r) {
+      const res = await page.evaluate((o) => window.runHandJs(o), { n, batch, tag: `r${r}` });
+      if (res.sent !== n) throw new Error(`the hand-written pipeline sent ${res.sent} of ${n}`);
+      const ids = await received(res.clientId);
+      if (ids.length !== n || new Set(ids).size !== n) throw new Error(`server holds ${ids.length} hand-written events, expected ${n}`);
+      handRates.push((n * 1000) / res.ms);
     },
     async workbox(r) {
       const res = await page.evaluate((o) => window.runWorkbox(o), { n, tag: `r${r}` });
@@ -157,7 +167,7 @@ try {
     const order = sides.map((_, i) => sides[(i + r) % sides.length]);
     for (const side of order) await run[side](r);
     console.error(`round ${r + 1}/${rounds}: outbox ${outboxRates.at(-1).toFixed(0)}, fetch loop ${fetchRates.at(-1).toFixed(0)}, `
-      + `Workbox replay ${workboxRates.at(-1)?.toFixed(0) ?? "-"} events/s`);
+      + `Workbox replay ${workboxRates.at(-1)?.toFixed(0) ?? "-"}, hand-written pipeline ${handRates.at(-1)?.toFixed(0) ?? "-"} events/s`);
   }
 
   // One more outbox flush, profiled: where its time goes.
@@ -219,6 +229,13 @@ try {
   console.log(`ratio edge-outbox / bare fetch: ${(o / f).toFixed(2)} (per round: median ${median(perRound).toFixed(2)}, `
     + `range ${range(perRound)}; target >= 0.5)`);
   if (workboxRates.length) console.log(`ratio edge-outbox / Workbox: ${(o / w).toFixed(1)}x (target >= 20x)`);
+  if (handRates.length) {
+    const h = median(handRates);
+    const perRoundHand = handRates.map((x, i) => x / fetchRates[i]);
+    console.log(`| hand-written pipeline (same IndexedDB transactions in JS, claim/settle during the push) | ${h.toFixed(0)} | ${fmt(handRates)} |`);
+    console.log(`ratio hand-written pipeline / bare fetch: ${(h / f).toFixed(2)} (per round: median ${median(perRoundHand).toFixed(2)}, `
+      + `range ${range(perRoundHand)}); edge-outbox / hand-written pipeline: ${(o / h).toFixed(2)}`);
+  }
   console.log(profileSplit(prof));
   const ms = (xs, k) => `${median(xs.map((x) => x[k])).toFixed(2)} (${range(xs.map((x) => x[k]))})`;
   console.log(`floor, the same IndexedDB transactions by hand in JS, ms per batch of ${batch} (median of 3 runs, range):`);
