@@ -14,6 +14,7 @@
 //   SIDES=outbox,fetch leaves Workbox out (quicker, to compare changes);
 //   SIDES=outbox,fetch,handjs adds the pipelined floor: the outbox's own
 //   IndexedDB transactions and push, written by hand in JS (no wasm);
+//   handjs1 the same with the settle and the next claim in one transaction;
 //   PROFILE=1 adds a CPU profile of one more outbox flush: self time per
 //   function, per batch (wasm functions are named only in a build that keeps
 //   its name section)
@@ -128,6 +129,7 @@ try {
   const workboxRates = [];
   const queueRates = [];
   const handRates = [];
+  const hand1Rates = [];
   const run = {
     async outbox(r) {
       const res = await page.evaluate((o) => window.runOutbox(o), { n, batch, tag: `r${r}` });
@@ -149,6 +151,13 @@ try {
       const ids = await received(res.clientId);
       if (ids.length !== n || new Set(ids).size !== n) throw new Error(`server holds ${ids.length} hand-written events, expected ${n}`);
       handRates.push((n * 1000) / res.ms);
+    },
+    async handjs1(r) {
+      const res = await page.evaluate((o) => window.runHandJs(o), { n, batch, tag: `one${r}`, oneTx: true });
+      if (res.sent !== n) throw new Error(`the one-transaction pipeline sent ${res.sent} of ${n}`);
+      const ids = await received(res.clientId);
+      if (ids.length !== n || new Set(ids).size !== n) throw new Error(`server holds ${ids.length} one-transaction events, expected ${n}`);
+      hand1Rates.push((n * 1000) / res.ms);
     },
     async workbox(r) {
       const res = await page.evaluate((o) => window.runWorkbox(o), { n, tag: `r${r}` });
@@ -229,6 +238,12 @@ try {
   console.log(`ratio edge-outbox / bare fetch: ${(o / f).toFixed(2)} (per round: median ${median(perRound).toFixed(2)}, `
     + `range ${range(perRound)}; target >= 0.5)`);
   if (workboxRates.length) console.log(`ratio edge-outbox / Workbox: ${(o / w).toFixed(1)}x (target >= 20x)`);
+  if (hand1Rates.length) {
+    const h1 = median(hand1Rates);
+    console.log(`| hand-written pipeline, settle + next claim in one transaction | ${h1.toFixed(0)} | ${fmt(hand1Rates)} |`);
+    console.log(`ratio one-transaction pipeline / bare fetch: ${(h1 / f).toFixed(2)}; edge-outbox / it: ${(o / h1).toFixed(2)}`
+      + (handRates.length ? `; it / two-transaction pipeline: ${(h1 / median(handRates)).toFixed(2)}` : ""));
+  }
   if (handRates.length) {
     const h = median(handRates);
     const perRoundHand = handRates.map((x, i) => x / fetchRates[i]);
