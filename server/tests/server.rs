@@ -1746,9 +1746,15 @@ fn binary_says_it_listens_only_once_its_database_is_open() {
         .arg(&not_sqlite)
         .output()
         .unwrap();
-    assert!(!out.status.success(), "started on a file that is not SQLite");
+    assert!(
+        !out.status.success(),
+        "started on a file that is not SQLite"
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(!stdout.contains("listening on"), "announced before failing: {stdout}");
+    assert!(
+        !stdout.contains("listening on"),
+        "announced before failing: {stdout}"
+    );
     assert!(!out.stderr.is_empty(), "failed without saying why");
 }
 
