@@ -725,14 +725,35 @@ fn a_schema_v2_file_is_migrated_in_place() {
     assert_eq!(again.get(retried.id).unwrap().unwrap(), retried);
 }
 
+/// seq, id, payload, headers, status, last_error of a stored event.
+type StoredRow = (i64, Vec<u8>, String, Option<String>, String, Option<String>);
+
+/// Every event row's seq, id, payload, headers, status and last error, in
+/// seq order: what a migration must keep as it was.
+fn stored_rows(conn: &Connection) -> Vec<StoredRow> {
+    let mut stmt = conn
+        .prepare("SELECT seq, id, payload, headers, status, last_error FROM edge_outbox_events ORDER BY seq")
+        .unwrap();
+    stmt.query_map([], |r| {
+        Ok((
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+        ))
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
 /// A schema v3 file (as the previous release left it: a unique index on the
 /// ids, random UUIDv7s, the top seq pruned) is migrated in place to v4: the
 /// index is gone, every event keeps its seq, id and state, pending and dead
 /// events keep their order, lookups by the old ids still work, and no seq is
 /// ever given twice.
-/// seq, id, payload, headers, status, last_error of a stored event.
-type StoredRow = (i64, Vec<u8>, String, Option<String>, String, Option<String>);
-
 #[test]
 fn a_schema_v3_file_is_migrated_in_place() {
     let dir = TempDir::new().unwrap();
@@ -787,25 +808,7 @@ fn a_schema_v3_file_is_migrated_in_place() {
         conn.execute("DELETE FROM edge_outbox_events WHERE seq = 6", [])
             .unwrap();
     }
-    let before: Vec<StoredRow> = {
-        let conn = Connection::open(&path).unwrap();
-        let mut stmt = conn
-            .prepare("SELECT seq, id, payload, headers, status, last_error FROM edge_outbox_events ORDER BY seq")
-            .unwrap();
-        stmt.query_map([], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-            ))
-        })
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
-    };
+    let before = stored_rows(&Connection::open(&path).unwrap());
     assert_eq!(before.len(), 5);
 
     let outbox = Outbox::open(&path, config()).unwrap();
@@ -817,24 +820,7 @@ fn a_schema_v3_file_is_migrated_in_place() {
     assert_eq!(seqs(outbox.dead_letters().unwrap()), [2, 4]);
 
     let conn = Connection::open(&path).unwrap();
-    let after: Vec<StoredRow> = {
-        let mut stmt = conn
-            .prepare("SELECT seq, id, payload, headers, status, last_error FROM edge_outbox_events ORDER BY seq")
-            .unwrap();
-        stmt.query_map([], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-            ))
-        })
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
-    };
+    let after = stored_rows(&conn);
     assert_eq!(after, before, "every row kept as it was");
     let unique_indexes: i64 = conn
         .query_row(
