@@ -109,6 +109,20 @@ fn enqueue(outbox: &Outbox, n: usize) {
     }
 }
 
+/// Post one pre-built push body and read the whole answer, as the bare and
+/// hand sides both do: one definition, so they do the same HTTP work.
+async fn post(client: &reqwest::Client, url: &str, body: Vec<u8>) {
+    let response = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+}
+
 /// The bodies the relay would send for `n` fresh events, `batch` per body.
 fn bodies(client_id: &str, n: usize, batch: usize, seq0: i64) -> Vec<Vec<u8>> {
     let now = edge_outbox::Timestamp::now().to_rfc3339();
@@ -211,16 +225,7 @@ impl Sides {
         let started = Instant::now();
         rt.block_on(async {
             for body in bodies {
-                let response = self
-                    .client
-                    .post(&self.url)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(response.status(), 200);
-                response.bytes().await.unwrap();
+                post(&self.client, &self.url, body).await;
             }
         });
         started.elapsed()
@@ -316,18 +321,7 @@ impl Sides {
             let mut settle: Option<(i64, i64)> = None;
             for (i, body) in bodies.into_iter().enumerate() {
                 let last = i == EVENTS.div_ceil(batch) - 1;
-                let post = async {
-                    let response = self
-                        .client
-                        .post(&self.url)
-                        .header("content-type", "application/json")
-                        .body(body)
-                        .send()
-                        .await
-                        .unwrap();
-                    assert_eq!(response.status(), 200);
-                    response.bytes().await.unwrap();
-                };
+                let post = post(&self.client, &self.url, body);
                 let conn = Arc::clone(&conn);
                 let after = sending.1;
                 let local = tokio::task::spawn_blocking(move || {
