@@ -214,7 +214,7 @@ impl NewEvent {
 }
 
 /// The one definition of an event's size, shared by [`NewEvent`] and [`Event`].
-fn event_size(
+pub(crate) fn event_size(
     event_type: &str,
     key: Option<&str>,
     payload: &str,

@@ -46,6 +46,20 @@ pub struct WireEvent {
     pub created_at: String,
 }
 
+impl WireEvent {
+    /// Bytes this event counts against an event size limit, measured as the
+    /// client measures it at enqueue ([`crate::NewEvent::size`]): type, key,
+    /// payload (its JSON text) and header names and values.
+    pub fn size(&self) -> usize {
+        crate::event::event_size(
+            &self.event_type,
+            self.key.as_deref(),
+            self.payload.get(),
+            &self.headers,
+        )
+    }
+}
+
 impl TryFrom<&Event> for WireEvent {
     type Error = Error;
 

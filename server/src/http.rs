@@ -68,7 +68,7 @@ struct Inner {
     body_limit: usize,
     /// Base time a push body may take to arrive (see [`BodyPace`]).
     body_timeout: Duration,
-    /// Largest event accepted ([`event_bytes`]); larger ones are rejected.
+    /// Largest event accepted ([`WireEvent::size`]); larger ones are rejected.
     max_event_bytes: usize,
     /// Faults are consulted (and pushes logged) only when this is set, so a
     /// production server pays nothing and keeps no log.
@@ -376,13 +376,6 @@ pub(crate) fn parse_push(bytes: &[u8]) -> Result<PushRequest, Response> {
     }
 }
 
-/// An event's size as the client's `max_event_bytes` measures it: type,
-/// key, payload (its JSON text) and header names and values, in bytes.
-pub(crate) fn event_bytes(e: &WireEvent) -> usize {
-    let headers: usize = e.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
-    e.event_type.len() + e.key.as_deref().map_or(0, str::len) + e.payload.get().len() + headers
-}
-
 /// Why one event is rejected, if it is. These are permanent: resending the
 /// same event can never succeed, so the client may dead-letter it.
 pub(crate) fn invalid_event(e: &WireEvent) -> Option<String> {
@@ -596,7 +589,7 @@ async fn push_inner(
         .iter()
         .map(|e| {
             invalid_event(e).or_else(|| {
-                let size = event_bytes(e);
+                let size = e.size();
                 (size > max_event).then(|| {
                     format!(
                         "the event is {size} bytes (type + key + payload + headers), over this server's limit of {max_event} bytes"
@@ -1002,7 +995,7 @@ fn pull_page(
         let chunk = store.pull(after, want, client_id)?;
         let last_chunk = chunk.len() < want;
         for event in chunk {
-            let size = event_bytes(&event.event);
+            let size = event.event.size();
             if !page.is_empty() && bytes.saturating_add(size) > PULL_PAGE_BYTES {
                 return Ok(page);
             }
