@@ -282,13 +282,10 @@ pub(crate) async fn read_body(
     rate: Option<u64>,
 ) -> Result<Bytes, BodyError> {
     let drain_cap = limit.saturating_mul(4).max(16 << 20);
-    let declared = declared_length(headers);
-    // Only a body sent as is has a Content-Length that says its real size.
-    let compressed = headers.contains_key(header::CONTENT_ENCODING);
-    if declared.is_some_and(|n| !compressed && n > drain_cap) {
+    if declared_over(headers, drain_cap) {
         return Err(BodyError::TooLarge);
     }
-    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
+    let mut buf = BytesMut::with_capacity(declared_length(headers).unwrap_or(0).min(limit));
     let mut seen: usize = 0;
     while let Some(frame) = body.frame().await {
         let frame = match frame {
@@ -322,6 +319,14 @@ pub(crate) async fn read_body(
     } else {
         Ok(buf.freeze())
     }
+}
+
+/// True when the body says by itself that it is over `cap` bytes: only a
+/// body sent as is (no `Content-Encoding`) has a `Content-Length` that gives
+/// its real size.
+fn declared_over(headers: &HeaderMap, cap: usize) -> bool {
+    let compressed = headers.contains_key(header::CONTENT_ENCODING);
+    declared_length(headers).is_some_and(|n| !compressed && n > cap)
 }
 
 /// The request's `Content-Length`, if it has a readable one.
@@ -722,9 +727,7 @@ async fn refuse_unread(
         .get(header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let drained = !expects && {
-        let declared = declared_length(headers);
-        let compressed = headers.contains_key(header::CONTENT_ENCODING);
-        if declared.is_some_and(|n| !compressed && n > limit) {
+        if declared_over(headers, limit) {
             false
         } else {
             let pace = BodyPace::new(state.inner.body_timeout.min(DRAIN_TIMEOUT));
