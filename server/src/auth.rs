@@ -411,9 +411,7 @@ impl Access {
                 client: Some(bound),
                 ..
             } if bound == client_id => Ok(()),
-            Access::Credential { client: None, .. } => Err(forbidden(
-                "this token may not push: it is not bound to a client_id".into(),
-            )),
+            Access::Credential { client: None, .. } => Err(unbound_may_not_push()),
             Access::Credential { .. } => Err(forbidden(format!(
                 "this token may not push for client_id {client_id:?}"
             ))),
@@ -455,11 +453,15 @@ impl Access {
             Access::Credential {
                 client: Some(c), ..
             } => Ok(Some(rate_key(c))),
-            Access::Credential { client: None, .. } => Err(forbidden(
-                "this token may not push: it is not bound to a client_id".into(),
-            )),
+            Access::Credential { client: None, .. } => Err(unbound_may_not_push()),
         }
     }
+}
+
+/// The `403` of a push by a credential bound to no client id (a reader
+/// token): it may read, never push.
+fn unbound_may_not_push() -> Response {
+    forbidden("this token may not push: it is not bound to a client_id".into())
 }
 
 /// The rate-limit key of pushes for `client_id`: one budget per client,
@@ -603,11 +605,11 @@ pub(crate) async fn post_token(
 
 /// Why `client_id` is not acceptable, if it is not: empty, longer than
 /// `max_len` bytes, or holding a character that changes how text is shown
-/// rather than showing: a control character (C0, DEL, C1: escapes could
-/// drive the terminal of whoever reads a log or a tool's output), or one of
-/// [`crate::text::is_unsafe_to_print`]'s others (bidi controls reorder what is shown, as in "Trojan
-/// Source", CVE-2021-42574; zero-width characters make two different ids
-/// look the same; line separators split a log line).
+/// rather than showing ([`crate::text::is_unsafe_to_print`]): a control
+/// character (C0, DEL, C1: escapes could drive the terminal of whoever reads
+/// a log or a tool's output), a bidi control (it reorders what is shown, as
+/// in "Trojan Source", CVE-2021-42574), a zero-width character (two
+/// different ids look the same) or a line separator (it splits a log line).
 pub(crate) fn invalid_client_id(client_id: &str, max_len: usize) -> Option<String> {
     if client_id.is_empty() || client_id.len() > max_len {
         return Some(format!("client_id must be 1 to {max_len} bytes long"));
