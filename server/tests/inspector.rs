@@ -418,3 +418,48 @@ async fn listings_escape_what_could_drive_the_terminal() {
         serde_json::from_str(&ok(&path, &["pending", "--json"])).unwrap();
     assert_eq!(all[0]["key"], "k\u{1b}[2J\u{202E}gpj.exe");
 }
+
+/// `tail` prints each new event's status as the library reads it: events
+/// committed and delivered between two polls show `sent`, though schema v5
+/// records their delivery by the pending floor and leaves their rows as
+/// they were committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_shows_events_delivered_between_polls_as_sent() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let (db, outbox) = fixture(dir.path()).await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edge-outbox"))
+        .arg("--db")
+        .arg(&db)
+        .args(["tail", "--for", "5s", "--interval", "3s", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run edge-outbox");
+    // It says where it starts just before its first poll; the events are
+    // committed and delivered well after that poll and well before the
+    // next one, 3 s later.
+    let mut started = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut started)
+        .unwrap();
+    assert!(started.starts_with("following"), "{started}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    outbox.enqueue([ev("late", 1), ev("late", 2)]).unwrap();
+    let relay = outbox.relay(MemoryServer::new()).spawn();
+    assert_eq!(relay.flush().await.unwrap().pending, 0);
+    relay.shutdown().await.unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let seen: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|e| (e["type"].as_str().unwrap(), e["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(seen, [("late", "sent"), ("late", "sent")]);
+}

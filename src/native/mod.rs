@@ -12,4 +12,4 @@ pub use http::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, HttpTransport, HttpTran
 pub use lease::{LeaseHolder, RelayLease};
 pub use outbox::{Config, Durability, Outbox, OutboxTx};
 pub use relay::{DEFAULT_POLL_INTERVAL, RelayBuilder, RelayHandle};
-pub use sqlite::{SCHEMA_VERSION, SqliteStore};
+pub use sqlite::{SCHEMA_VERSION, STATUS_SQL, SqliteStore};

@@ -36,10 +36,13 @@
 //!    `LeaseHeld { until: now + lease }`. The batch is read in one DEFERRED
 //!    transaction that writes nothing;
 //! 6. the claim stops at the first event not due ([`ClaimRequest::is_due`]);
-//! 7. `settle` is one IMMEDIATE transaction whose every statement has
-//!    `status = 'pending'`; an empty settle takes no transaction at all;
-//! 8. `retry` sets `retried_at`, `retry_now` is one UPDATE from the pending
-//!    floor;
+//! 7. `settle` is one IMMEDIATE transaction that changes only events still
+//!    pending (stored `'pending'` at or above the pending floor); a sent
+//!    prefix is recorded by raising the floor, without rewriting its rows
+//!    (see [`EVENTS_COLUMNS`]); an empty settle takes no transaction at all;
+//! 8. `retry` sets `retried_at` (and first writes out the sent state of the
+//!    rows the floor comes back down over), `retry_now` is one UPDATE from
+//!    the pending floor;
 //! 9. a claim writes nothing to the events, so an unsettled batch is simply
 //!    claimed again.
 
@@ -58,7 +61,7 @@ use crate::store::{Claim, ClaimRequest, Outcome, Settlement, Stats, Store};
 use crate::time::Timestamp;
 
 /// The outbox schema version this build writes and understands.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// The outbox's settings: `schema_version`, `client_id`, `id_key` (see
 /// [`IdKey`]), `pending_floor` and `sent_count` (see [`EVENTS_COLUMNS`]).
@@ -69,30 +72,47 @@ CREATE TABLE IF NOT EXISTS edge_outbox_meta (
 ) WITHOUT ROWID;
 ";
 
-/// Schema v4. Status is stored as text so the table reads well in any SQLite
-/// browser.
-///
-/// v4 dropped the unique index on `id`. An index entry is one more page
-/// written to the WAL at every commit (4.2 pages per commit instead of 3.05,
-/// about 15 % of a commit). An event's id now carries its `seq` (see
-/// [`IdKey`]), so a lookup by id is a lookup by primary key, checked against
-/// the stored id. Events written before v4 have random ids: the migration
-/// lists them in `edge_outbox_old_ids` (id -> seq), which nothing writes
-/// afterwards. v3 added `retried_at` (when the app last made a dead letter
-/// pending again; the retry policy's max age counts from it) and dropped the
-/// relay lease from meta (`lease_owner`, `lease_until`: the lease is an OS
-/// file lock now). v2 replaced v1's index of pending events by the pending
-/// floor. `migrate` upgrades v1, v2 and v3 files in place.
+/// Schema v5. Status is stored as text so the table reads well in any SQLite
+/// browser, but since v5 the stored text is not the whole story (see "Sent
+/// below the floor"; [`STATUS_SQL`] gives the real status in SQL).
 ///
 /// Pending events are found from the **pending floor** (meta key
 /// `pending_floor`): a `seq` at or below every pending event's. New events
-/// always get a higher `seq`; settling moves the floor up to the first event
-/// still pending; `retry` moves it down to the event made pending again. So
-/// the claim, the pending list and the pending count walk the primary key
-/// from the floor and never see the sent rows that pile up below it until
-/// pruning. Marking an event sent then only rewrites its row: with an index
-/// of pending events (schema v1), every commit added an entry and every
-/// settle removed one, and the settle cost about twice as much.
+/// always get a higher `seq`; settling moves the floor up past the events it
+/// settles; `retry` moves it down to the event made pending again. So the
+/// claim, the pending list and the pending count walk the primary key from
+/// the floor and never see the sent rows that pile up below it until
+/// pruning.
+///
+/// **Sent below the floor (v5).** A row stored as `'pending'` whose `seq` is
+/// below the floor is *sent*: settling a batch the server acknowledged only
+/// raises the floor past it and adds one row to `edge_outbox_sent_marks`
+/// (`lo..=hi`, `sent_at`), instead of rewriting each event's row. Rewriting
+/// the rows was half of the relay's settle cost, and a fifth more was the
+/// WAL checkpoint copying those pages back (BENCHMARKS.md, "Native flush").
+/// Such an event reads as `status = 'sent'`, its stored `attempts` plus the
+/// one that reached the server, no `last_error`, and the `sent_at` of its
+/// mark. The floor only ever rises past stored-pending rows the same settle
+/// names as sent, and `retry`, before it lowers the floor, writes the sent
+/// state into the rows it comes back down over (and drops their marks), so
+/// a row never changes meaning. Sent outcomes for events above the first
+/// event still pending (one that waits to retry, say) are written into their
+/// rows, as before v5.
+///
+/// v5 added `edge_outbox_sent_marks`; a v4 file has none and every sent row
+/// explicit, which v5 reads the same. v4 dropped the unique index on `id`.
+/// An index entry is one more page written to the WAL at every commit (4.2
+/// pages per commit instead of 3.05, about 15 % of a commit). An event's id
+/// now carries its `seq` (see [`IdKey`]), so a lookup by id is a lookup by
+/// primary key, checked against the stored id. Events written before v4
+/// have random ids: the migration lists them in `edge_outbox_old_ids` (id ->
+/// seq), which nothing writes afterwards. v3 added `retried_at` (when the
+/// app last made a dead letter pending again; the retry policy's max age
+/// counts from it) and dropped the relay lease from meta (`lease_owner`,
+/// `lease_until`: the lease is an OS file lock now). v2 replaced v1's index
+/// of pending events by the pending floor (an index entry added at every
+/// commit and removed at every settle made the settle cost about twice as
+/// much). `migrate` upgrades v1 to v4 files in place.
 ///
 /// Dead events are few and may sit anywhere, so they keep a partial index.
 /// Queries must spell `status = 'dead'` as a literal for SQLite to use it.
@@ -116,6 +136,29 @@ const EVENTS_COLUMNS: &str = "(
     sent_at         INTEGER,
     retried_at      INTEGER
 )";
+
+/// Schema v5: the batches recorded as sent by raising the pending floor
+/// (see "Sent below the floor" at [`EVENTS_COLUMNS`]). A mark says: every
+/// row stored as `'pending'` with `lo <= seq <= hi` was acknowledged at
+/// `sent_at` (Unix ms). Marks never overlap; `prune_sent` deletes a mark
+/// with its rows, `retry` the marks it writes out.
+const SENT_MARKS_TABLE: &str = "
+CREATE TABLE IF NOT EXISTS edge_outbox_sent_marks (
+    hi      INTEGER PRIMARY KEY,
+    lo      INTEGER NOT NULL,
+    sent_at INTEGER NOT NULL
+);
+";
+
+/// An SQL expression giving the status of a row of `edge_outbox_events`
+/// (`'pending'`, `'sent'` or `'dead'`), for tools that read the table
+/// directly, as the `edge-outbox` inspector does: since schema v5 a row
+/// stored as `'pending'` below the pending floor is sent (see the README,
+/// "The SQLite schema"). Unqualified column names: use it in a query on
+/// `edge_outbox_events` alone.
+pub const STATUS_SQL: &str = "CASE WHEN status = 'pending' AND seq < \
+     (SELECT CAST(value AS INTEGER) FROM edge_outbox_meta WHERE key = 'pending_floor') \
+     THEN 'sent' ELSE status END";
 
 const DEAD_INDEX: &str = "CREATE INDEX IF NOT EXISTS edge_outbox_events_dead \
      ON edge_outbox_events (seq) WHERE status = 'dead'";
@@ -161,9 +204,10 @@ const COUNT_PENDING: &str =
 const FIRST_PENDING_CREATED_AT: &str = "SELECT created_at FROM edge_outbox_events \
      WHERE seq >= ?1 AND status = 'pending' ORDER BY seq LIMIT 1";
 
-/// The first pending event's seq from the floor `?1` on.
-const FIRST_PENDING_SEQ: &str = "SELECT seq FROM edge_outbox_events \
-     WHERE seq >= ?1 AND status = 'pending' ORDER BY seq LIMIT 1";
+/// The seqs of the pending events from the floor `?1` on, in order (read
+/// one by one, as far as needed).
+const PENDING_SEQS_FROM: &str = "SELECT seq FROM edge_outbox_events \
+     WHERE seq >= ?1 AND status = 'pending' ORDER BY seq";
 
 /// Makes event ids that carry their `seq`, so that a lookup by id needs no
 /// index of ids (schema v4), and reads the `seq` back.
@@ -487,34 +531,37 @@ impl Inner {
                 Outcome::Dead { reason } => dead.push((seq, reason)),
             }
         }
-        // Every statement has `status = 'pending'`: a late answer never
-        // resurrects an event the app has since discarded, nor undoes a dead
-        // or sent state.
+        sent.sort_unstable();
+        sent.dedup();
+        // Every statement changes only events still pending (stored
+        // `'pending'` at or above the floor): a late answer never resurrects
+        // an event the app has since discarded, nor undoes a dead or sent
+        // state.
         self.write(|tx| {
+            let floor = pending_floor(tx).map_err(|e| self.map(e))?;
             // Returns how many events changed.
             let by_seqs = |set: &str, values: &[&dyn rusqlite::ToSql], seqs: &mut [i64]| {
                 let mut changed = 0;
+                let n = values.len();
                 let sql = format!(
                     "UPDATE edge_outbox_events SET {set} \
-                     WHERE seq BETWEEN ?{} AND ?{} AND status = 'pending'",
-                    values.len() + 1,
-                    values.len() + 2
+                     WHERE seq BETWEEN ?{} AND ?{} AND seq >= ?{} AND status = 'pending'",
+                    n + 1,
+                    n + 2,
+                    n + 3
                 );
                 let mut stmt = tx.prepare_cached(&sql).map_err(|e| self.map(e))?;
                 for (lo, hi) in runs(seqs) {
-                    let params: Vec<&dyn rusqlite::ToSql> =
-                        values.iter().copied().chain([&lo as _, &hi as _]).collect();
+                    let params: Vec<&dyn rusqlite::ToSql> = values
+                        .iter()
+                        .copied()
+                        .chain([&lo as _, &hi as _, &floor as _])
+                        .collect();
                     changed += stmt.execute(params.as_slice()).map_err(|e| self.map(e))?;
                 }
                 Ok::<_, Error>(changed)
             };
-            let now = now.as_millis();
-            let newly_sent = by_seqs(
-                "status = 'sent', sent_at = ?1, last_error = NULL, attempts = attempts + 1",
-                &[&now],
-                &mut sent,
-            )?;
-            add_to_sent_count(tx, newly_sent as i64).map_err(|e| self.map(e))?;
+            let at_now = now.as_millis();
             for ((at, error), seqs) in &mut retry {
                 let at = at.as_millis();
                 by_seqs(
@@ -530,7 +577,26 @@ impl Inner {
                     &mut [seq],
                 )?;
             }
-            raise_pending_floor(tx).map_err(|e| self.map(e))
+            // The sent events from the floor up to the first event still
+            // pending are recorded by raising the floor past them (see
+            // "Sent below the floor"); the rest are written into their rows.
+            let (new_floor, below) =
+                raise_pending_floor(tx, floor, &sent).map_err(|e| self.map(e))?;
+            if below > 0 {
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO edge_outbox_sent_marks (hi, lo, sent_at) \
+                     VALUES (?1, ?2, ?3)",
+                )
+                .and_then(|mut s| s.execute([new_floor - 1, floor, at_now]))
+                .map_err(|e| self.map(e))?;
+            }
+            let above = sent.partition_point(|&seq| seq < new_floor);
+            let written = by_seqs(
+                "status = 'sent', sent_at = ?1, last_error = NULL, attempts = attempts + 1",
+                &[&at_now],
+                &mut sent[above..],
+            )?;
+            add_to_sent_count(tx, (below + written) as i64).map_err(|e| self.map(e))
         })
     }
 
@@ -590,7 +656,20 @@ impl Inner {
                 conn.prepare_cached(&pending_from_sql(">="))
                     .and_then(|mut s| s.query_map([limit, floor], row_to_event)?.collect())
             }
-            _ => conn
+            EventStatus::Sent => {
+                // Sent rows, and the rows sent below the floor.
+                let floor = pending_floor(&conn).map_err(|e| self.map(e))?;
+                conn.prepare_cached(&format!(
+                    "{SELECT_EVENT} WHERE status = 'sent' OR (status = 'pending' AND seq < ?2) \
+                     ORDER BY seq LIMIT ?1"
+                ))
+                .and_then(|mut s| {
+                    s.query_map([limit, floor], row_to_event)?
+                        .map(|event| event_below_floor(&conn, event?, floor))
+                        .collect()
+                })
+            }
+            EventStatus::Dead => conn
                 .prepare_cached(&status_sql(status))
                 .and_then(|mut s| s.query_map([limit], row_to_event)?.collect()),
         };
@@ -617,7 +696,10 @@ impl Inner {
     }
 
     pub(crate) fn get(&self, id: EventId) -> Result<Option<Event>> {
-        let conn = self.lock();
+        let mut conn = self.lock();
+        // One snapshot for the floor and the row.
+        let conn = conn.transaction().map_err(|e| self.map(e))?;
+        let floor = pending_floor(&conn).map_err(|e| self.map(e))?;
         for seq in self.seqs_of(&conn, id)? {
             let event = conn
                 .prepare_cached(&format!("{SELECT_EVENT} WHERE seq = ?1 AND id = ?2"))
@@ -626,8 +708,10 @@ impl Inner {
                         .optional()
                 })
                 .map_err(|e| self.map(e))?;
-            if event.is_some() {
-                return Ok(event);
+            if let Some(event) = event {
+                return event_below_floor(&conn, event, floor)
+                    .map(Some)
+                    .map_err(|e| self.map(e));
             }
         }
         Ok(None)
@@ -652,13 +736,13 @@ impl Inner {
                 }
             }
             if let Some(seq) = seq {
-                // Pending again below the floor, maybe: the floor follows it down.
-                tx.execute(
-                    "UPDATE edge_outbox_meta SET value = ?1 \
-                     WHERE key = 'pending_floor' AND CAST(value AS INTEGER) > ?1",
-                    [seq],
-                )
-                .map_err(|e| self.map(e))?;
+                // Pending again below the floor, maybe: the floor follows it
+                // down, once the rows it comes back over say they are sent.
+                let floor = pending_floor(tx).map_err(|e| self.map(e))?;
+                if seq < floor {
+                    write_out_marks(tx, seq, floor, now).map_err(|e| self.map(e))?;
+                    set_pending_floor(tx, seq).map_err(|e| self.map(e))?;
+                }
             }
             Ok(usize::from(seq.is_some()))
         })?;
@@ -703,12 +787,32 @@ impl Inner {
 
     pub(crate) fn prune_sent(&self, before: Timestamp) -> Result<u64> {
         self.write(|tx| {
-            let pruned = tx
+            let before = before.as_millis();
+            let mut pruned = tx
                 .execute(
                     "DELETE FROM edge_outbox_events WHERE status = 'sent' AND sent_at < ?1",
-                    [before.as_millis()],
+                    [before],
                 )
                 .map_err(|e| self.map(e))?;
+            // The rows sent below the floor, mark by mark (a mark is below
+            // the floor, so `seq < floor` only restates it).
+            let floor = pending_floor(tx).map_err(|e| self.map(e))?;
+            let marks: Vec<(i64, i64)> = tx
+                .prepare("DELETE FROM edge_outbox_sent_marks WHERE sent_at < ?1 RETURNING lo, hi")
+                .and_then(|mut s| {
+                    s.query_map([before], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect()
+                })
+                .map_err(|e| self.map(e))?;
+            for (lo, hi) in marks {
+                pruned += tx
+                    .prepare_cached(
+                        "DELETE FROM edge_outbox_events \
+                         WHERE seq BETWEEN ?1 AND ?2 AND seq < ?3 AND status = 'pending'",
+                    )
+                    .and_then(|mut s| s.execute([lo, hi, floor]))
+                    .map_err(|e| self.map(e))?;
+            }
             add_to_sent_count(tx, -(pruned as i64)).map_err(|e| self.map(e))?;
             Ok(pruned as u64)
         })
@@ -768,6 +872,8 @@ fn migrate(conn: &Connection) -> std::result::Result<(String, IdKey, bool), Migr
             "CREATE TABLE IF NOT EXISTS edge_outbox_events {EVENTS_COLUMNS}"
         ))?;
         conn.execute_batch(DEAD_INDEX)?;
+        // v4 -> v5: sent batches are recorded by the floor (see `EVENTS_COLUMNS`).
+        conn.execute_batch(SENT_MARKS_TABLE)?;
         // v1 -> v2: pending events were found on an index of their own; the
         // pending floor replaces it (see `EVENTS_COLUMNS`). The floor is computed
         // before the index goes, while it still makes finding it cheap.
@@ -941,15 +1047,31 @@ fn add_to_sent_count(conn: &Connection, delta: i64) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Move the pending floor up to the first event still pending (or past the
-/// last event when none is). Walks only the rows between the old floor and
-/// that event: after a settle, the ones just settled.
-fn raise_pending_floor(conn: &Connection) -> rusqlite::Result<()> {
-    let floor = pending_floor(conn)?;
-    let first_pending: Option<i64> = conn
-        .prepare_cached(FIRST_PENDING_SEQ)?
-        .query_row([floor], |r| r.get(0))
-        .optional()?;
+/// Move the pending floor from `floor` up past every event still pending
+/// whose seq is in `sent` (sorted), stopping at the first pending event not
+/// in it (or past the last event when there is none), and store it. Walks
+/// only the rows between the old floor and that event: after a settle, the
+/// ones just settled. Returns the new floor and how many pending events it
+/// passed: the events this raise records as sent.
+fn raise_pending_floor(
+    conn: &Connection,
+    floor: i64,
+    sent: &[i64],
+) -> rusqlite::Result<(i64, usize)> {
+    let mut passed = 0;
+    let mut first_pending = None;
+    {
+        let mut stmt = conn.prepare_cached(PENDING_SEQS_FROM)?;
+        let mut rows = stmt.query([floor])?;
+        while let Some(row) = rows.next()? {
+            let seq: i64 = row.get(0)?;
+            if sent.binary_search(&seq).is_err() {
+                first_pending = Some(seq);
+                break;
+            }
+            passed += 1;
+        }
+    }
     let new_floor = match first_pending {
         Some(seq) => seq,
         // The next event gets a higher seq than any row here (AUTOINCREMENT).
@@ -959,11 +1081,67 @@ fn raise_pending_floor(conn: &Connection) -> rusqlite::Result<()> {
             .max(floor),
     };
     if new_floor != floor {
-        conn.prepare_cached(
-            "INSERT OR REPLACE INTO edge_outbox_meta (key, value) VALUES ('pending_floor', ?1)",
-        )?
-        .execute([new_floor.to_string()])?;
+        set_pending_floor(conn, new_floor)?;
     }
+    Ok((new_floor, passed))
+}
+
+/// Store the pending floor.
+fn set_pending_floor(conn: &Connection, floor: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO edge_outbox_meta (key, value) VALUES ('pending_floor', ?1)",
+    )?
+    .execute([floor.to_string()])?;
+    Ok(())
+}
+
+/// An event read from its row, with the status the pending floor gives it:
+/// a row stored as pending below `floor` is sent (see "Sent below the floor"
+/// at [`EVENTS_COLUMNS`]), with the attempt that reached the server counted
+/// and the `sent_at` of its mark.
+fn event_below_floor(conn: &Connection, mut event: Event, floor: i64) -> rusqlite::Result<Event> {
+    if event.status == EventStatus::Pending && event.seq < floor {
+        event.status = EventStatus::Sent;
+        event.attempts += 1;
+        event.last_error = None;
+        event.sent_at = conn
+            .prepare_cached(
+                "SELECT sent_at FROM edge_outbox_sent_marks \
+                 WHERE hi >= ?1 AND lo <= ?1 ORDER BY hi LIMIT 1",
+            )?
+            .query_row([event.seq], |r| r.get(0))
+            .optional()?
+            .map(Timestamp::from_millis);
+    }
+    Ok(event)
+}
+
+/// Before the floor comes down to `from` (a `retry` made the event at
+/// `from` pending again): write the sent state into every other row stored
+/// as pending in `from..floor`, with its mark's
+/// `sent_at` (`now` if it has none, which cannot happen but must not leave
+/// a sent row unprunable), and drop those marks, so that no row changes
+/// meaning when it is above the floor again. A mark reaching below `from`
+/// is written out whole.
+fn write_out_marks(
+    conn: &Connection,
+    from: i64,
+    floor: i64,
+    now: Timestamp,
+) -> rusqlite::Result<()> {
+    let lo: i64 = conn.query_row(
+        "SELECT min(coalesce((SELECT min(lo) FROM edge_outbox_sent_marks WHERE hi >= ?1), ?1), ?1)",
+        [from],
+        |r| r.get(0),
+    )?;
+    conn.execute(
+        "UPDATE edge_outbox_events SET status = 'sent', attempts = attempts + 1, \
+         last_error = NULL, sent_at = coalesce((SELECT m.sent_at FROM edge_outbox_sent_marks m \
+         WHERE m.hi >= edge_outbox_events.seq ORDER BY m.hi LIMIT 1), ?3) \
+         WHERE seq >= ?1 AND seq < ?2 AND seq <> ?4 AND status = 'pending'",
+        params![lo, floor, now.as_millis(), from],
+    )?;
+    conn.execute("DELETE FROM edge_outbox_sent_marks WHERE hi >= ?1", [lo])?;
     Ok(())
 }
 
@@ -1095,7 +1273,7 @@ mod tests {
             (pending_from_sql(">="), by_key),
             (COUNT_PENDING.to_owned(), by_key),
             (FIRST_PENDING_CREATED_AT.to_owned(), by_key),
-            (FIRST_PENDING_SEQ.to_owned(), by_key),
+            (PENDING_SEQS_FROM.to_owned(), by_key),
             (
                 status_sql(EventStatus::Dead),
                 "USING INDEX edge_outbox_events_dead",

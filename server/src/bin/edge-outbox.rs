@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use edge_outbox::{Config, Event, EventId, Outbox, SCHEMA_VERSION, Timestamp};
+use edge_outbox::{Config, Event, EventId, Outbox, SCHEMA_VERSION, STATUS_SQL, Timestamp};
 use edge_outbox_server::text::printable;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
@@ -370,10 +370,10 @@ fn tail(path: &Path, interval: Duration, for_: Option<Duration>, json: bool) -> 
     );
     let deadline = for_.map(|d| Instant::now() + d);
     let mut stmt = conn
-        .prepare(
-            "SELECT seq, id, type, key, payload, created_at, status FROM edge_outbox_events \
-             WHERE seq > ?1 ORDER BY seq LIMIT 1000",
-        )
+        .prepare(&format!(
+            "SELECT seq, id, type, key, payload, created_at, {STATUS_SQL} \
+             FROM edge_outbox_events WHERE seq > ?1 ORDER BY seq LIMIT 1000"
+        ))
         .map_err(|e| e.to_string())?;
     loop {
         let rows = stmt
