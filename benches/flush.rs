@@ -12,8 +12,9 @@
 //! outbox on this schema. It posts the same pre-serialized bodies as the bare
 //! side and, while each post is on the wire, runs by hand (raw rusqlite, on
 //! a blocking thread) the SQLite work a relay cannot skip: reading the next
-//! batch's rows from an outbox file of the library's schema, and marking the
-//! previous batch sent with one ranged UPDATE. No serialization, no answer
+//! batch's rows from an outbox file of the library's schema, and recording
+//! the previous batch as sent the way schema v5 does (the pending floor
+//! raised past it, one sent mark). No serialization, no answer
 //! parsing, no relay logic: what is left between it and the bare side is the
 //! cost of the two SQLite transactions per batch alone.
 //!
@@ -263,44 +264,54 @@ fn hand_claim(conn: &rusqlite::Connection, after: i64, limit: usize) -> Option<(
     lo.map(|lo| (lo, hi))
 }
 
-/// Set to `watermark` to make the hand side settle without rewriting the
-/// rows: one meta row records the highest seq sent (what a schema whose
-/// sent state is a watermark would write), to see what such a schema would
-/// buy. The hand side's claim reads the same rows either way.
+/// Set to `rows` to make the hand side settle as schema v4 did, with one
+/// ranged UPDATE rewriting the batch's rows, to see what schema v5's settle
+/// (the default) buys. The hand side's claim reads the same rows either way.
 const HAND_SETTLE_ENV: &str = "EDGE_OUTBOX_BENCH_HAND_SETTLE";
 
-fn watermark_settle() -> bool {
-    std::env::var(HAND_SETTLE_ENV).is_ok_and(|v| v == "watermark")
+fn settle_rows() -> bool {
+    std::env::var(HAND_SETTLE_ENV).is_ok_and(|v| v == "rows")
 }
 
-/// The hand side's settle: one ranged UPDATE marking `lo..=hi` sent (or,
-/// with [`HAND_SETTLE_ENV`], one meta row holding `hi`).
+/// The hand side's settle of `lo..=hi` (a whole batch, all sent), in one
+/// IMMEDIATE transaction: what schema v5 writes (the pending floor raised
+/// past the batch, one sent mark, the sent count), or with
+/// [`HAND_SETTLE_ENV`]`=rows` what v4 wrote (one ranged UPDATE).
 fn hand_settle(conn: &mut rusqlite::Connection, (lo, hi): (i64, i64)) {
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .unwrap();
-    if watermark_settle() {
+    let now = edge_outbox::Timestamp::now().as_millis();
+    if settle_rows() {
         tx.prepare_cached(
-            "INSERT OR REPLACE INTO edge_outbox_meta (key, value) VALUES ('bench_sent_through', ?1)",
+            "UPDATE edge_outbox_events SET status = 'sent', sent_at = ?1, \
+             last_error = NULL, attempts = attempts + 1 \
+             WHERE seq BETWEEN ?2 AND ?3 AND status = 'pending'",
         )
         .unwrap()
-        .execute([hi.to_string()])
+        .execute(rusqlite::params![now, lo, hi])
         .unwrap();
-        tx.commit().unwrap();
-        return;
+    } else {
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO edge_outbox_meta (key, value) VALUES ('pending_floor', ?1)",
+        )
+        .unwrap()
+        .execute([(hi + 1).to_string()])
+        .unwrap();
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO edge_outbox_sent_marks (hi, lo, sent_at) VALUES (?1, ?2, ?3)",
+        )
+        .unwrap()
+        .execute([hi, lo, now])
+        .unwrap();
+        tx.prepare_cached(
+            "UPDATE edge_outbox_meta SET value = CAST(value AS INTEGER) + ?1 \
+             WHERE key = 'sent_count'",
+        )
+        .unwrap()
+        .execute([hi - lo + 1])
+        .unwrap();
     }
-    tx.prepare_cached(
-        "UPDATE edge_outbox_events SET status = 'sent', sent_at = ?1, \
-         last_error = NULL, attempts = attempts + 1 \
-         WHERE seq BETWEEN ?2 AND ?3 AND status = 'pending'",
-    )
-    .unwrap()
-    .execute(rusqlite::params![
-        edge_outbox::Timestamp::now().as_millis(),
-        lo,
-        hi
-    ])
-    .unwrap();
     tx.commit().unwrap();
 }
 
@@ -431,8 +442,8 @@ fn paired(rt: &Runtime, fx: &Fixture, batch: usize, rounds: usize) {
     );
     println!(
         "floor batch={batch}{}: hand (bare posts + the claim and settle SQLite transactions by hand) {:.0} events/s, bare / hand median {:.2} (min {:.2}, max {:.2}); CPU per event, all threads: hand {:.1} us",
-        if watermark_settle() {
-            " (settle: watermark)"
+        if settle_rows() {
+            " (settle: v4 rows)"
         } else {
             ""
         },
