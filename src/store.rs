@@ -45,6 +45,18 @@
 //! 9. Nothing a crash interrupts is lost: an event claimed but never settled is
 //!    still pending and is claimed again once the lease is free (released,
 //!    its holder died, or it expired).
+//! 10. `settle_and_claim(outcomes, now, request)` has the effects of
+//!     `settle(outcomes, now)` followed by `claim(request)` (the claim sees
+//!     what the settle did), and may run both in one transaction. The settle
+//!     part applies whoever holds the lease, as `settle` does (the outcomes
+//!     are of pushes that happened): under another owner's lease the events
+//!     are settled and the claim answers [`Claim::LeaseHeld`]. An outer `Err`
+//!     means nothing was recorded, no outcome and no lease (the events stay
+//!     pending and are pushed again; the server answers `duplicate`). A
+//!     failing claim part either comes back as the inner `Err`, the settle
+//!     recorded, or fails the whole call as the outer `Err`, nothing
+//!     recorded; a settle is never half applied. With no outcomes it is a
+//!     `claim`.
 
 use std::future::Future;
 use std::time::Duration;
@@ -218,6 +230,23 @@ pub trait Store: MaybeSend + MaybeSync {
         now: Timestamp,
     ) -> impl Future<Output = Result<()>> + MaybeSend;
 
+    /// Record `outcomes` at `now` and then take (or renew) the lease and claim
+    /// the next batch with `request` (obligation 10): the relay's work while
+    /// a push is on the wire, in one store transaction where the backend can
+    /// (IndexedDB: a transaction costs more than the records it writes).
+    ///
+    /// `Err`: nothing was recorded. `Ok(Err(_))`: the outcomes were recorded
+    /// and the claim failed. `Ok(Ok(claim))`: both were done. The default is
+    /// [`settle_then_claim`] (two transactions).
+    fn settle_and_claim(
+        &self,
+        outcomes: Vec<Settlement>,
+        now: Timestamp,
+        request: ClaimRequest<'_>,
+    ) -> impl Future<Output = Result<Result<Claim>>> + MaybeSend {
+        settle_then_claim(self, outcomes, now, request)
+    }
+
     /// Give up the lease if `owner` holds it, so another relay may start at once.
     fn release_lease(&self, owner: &str) -> impl Future<Output = Result<()>> + MaybeSend;
 
@@ -248,4 +277,21 @@ pub trait Store: MaybeSend + MaybeSync {
 
     /// Delete sent events acknowledged before `before`. Returns how many.
     fn prune_sent(&self, before: Timestamp) -> impl Future<Output = Result<u64>> + MaybeSend;
+}
+
+/// [`Store::settle_and_claim`] in two transactions: [`Store::settle`] (skipped
+/// when there are no outcomes), then [`Store::claim`]. A failing settle is the
+/// outer `Err` (nothing recorded); a failing claim is the inner one, the
+/// settle stays recorded. The trait's default; a store that overrides the
+/// method only to observe it (as `testing::MemoryStore` does) calls this.
+pub async fn settle_then_claim<S: Store + ?Sized>(
+    store: &S,
+    outcomes: Vec<Settlement>,
+    now: Timestamp,
+    request: ClaimRequest<'_>,
+) -> Result<Result<Claim>> {
+    if !outcomes.is_empty() {
+        store.settle(outcomes, now).await?;
+    }
+    Ok(store.claim(request).await)
 }

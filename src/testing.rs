@@ -31,7 +31,9 @@ struct StoreState {
     lease: Option<(String, Timestamp)>,
     fail_claims: u32,
     fail_settles: u32,
+    fail_settle_and_claims: u32,
     claims: u64,
+    settle_and_claims: u64,
 }
 
 /// An in-memory [`Store`] that keeps the store contract, with fault injection.
@@ -73,6 +75,19 @@ impl MemoryStore {
     /// Make the next `n` settles fail with a storage error (nothing is applied).
     pub fn fail_next_settles(&self, n: u32) {
         lock(&self.state).fail_settles = n;
+    }
+
+    /// Make the next `n` calls of [`Store::settle_and_claim`] fail as a whole
+    /// with a storage error, nothing recorded (as an IndexedDB transaction
+    /// that aborts after its settle part was placed).
+    pub fn fail_next_settle_and_claims(&self, n: u32) {
+        lock(&self.state).fail_settle_and_claims = n;
+    }
+
+    /// How many calls of [`Store::settle_and_claim`] were made (its claims
+    /// count in [`MemoryStore::claims`] too).
+    pub fn settle_and_claims(&self) -> u64 {
+        lock(&self.state).settle_and_claims
     }
 
     /// How many claims were made (including refused ones).
@@ -209,6 +224,23 @@ impl Store for MemoryStore {
             }
         }
         Ok(())
+    }
+
+    async fn settle_and_claim(
+        &self,
+        outcomes: Vec<Settlement>,
+        now: Timestamp,
+        request: ClaimRequest<'_>,
+    ) -> Result<Result<Claim>> {
+        {
+            let mut s = lock(&self.state);
+            s.settle_and_claims += 1;
+            if s.fail_settle_and_claims > 0 {
+                s.fail_settle_and_claims -= 1;
+                return Err(Error::storage("injected settle-and-claim failure", None));
+            }
+        }
+        crate::store::settle_then_claim(self, outcomes, now, request).await
     }
 
     async fn release_lease(&self, owner: &str) -> Result<()> {

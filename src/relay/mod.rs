@@ -7,7 +7,9 @@
 //!    oldest pending events, up to `max_events` and `max_bytes`;
 //! 2. **send** (no store transaction open: an IndexedDB transaction must never
 //!    span a `fetch`, and a SQLite write lock must not wait on the network);
-//! 3. **settle** (a second store transaction): record what the server said.
+//! 3. **settle**: record what the server said, in the store call of the next
+//!    claim ([`Store::settle_and_claim`]: one transaction where the store can,
+//!    as IndexedDB does) or, with nothing to claim, on its own.
 //!
 //! The answer is interpreted as sync protocol v1 says (`docs/protocol.md`);
 //! the policy itself, what each answer does to the batch and to the next
@@ -41,12 +43,15 @@
 //! its request has left ([`RequestSent`]), the relay settles the answer to
 //! push *k − 1* and, when the last claim was full, claims and serializes one
 //! more push's worth of events past the last claimed `seq`
-//! ([`ClaimRequest::after`]) into the group *ahead*. Inside a flush, a group's
-//! last answer is settled beside the next group's first push. Anything that
-//! leaves an event of a group pending (a failure, an event the answer did not
-//! name, a lease running short) drops the group claimed ahead, so nothing
-//! overtakes that event; and [`Relay::step`] / [`Relay::flush`] return only
-//! once everything they learnt is settled.
+//! ([`ClaimRequest::after`]) into the group *ahead*, both in one store call
+//! ([`Store::settle_and_claim`]). Inside a flush, a group's last answer is
+//! settled beside the next group's first push, or with the next claim when
+//! nothing is ahead. A failed settle records nothing (obligation 10 of
+//! [`crate::store`]): those events stay pending and are pushed again.
+//! Anything that leaves an event of a group pending (a failure, an event the
+//! answer did not name, a lease running short) drops the group claimed
+//! ahead, so nothing overtakes that event; and [`Relay::step`] /
+//! [`Relay::flush`] return only once everything they learnt is settled.
 //!
 //! The core never sleeps and never spawns: the driver (tokio natively, the
 //! browser's event loop on wasm) decides when to call [`Relay::step`] or
@@ -293,16 +298,19 @@ impl<S: Store, T: Transport> Relay<S, T> {
             return Ok(());
         }
         let carried = std::mem::take(&mut self.carried);
-        if let Err(e) = self.store.settle(carried, Timestamp::now()).await {
-            // Nothing is lost: the events stay pending and are resent (the
-            // server answers `duplicate`).
-            trace::warning!(error = %e, "settle failed; the events stay pending");
-            self.ahead = None;
-            self.status.last_error = Some(format!("settle failed: {e}"));
-            self.publish();
-            return Err(e);
-        }
-        Ok(())
+        let settled = self.store.settle(carried, Timestamp::now()).await;
+        settled.inspect_err(|e| self.store_failed("settle", e))
+    }
+
+    /// A store call failed; `what` ("settle", "claim") names it in the
+    /// status. Nothing is lost: unsettled events stay pending and are resent
+    /// (the server answers `duplicate`), and the group claimed ahead is
+    /// dropped so that it cannot overtake them.
+    fn store_failed(&mut self, what: &str, e: &crate::Error) {
+        trace::warning!(error = %e, call = what, "store call failed; the events stay pending");
+        self.ahead = None;
+        self.status.last_error = Some(format!("{what} failed: {e}"));
+        self.publish();
     }
 
     /// One claim -> send -> settle cycle (or the reason there was none).
@@ -327,12 +335,22 @@ impl<S: Store, T: Transport> Relay<S, T> {
             return self.deliver(group).await;
         }
         let request = claim_request(&self.config, now, None);
-        let claim = match self.store.claim(request.clone()).await {
-            Ok(claim) => claim,
-            Err(e) => {
-                trace::warning!(error = %e, "claim failed");
-                self.status.last_error = Some(format!("claim failed: {e}"));
-                self.publish();
+        // What the last group's last push learnt goes first, in the same
+        // store transaction where the store can (obligation 10).
+        let carried = std::mem::take(&mut self.carried);
+        let settling = !carried.is_empty();
+        let claim = match self
+            .store
+            .settle_and_claim(carried, now, request.clone())
+            .await
+        {
+            Ok(Ok(claim)) => claim,
+            Err(e) if settling => {
+                self.store_failed("settle", &e);
+                return Err(e);
+            }
+            Err(e) | Ok(Err(e)) => {
+                self.store_failed("claim", &e);
                 return Err(e);
             }
         };
@@ -530,7 +548,8 @@ impl<S: Store, T: Transport> Relay<S, T> {
         }
         // With the next group ahead, the next step pushes at once: these are
         // settled beside its first push (or when the flush ends), so no
-        // store transaction sits between two pushes.
+        // store transaction sits between two pushes. Without, they are
+        // settled now, before the counts below are published.
         self.carried.append(&mut outcomes);
         if self.ahead.is_none() {
             self.settle_carried().await?;
@@ -589,11 +608,11 @@ impl<S: Store, T: Transport> Relay<S, T> {
     }
 
     /// Send one push and, at the same time, settle `settle` (outcomes of
-    /// earlier pushes of this group) and, with `prefetch_after`, claim and
-    /// serialize one more push's worth of events past it into `self.ahead`
-    /// (`prefetch_after` then moves past them, or becomes `None` when no more
-    /// are pending). Only a settle failure is an `Err`; a failed prefetch
-    /// only means the next step claims itself.
+    /// earlier pushes of this group) and, with `prefetch_after`, claim (in
+    /// the same store call) and serialize one more push's worth of events
+    /// past it into `self.ahead` (`prefetch_after` then moves past them, or
+    /// becomes `None` when no more are pending). Only a settle failure is an
+    /// `Err`; a failed prefetch only means the next step claims itself.
     async fn send_range(
         &mut self,
         wire: &[Wire],
@@ -614,20 +633,23 @@ impl<S: Store, T: Transport> Relay<S, T> {
             // work must fill the time the push spends at the server, not
             // hold up the push (see `RequestSent`).
             sent.wait().await;
-            if !settle.is_empty() {
-                store.settle(settle, Timestamp::now()).await?;
-            }
+            let now = Timestamp::now();
             let Some(after) = prefetch else {
+                if !settle.is_empty() {
+                    store.settle(settle, now).await?;
+                }
                 return Ok(None);
             };
-            let now = Timestamp::now();
             let request = ClaimRequest {
                 after: Some(after),
                 max_events: config.max_events,
                 max_bytes: config.max_bytes,
                 ..claim_request(config, now, None)
             };
-            Ok(match store.claim(request.clone()).await {
+            // One store transaction where the store can (obligation 10): an
+            // outer `Err` recorded nothing, so the events stay pending.
+            let claimed = store.settle_and_claim(settle, now, request.clone()).await?;
+            Ok(match claimed {
                 Ok(Claim::Batch(events)) => Some(Group::prepare(events, &request, config)),
                 // Nothing more, not due, or a failure: the next step's own
                 // claim finds out again and reports it.
@@ -655,11 +677,7 @@ impl<S: Store, T: Transport> Relay<S, T> {
             }
             Ok(None) => {}
             Err(e) => {
-                // Nothing is lost: unsettled events stay pending and are
-                // resent (the server answers `duplicate`).
-                trace::warning!(error = %e, "settle failed; the events stay pending");
-                self.status.last_error = Some(format!("settle failed: {e}"));
-                self.publish();
+                self.store_failed("settle", &e);
                 return Err(e);
             }
         }
@@ -1062,6 +1080,108 @@ mod tests {
         store.fail_next_settles(1);
         assert!(block_on(relay.flush()).is_err());
         assert_eq!(count(&store, EventStatus::Pending), 70);
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!((report.sent, report.pending), (70, 0));
+        assert_eq!(seqs(&server), (1..=100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_failed_settle_and_claim_loses_nothing() {
+        let (mut relay, store, server) = setup(100);
+        block_on(relay.step_carrying()).unwrap();
+        assert_eq!(relay.carried.len(), 10);
+        // The next push carries the first group's last outcomes into the
+        // store call that also claims ahead; it fails as a whole (as an
+        // aborted IndexedDB transaction): nothing of it is recorded.
+        let calls = store.settle_and_claims();
+        store.fail_next_settle_and_claims(1);
+        assert!(block_on(relay.flush()).is_err());
+        assert_eq!(store.settle_and_claims(), calls + 1);
+        assert!(
+            relay
+                .status()
+                .last_error
+                .as_ref()
+                .unwrap()
+                .contains("settle")
+        );
+        assert!(relay.ahead.is_none());
+        assert_eq!(count(&store, EventStatus::Sent), 30);
+        assert_eq!(count(&store, EventStatus::Pending), 70);
+        let report = block_on(relay.flush()).unwrap();
+        assert_eq!((report.sent, report.pending), (70, 0));
+        // Resent events were duplicates: each stored once, in order.
+        assert_eq!(seqs(&server), (1..=100).collect::<Vec<_>>());
+        assert!(store.all().iter().all(|e| e.attempts == 1));
+    }
+
+    #[test]
+    fn a_failed_claim_after_its_settle_keeps_the_settle_and_resends_nothing() {
+        let (mut relay, store, server) = setup(100);
+        block_on(relay.step_carrying()).unwrap();
+        // The default settle_and_claim settles, then claims: the claim fails,
+        // the settle stays; the relay claims for itself later.
+        store.fail_next_claims(1);
+        let report = block_on(relay.flush()).unwrap();
+        // The 10 carried over were counted by the first step.
+        assert_eq!((report.sent, report.pending), (60, 0));
+        assert_eq!(count(&store, EventStatus::Sent), 100);
+        assert_eq!(seqs(&server), (1..=100).collect::<Vec<_>>());
+        assert_eq!(server.requests().len(), 10, "no push was sent twice");
+        assert!(store.all().iter().all(|e| e.attempts == 1));
+    }
+
+    #[test]
+    fn while_a_push_is_out_the_last_answer_is_settled_in_the_claim_ahead() {
+        let (mut relay, store, server) = setup(100);
+        block_on(relay.flush()).unwrap();
+        assert_eq!(server.requests().len(), 10);
+        // 40 per claim, 10 per push. Pushes 1-4 (group 1) and 5-6 claim one
+        // push's worth ahead each, push 7 finds nothing more past 100, push 9
+        // (the group claimed ahead was full) looks once more; with the first
+        // claim and the last (empty) one, every claim is a settle_and_claim
+        // that also settles the answers known by then, so no store
+        // transaction of its own sits between two pushes.
+        assert_eq!(store.claims(), 10);
+        assert_eq!(store.settle_and_claims(), 10);
+        assert_eq!(count(&store, EventStatus::Sent), 100);
+    }
+
+    #[test]
+    fn outcomes_carried_past_a_stale_group_ahead_are_settled_before_its_claim() {
+        let (mut relay, store, server) = setup(100);
+        block_on(relay.step_carrying()).unwrap();
+        assert_eq!(relay.carried.len(), 10);
+        // The group ahead goes stale (its lease may have run out): the next
+        // step claims again, and the claim must not take the 10 events whose
+        // answers are carried, or they are pushed twice.
+        relay.config.lease = Duration::ZERO;
+        block_on(relay.step_carrying()).unwrap();
+        assert_eq!(count(&store, EventStatus::Sent), 50);
+        relay.config.lease = DEFAULT_LEASE;
+        block_on(relay.flush()).unwrap();
+        let pushed: usize = server.requests().iter().map(|r| r.0).sum();
+        assert_eq!(pushed, 100, "no event was pushed twice");
+        assert_eq!(seqs(&server), (1..=100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_failed_settle_with_the_next_claim_loses_nothing() {
+        let (mut relay, store, server) = setup(100);
+        block_on(relay.step_carrying()).unwrap();
+        relay.config.lease = Duration::ZERO;
+        store.fail_next_settle_and_claims(1);
+        assert!(block_on(relay.step_carrying()).is_err());
+        assert!(
+            relay
+                .status()
+                .last_error
+                .as_ref()
+                .unwrap()
+                .contains("settle")
+        );
+        assert_eq!(count(&store, EventStatus::Pending), 70);
+        relay.config.lease = DEFAULT_LEASE;
         let report = block_on(relay.flush()).unwrap();
         assert_eq!((report.sent, report.pending), (70, 0));
         assert_eq!(seqs(&server), (1..=100).collect::<Vec<_>>());

@@ -57,9 +57,6 @@ extern "C" {
     #[wasm_bindgen(js_name = isInactive)]
     fn is_inactive(tx: &IdbTransaction, name: &str) -> bool;
 
-    /// A Promise of an `IDBRequest`'s result.
-    #[wasm_bindgen(js_name = requestPromise)]
-    fn request_promise(req: &web_sys::IdbRequest) -> Promise;
 }
 
 /// Turn the crate's error into a real JavaScript `Error` whose `name` is
@@ -883,7 +880,7 @@ impl OutboxTransaction {
     pub fn get(&self, store: String, key: JsValue) -> Result<Promise, JsValue> {
         let s = self.object_store(&store)?;
         let req = s.get(&key).map_err(|e| self.state.fail(e))?;
-        Ok(request_promise(&req))
+        Ok(super::idb::request_promise(&req))
     }
 
     /// Add an event; it commits with the transaction. Returns its id. An

@@ -69,6 +69,17 @@ extern "C" {
     /// (`held = false` when another context holds it).
     #[wasm_bindgen(js_name = tryLock)]
     fn try_lock(name: &str, work: &Function) -> Promise;
+
+    /// `[promise, resolve]`: a new Promise and the function that resolves it.
+    #[wasm_bindgen(js_name = deferred)]
+    fn deferred_js() -> js_sys::Array;
+}
+
+/// A new Promise and the function that resolves it (one glue call: a Rust
+/// closure per `Promise::new` costs more wasm).
+fn deferred() -> (Promise, Function) {
+    let pair = deferred_js();
+    (pair.get(0).unchecked_into(), pair.get(1).unchecked_into())
 }
 
 /// What the status event tells the app.
@@ -556,21 +567,19 @@ impl<S: DriverStore, T: Transport + 'static> Driver<S, T> {
         // it). Wait for the answer (it comes at once) rather than report
         // "not-leader" for a lock no one else holds.
         while st.lock_unanswered.get() {
-            let promise = Promise::new(&mut |resolve, _| {
-                st.lock_answer_waiters.borrow_mut().push(resolve);
-            });
+            let (promise, resolve) = deferred();
+            st.lock_answer_waiters.borrow_mut().push(resolve);
             let _ = JsFuture::from(promise).await;
         }
         if st.running.get() && (st.leader.get() || (st.no_locks && !st.suspended.get())) {
             let slot: Rc<RefCell<Option<Rc<Waiter>>>> = Rc::new(RefCell::new(None));
-            let promise = Promise::new(&mut |resolve, _reject| {
-                let waiter = Rc::new(Waiter {
-                    outcome: RefCell::new(None),
-                    resolve,
-                });
-                st.flush_waiters.borrow_mut().push(waiter.clone());
-                *slot.borrow_mut() = Some(waiter);
+            let (promise, resolve) = deferred();
+            let waiter = Rc::new(Waiter {
+                outcome: RefCell::new(None),
+                resolve,
             });
+            st.flush_waiters.borrow_mut().push(waiter.clone());
+            *slot.borrow_mut() = Some(waiter);
             wake(&st);
             // Never rejected: the loop stores the outcome, then resolves.
             let _ = JsFuture::from(promise).await;
@@ -735,14 +744,13 @@ async fn sleep<S: DriverStore, T: Transport + 'static>(st: &State<S, T>, ms: Opt
     if st.dirty.replace(false) {
         return;
     }
-    let promise = Promise::new(&mut |resolve, _reject| {
-        let timer = match ms {
-            // setTimeout's delay is a signed 32-bit number of milliseconds.
-            Some(ms) => set_timeout(&resolve, ms.clamp(0.0, 2_147_483_647.0)),
-            None => JsValue::UNDEFINED,
-        };
-        *st.wake.borrow_mut() = Some((resolve, timer));
-    });
+    let (promise, resolve) = deferred();
+    let timer = match ms {
+        // setTimeout's delay is a signed 32-bit number of milliseconds.
+        Some(ms) => set_timeout(&resolve, ms.clamp(0.0, 2_147_483_647.0)),
+        None => JsValue::UNDEFINED,
+    };
+    *st.wake.borrow_mut() = Some((resolve, timer));
     let _ = JsFuture::from(promise).await;
     st.dirty.set(false);
 }
@@ -754,9 +762,8 @@ async fn take_relay<S: DriverStore, T: Transport + 'static>(st: &State<S, T>) ->
         if let Some(relay) = st.relay.borrow_mut().take() {
             return relay;
         }
-        let promise = Promise::new(&mut |resolve, _| {
-            st.relay_waiters.borrow_mut().push_back(resolve);
-        });
+        let (promise, resolve) = deferred();
+        st.relay_waiters.borrow_mut().push_back(resolve);
         let _ = JsFuture::from(promise).await;
     }
 }

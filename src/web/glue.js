@@ -130,14 +130,21 @@ export function guardedCall(tx, storeName, callback, handle) {
 export function isInactive(tx, name) {
   try { tx.objectStore(name).get(0); return false; } catch (e) { return e && e.name === "TransactionInactiveError"; }
 }
+// ---- used by src/web/idb/mod.rs (and requestPromise by bindings.rs) ----
+
 export function requestPromise(req) {
   return new Promise((resolve, reject) => {
     req.onsuccess = () => resolve(req.result);
     req.onerror = () => reject(req.error);
   });
 }
-
-// ---- used by src/web/idb/mod.rs ----
+// Resolves when `tx` commits, rejects with the abort event when it aborts.
+export function txDone(tx) {
+  return new Promise((resolve, reject) => {
+    tx.oncomplete = resolve;
+    tx.onabort = reject;
+  });
+}
 
 export function openRequest(req, upgrade, onBlocked, timeoutMs, blockedError) {
   return new Promise((resolve, reject) => {
@@ -176,6 +183,12 @@ export function openRequest(req, upgrade, onBlocked, timeoutMs, blockedError) {
 }
 
 // ---- used by src/web/driver.rs ----
+
+export function deferred() {
+  let resolve;
+  const promise = new Promise((r) => { resolve = r; });
+  return [promise, resolve];
+}
 
 export function hasWebLocks() {
   const nav = globalThis.navigator;

@@ -48,6 +48,10 @@ where
     check!(retry_records_retried_at);
     check!(a_lease_expiry_beyond_the_lease_is_not_believed);
     check!(a_dead_event_retried_among_sent_ones_is_pending_alone);
+    check!(settle_and_claim_is_a_settle_then_a_claim);
+    check!(settle_and_claim_settles_under_another_owners_lease);
+    check!(settle_and_claim_of_settled_events_changes_nothing);
+    check!(settle_and_claim_without_outcomes_is_a_claim);
 }
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -715,4 +719,177 @@ async fn a_dead_event_retried_among_sent_ones_is_pending_alone<S: Store>(s: &S) 
     assert!(s.get(e[4].id).await.unwrap().is_some());
     let stats = s.stats().await.unwrap();
     assert_eq!((stats.pending, stats.sent, stats.dead), (1, 1, 0));
+}
+
+fn seqs_of(claim: &Claim) -> Vec<i64> {
+    match claim {
+        Claim::Batch(b) => b.iter().map(|e| e.seq).collect(),
+        other => panic!("expected a batch, got {other:?}"),
+    }
+}
+
+async fn settle_and_claim_is_a_settle_then_a_claim<S: Store>(s: &S) {
+    // Obligation 10, as the relay uses it: while a push is on the wire, the
+    // last answer is settled and the batch after the last claimed one taken.
+    let e = s.enqueue((0..6).map(ev).collect()).await.unwrap();
+    claim_batch(s, "a", 2).await;
+    let now = Timestamp::now();
+    let after = |seq: i64| ClaimRequest {
+        after: Some(seq),
+        ..request("a", 2, usize::MAX, now)
+    };
+    let dead = Outcome::Dead {
+        reason: "rejected: bad".into(),
+    };
+    let outcomes = vec![
+        Settlement::new(&e[0], Outcome::Sent),
+        Settlement::new(&e[1], dead),
+    ];
+    let claim = s.settle_and_claim(outcomes, now, after(e[1].seq)).await;
+    assert_eq!(seqs_of(&claim.unwrap().unwrap()), [e[2].seq, e[3].seq]);
+    let sent = s.get(e[0].id).await.unwrap().unwrap();
+    assert_eq!(
+        (sent.status, sent.attempts, sent.sent_at),
+        (EventStatus::Sent, 1, Some(now))
+    );
+    let dead = s.get(e[1].id).await.unwrap().unwrap();
+    assert_eq!((dead.status, dead.attempts), (EventStatus::Dead, 1));
+    assert_eq!(dead.last_error.as_deref(), Some("rejected: bad"));
+    // The claim leaves no trace on the events it takes.
+    assert_eq!(s.get(e[2].id).await.unwrap().unwrap().attempts, 0);
+
+    let retry = Outcome::Retry {
+        at: now,
+        error: "HTTP 500".into(),
+    };
+    let outcomes = vec![
+        Settlement::new(&e[2], Outcome::Sent),
+        Settlement::new(&e[3], retry),
+    ];
+    let claim = s.settle_and_claim(outcomes, now, after(e[3].seq)).await;
+    assert_eq!(seqs_of(&claim.unwrap().unwrap()), [e[4].seq, e[5].seq]);
+    let retried = s.get(e[3].id).await.unwrap().unwrap();
+    assert_eq!(
+        (retried.status, retried.attempts),
+        (EventStatus::Pending, 1)
+    );
+    assert_eq!(retried.last_error.as_deref(), Some("HTTP 500"));
+
+    // The claim sees what the settle did: settled events are no longer
+    // pending, so a claim from the oldest pending event starts past them...
+    let outcomes = vec![Settlement::new(&e[3], Outcome::Sent)];
+    let claim = s
+        .settle_and_claim(outcomes, now, request("a", 10, usize::MAX, now))
+        .await;
+    assert_eq!(seqs_of(&claim.unwrap().unwrap()), [e[4].seq, e[5].seq]);
+    // ...and a retry time it just wrote holds the line (obligation 6).
+    let at = now.add(Duration::from_secs(60));
+    let retry = Outcome::Retry {
+        at,
+        error: "timeout".into(),
+    };
+    let outcomes = vec![Settlement::new(&e[4], retry)];
+    let claim = s
+        .settle_and_claim(outcomes, now, request("a", 10, usize::MAX, now))
+        .await;
+    assert_eq!(claim.unwrap().unwrap(), Claim::NotBefore(at));
+    let stats = s.stats().await.unwrap();
+    assert_eq!((stats.pending, stats.sent, stats.dead), (2, 3, 1));
+}
+
+async fn settle_and_claim_settles_under_another_owners_lease<S: Store>(s: &S) {
+    // The outcomes are of pushes that happened: they are recorded whoever
+    // holds the lease now; the claim part is refused, and the lease stays.
+    let e = s.enqueue((0..3).map(ev).collect()).await.unwrap();
+    let now = Timestamp::now();
+    assert!(matches!(
+        s.claim(request("a", 10, usize::MAX, now)).await.unwrap(),
+        Claim::Batch(_)
+    ));
+    let outcomes = vec![Settlement::new(&e[0], Outcome::Sent)];
+    let claim = s
+        .settle_and_claim(outcomes, now, request("b", 10, usize::MAX, now))
+        .await;
+    assert_eq!(
+        claim.unwrap().unwrap(),
+        Claim::LeaseHeld {
+            until: now.add(LEASE)
+        }
+    );
+    assert_eq!(
+        s.get(e[0].id).await.unwrap().unwrap().status,
+        EventStatus::Sent
+    );
+    assert!(matches!(
+        s.claim(request("b", 10, usize::MAX, now)).await.unwrap(),
+        Claim::LeaseHeld { .. }
+    ));
+    let Claim::Batch(b) = s.claim(request("a", 10, usize::MAX, now)).await.unwrap() else {
+        panic!("the lease holder claims on");
+    };
+    assert_eq!(
+        b.iter().map(|x| x.seq).collect::<Vec<_>>(),
+        [e[1].seq, e[2].seq]
+    );
+}
+
+async fn settle_and_claim_of_settled_events_changes_nothing<S: Store>(s: &S) {
+    // A late answer for events already settled (obligation 7), then the claim.
+    let e = s.enqueue((0..3).map(ev).collect()).await.unwrap();
+    claim_batch(s, "a", 2).await;
+    let now = Timestamp::now();
+    s.settle(
+        vec![
+            Settlement::new(&e[0], Outcome::Sent),
+            Settlement::new(&e[1], Outcome::Dead { reason: "r".into() }),
+        ],
+        now,
+    )
+    .await
+    .unwrap();
+    let later = now.add(Duration::from_secs(1));
+    let late = vec![
+        Settlement::new(
+            &e[0],
+            Outcome::Retry {
+                at: later,
+                error: "late".into(),
+            },
+        ),
+        Settlement::new(&e[1], Outcome::Sent),
+    ];
+    let claim = s
+        .settle_and_claim(late, later, request("a", 10, usize::MAX, later))
+        .await;
+    assert_eq!(seqs_of(&claim.unwrap().unwrap()), [e[2].seq]);
+    let sent = s.get(e[0].id).await.unwrap().unwrap();
+    assert_eq!(
+        (sent.status, sent.attempts, sent.sent_at, sent.last_error),
+        (EventStatus::Sent, 1, Some(now), None)
+    );
+    let dead = s.get(e[1].id).await.unwrap().unwrap();
+    assert_eq!((dead.status, dead.attempts), (EventStatus::Dead, 1));
+    let stats = s.stats().await.unwrap();
+    assert_eq!((stats.pending, stats.sent, stats.dead), (1, 1, 1));
+}
+
+async fn settle_and_claim_without_outcomes_is_a_claim<S: Store>(s: &S) {
+    let now = Timestamp::now();
+    let claim = s
+        .settle_and_claim(Vec::new(), now, request("a", 10, usize::MAX, now))
+        .await;
+    assert_eq!(claim.unwrap().unwrap(), Claim::Empty);
+    let e = s.enqueue((0..3).map(ev).collect()).await.unwrap();
+    // Events are due from their enqueue on.
+    let now = Timestamp::now();
+    let claim = s
+        .settle_and_claim(Vec::new(), now, request("a", 2, usize::MAX, now))
+        .await;
+    assert_eq!(seqs_of(&claim.unwrap().unwrap()), [e[0].seq, e[1].seq]);
+    assert_eq!(s.get(e[0].id).await.unwrap().unwrap().attempts, 0);
+    // It took the lease, as a claim does.
+    assert!(matches!(
+        s.claim(request("b", 10, usize::MAX, now)).await.unwrap(),
+        Claim::LeaseHeld { .. }
+    ));
 }

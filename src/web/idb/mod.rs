@@ -81,13 +81,9 @@ pub(crate) struct Request {
 
 /// Start waiting for `req`.
 pub(crate) fn wait(req: IdbRequest) -> Request {
-    let promise = Promise::new(&mut |resolve, reject| {
-        req.set_onsuccess(Some(&resolve));
-        req.set_onerror(Some(&reject));
-    });
     Request {
+        done: JsFuture::from(request_promise(&req)),
         req,
-        done: JsFuture::from(promise),
     }
 }
 
@@ -128,13 +124,9 @@ struct RequestError {
 
 /// Start waiting for `tx` to commit or abort.
 pub(crate) fn done(tx: &IdbTransaction) -> Done {
-    let promise = Promise::new(&mut |resolve, reject| {
-        tx.set_oncomplete(Some(&resolve));
-        tx.set_onabort(Some(&reject));
-    });
     Done {
         tx: tx.clone(),
-        done: JsFuture::from(promise),
+        done: JsFuture::from(tx_done(tx)),
         request_error: None,
     }
 }
@@ -255,6 +247,16 @@ pub(crate) fn factory() -> Result<IdbFactory> {
 
 #[wasm_bindgen(module = "/src/web/glue.js")]
 extern "C" {
+    /// A Promise of an `IDBRequest`'s result (its `success` and `error`
+    /// handlers set in JS: smaller than a Rust closure pair per request).
+    #[wasm_bindgen(js_name = requestPromise)]
+    pub(crate) fn request_promise(req: &IdbRequest) -> Promise;
+
+    /// A Promise that resolves when `tx` commits and rejects with the
+    /// `abort` event when it aborts.
+    #[wasm_bindgen(js_name = txDone)]
+    fn tx_done(tx: &IdbTransaction) -> Promise;
+
     /// Wait for an open request: runs `upgrade(oldVersion)` in its
     /// `upgradeneeded`, calls `on_blocked({ oldVersion, newVersion })` when
     /// another connection blocks it, and rejects with

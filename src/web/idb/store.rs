@@ -9,7 +9,10 @@
 //! 5. `claim` reads and writes the lease record and the batch in one
 //!    readwrite transaction over both stores;
 //! 7. `settle`, `retry` and `discard` re-read each event inside their
-//!    transaction and only touch it in the expected status.
+//!    transaction and only touch it in the expected status;
+//! 10. `settle_and_claim` is one readwrite transaction: the claim's reads
+//!     go out with the settle's, its lease write after the settle's writes,
+//!     and a settle failing half-way aborts it (nothing recorded).
 //!
 //! # The sent watermark (schema version 2)
 //!
@@ -874,18 +877,12 @@ pub(crate) fn parse_record(r: &JsValue) -> Result<Event> {
 /// The `[status, seq]` index range of events with `status` (and, with
 /// `after`, a seq above it).
 fn status_range(status: &str, after: Option<i64>) -> Result<JsValue> {
-    let lo = Array::of2(
-        &JsValue::from_str(status),
-        &JsValue::from_f64(after.map_or(f64::NEG_INFINITY, |a| a as f64)),
-    );
-    let hi = Array::of2(
-        &JsValue::from_str(status),
-        &JsValue::from_f64(f64::INFINITY),
-    );
-    // Open below: no seq is -infinity, and `after` itself is excluded.
-    IdbKeyRange::bound_with_lower_open_and_upper_open(&lo, &hi, true, false)
-        .map(JsValue::from)
-        .idb("building a key range")
+    // No seq is -infinity.
+    range_between(
+        status,
+        after.map_or(f64::NEG_INFINITY, |a| a as f64),
+        f64::INFINITY,
+    )
 }
 
 /// Meta key of the sent watermark (see the module docs).
@@ -928,11 +925,41 @@ fn read_event(record: &JsValue, floor: i64, sent_at: Option<Timestamp>) -> Resul
 /// The `[status, seq]` index range of events with `status` and a seq in
 /// `(after, upto]`.
 fn status_range_between(status: &str, after: i64, upto: i64) -> Result<JsValue> {
-    let lo = Array::of2(&JsValue::from_str(status), &JsValue::from_f64(after as f64));
-    let hi = Array::of2(&JsValue::from_str(status), &JsValue::from_f64(upto as f64));
+    range_between(status, after as f64, upto as f64)
+}
+
+fn range_between(status: &str, after: f64, upto: f64) -> Result<JsValue> {
+    let lo = Array::of2(&JsValue::from_str(status), &JsValue::from_f64(after));
+    let hi = Array::of2(&JsValue::from_str(status), &JsValue::from_f64(upto));
     IdbKeyRange::bound_with_lower_open_and_upper_open(&lo, &hi, true, false)
         .map(JsValue::from)
         .idb("building a key range")
+}
+
+/// The first reads of a claim, placed together so they cost one round trip:
+/// the lease record and, where it is known where they start, the first
+/// pending records above a seq (the sent watermark or the claim's `after`, as
+/// far as known when they were placed).
+struct ClaimReads {
+    lease: idb::Request,
+    records: Option<(i64, idb::Request)>,
+}
+
+/// Place a read of up to `limit` records with `status` (and, with `after`, a
+/// seq above it), in `seq` order.
+fn read_status(
+    events: &IdbObjectStore,
+    status: &str,
+    after: Option<i64>,
+    limit: usize,
+) -> Result<idb::Request> {
+    let range = status_range(status, after)?;
+    let index = events.index(BY_STATUS).idb("reading events")?;
+    Ok(idb::wait(
+        index
+            .get_all_with_key_and_limit(&range, count_arg(limit))
+            .idb("reading events")?,
+    ))
 }
 
 fn count_arg(limit: usize) -> u32 {
@@ -945,21 +972,17 @@ impl IdbStore {
             // getAll's count 0 means "no limit" in IndexedDB.
             return Ok(Vec::new());
         }
+        const WHAT: &str = "listing events";
         let tx = self.tx(&[EVENTS, META], "readonly").await?;
-        let meta = tx.object_store(META).idb("listing events")?;
-        let index = tx
-            .object_store(EVENTS)
-            .and_then(|s| s.index(BY_STATUS))
-            .idb("listing events")?;
+        let meta = tx.object_store(META).idb(WHAT)?;
+        let events = tx.object_store(EVENTS).idb(WHAT)?;
         // Pending events start above the sent watermark.
         let after = match status {
-            EventStatus::Pending => Some(watermark(&meta, "listing events").await?),
+            EventStatus::Pending => Some(watermark(&meta, WHAT).await?),
             _ => None,
         };
-        let req = index
-            .get_all_with_key_and_limit(&status_range(status.as_str(), after)?, count_arg(limit))
-            .idb("listing events")?;
-        let all: Array = idb::wait(req).await.idb("listing events")?.unchecked_into();
+        let all = read_status(&events, status.as_str(), after, limit)?;
+        let all: Array = all.await.idb(WHAT)?.unchecked_into();
         all.iter().map(|r| parse_record(&r)).collect()
     }
 
@@ -1149,78 +1172,80 @@ impl IdbStore {
         Ok(records)
     }
 
-    async fn record_by_id(store: &IdbObjectStore, id: EventId) -> Result<Option<JsValue>> {
-        let index = store.index(BY_ID).idb("reading an event")?;
-        let req = index
-            .get(&JsValue::from_str(&id.to_string()))
-            .idb("reading an event")?;
-        let r = idb::wait(req).await.idb("reading an event")?;
-        Ok((!r.is_undefined()).then_some(r))
-    }
-}
-
-impl Store for IdbStore {
-    fn client_id(&self) -> &str {
-        &self.inner.client_id
-    }
-
-    async fn enqueue(&self, events: Vec<NewEvent>) -> Result<Vec<Event>> {
-        for e in &events {
-            e.validate(self.inner.max_event_bytes)?;
-        }
-        if events.is_empty() {
-            return Ok(Vec::new());
-        }
-        let tx = self.tx(&[EVENTS], "readwrite").await?;
-        let done = idb::done(&tx);
-        let store = tx.object_store(EVENTS).idb("writing events")?;
-        let now = Timestamp::now();
-        let mut pending = Vec::with_capacity(events.len());
-        for e in events {
-            let (id, record) = new_record(&e, now);
-            let req = store.add(&record).idb("writing events")?;
-            pending.push((id, e, idb::wait(req)));
-        }
-        let mut out = Vec::with_capacity(pending.len());
-        for (id, e, req) in pending {
-            let seq = req.await.idb("writing events")?.as_f64().unwrap_or(0.0) as i64;
-            out.push(e.into_pending(seq, id, now));
-        }
-        done.await.idb("committing events")?;
-        self.committed();
-        Ok(out)
-    }
-
-    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim> {
+    /// `settle`, `claim` and `settle_and_claim` in one: settle `outcomes` at
+    /// `now` and, with `request`, claim, in one readwrite transaction. The
+    /// claim's first reads go out with the settle's (one IndexedDB round trip
+    /// for all reads, one commit, where two transactions cost two of each:
+    /// BENCHMARKS.md, "Flush"). An outer `Err`: the transaction recorded
+    /// nothing (a settle failing half-way aborts it). Without `request` the
+    /// claim part is skipped and the answer is `Claim::Empty`.
+    async fn settle_claim(
+        &self,
+        outcomes: Vec<Settlement>,
+        now: Timestamp,
+        request: Option<&ClaimRequest<'_>>,
+    ) -> Result<Result<Claim>> {
+        const WHAT: &str = "settling or claiming";
         let tx = self.tx(&[EVENTS, META], "readwrite").await?;
         let done = idb::done(&tx);
-        let meta = tx.object_store(META).idb("claiming")?;
-        let events = tx.object_store(EVENTS).idb("claiming")?;
-        let index = events.index(BY_STATUS).idb("claiming")?;
-        let limit = count_arg(request.max_events.max(1));
-        // Pending events start above the sent watermark: read them above the
-        // last one seen together with the lease and the watermark itself
-        // (one round trip), and again only if the watermark moved.
-        let read_above = |after: i64| -> Result<idb::Request> {
-            let range = status_range("pending", Some(after))?;
-            Ok(idb::wait(
-                index
-                    .get_all_with_key_and_limit(&range, limit)
-                    .idb("claiming")?,
-            ))
+        let events = tx.object_store(EVENTS).idb(WHAT)?;
+        let meta = tx.object_store(META).idb(WHAT)?;
+        // Pending events start above the sent watermark: the claim reads them
+        // above the last one seen (or its `after`), and again only if the
+        // watermark moved. These reads are placed before the settle's writes,
+        // so only when those cannot change what they read: the settled events
+        // lie at or below where the claim starts (the relay settles what it
+        // claimed before).
+        let reads = match request {
+            Some(r) => {
+                let guess = r.after.unwrap_or(0).max(self.inner.floor_hint.get());
+                let above = outcomes.iter().all(|o| o.seq <= guess).then_some(guess);
+                let limit = r.max_events.max(1);
+                let lease = idb::wait(meta.get(&"lease".into()).idb(WHAT)?);
+                let records = match above {
+                    Some(a) => Some((a, read_status(&events, "pending", Some(a), limit)?)),
+                    None => None,
+                };
+                Some(ClaimReads { lease, records })
+            }
+            None => None,
         };
-        let guess = request.after.unwrap_or(0).max(self.inner.floor_hint.get());
-        let lease = idb::wait(meta.get(&"lease".into()).idb("claiming")?);
-        let floor = idb::wait(meta.get(&SENT_THROUGH.into()).idb("claiming")?);
-        let records = read_above(guess)?;
-        let lease = lease.await.idb("claiming")?;
-        let floor = floor.await.idb("claiming")?.as_f64().unwrap_or(0.0) as i64;
+        let floor = match self.settle_in(&events, &meta, outcomes, now).await {
+            Ok(floor) => floor,
+            Err(e) => {
+                // Nothing half applied: drop the writes placed so far (an
+                // error before them leaves reads only, which record nothing).
+                let _ = tx.abort();
+                return Err(e);
+            }
+        };
+        let claim = match (request, reads) {
+            (Some(r), Some(reads)) => self.claim_in(&meta, &events, r, reads, floor).await,
+            _ => Ok(Claim::Empty),
+        };
+        // Aborted (the error says why): nothing of it was recorded.
+        done.await.idb(WHAT)?;
+        Ok(claim)
+    }
+
+    /// The rest of a claim after its first `reads`, in their transaction,
+    /// with `floor` the sent watermark as the transaction sees it: the lease
+    /// (taken or renewed, or held by another owner: nothing written) and the
+    /// batch. Leaves the transaction to its caller to finish.
+    async fn claim_in(
+        &self,
+        meta: &IdbObjectStore,
+        events: &IdbObjectStore,
+        request: &ClaimRequest<'_>,
+        reads: ClaimReads,
+        floor: i64,
+    ) -> Result<Claim> {
         self.inner.floor_hint.set(floor);
+        let lease = reads.lease.await.idb("claiming")?;
         if lease.is_object() {
             let owner = opt_str(get(&lease, "owner")).unwrap_or_default();
             let until = Timestamp::from_millis(num(&lease, "until").unwrap_or(0.0) as i64);
             if owner != request.owner && request.lease_holds(until) {
-                let _ = done.await;
                 return Ok(Claim::LeaseHeld { until });
             }
         }
@@ -1235,10 +1260,9 @@ impl Store for IdbStore {
             .idb("claiming")?;
 
         let after = request.after.unwrap_or(0).max(floor);
-        let records = if after == guess {
-            records
-        } else {
-            read_above(after)?
+        let records = match reads.records {
+            Some((above, records)) if above == after => records,
+            _ => read_status(events, "pending", Some(after), request.max_events.max(1))?,
         };
         let records: Array = records.await.idb("claiming")?.unchecked_into();
         let mut batch = Vec::new();
@@ -1247,7 +1271,6 @@ impl Store for IdbStore {
             let event = parse_record(&record)?;
             if batch.is_empty() && !request.is_due(event.next_attempt_at) {
                 // Head-of-line: nothing overtakes an event waiting to retry.
-                done.await.idb("claiming")?;
                 return Ok(Claim::NotBefore(event.next_attempt_at));
             }
             bytes += event.size();
@@ -1256,7 +1279,6 @@ impl Store for IdbStore {
             }
             batch.push(event);
         }
-        done.await.idb("claiming")?;
         Ok(if batch.is_empty() {
             Claim::Empty
         } else {
@@ -1264,21 +1286,27 @@ impl Store for IdbStore {
         })
     }
 
-    async fn settle(&self, outcomes: Vec<Settlement>, now: Timestamp) -> Result<()> {
+    /// Place the writes of a settle of `outcomes` at `now` in the transaction
+    /// of `store` and `meta` (the caller awaits its end). Returns the sent
+    /// watermark as it stands after them.
+    async fn settle_in(
+        &self,
+        store: &IdbObjectStore,
+        meta: &IdbObjectStore,
+        outcomes: Vec<Settlement>,
+        now: Timestamp,
+    ) -> Result<i64> {
         if outcomes.is_empty() {
-            return Ok(());
+            // A plain claim.
+            return watermark(meta, "claiming").await;
         }
-        let tx = self.tx(&[EVENTS, META], "readwrite").await?;
-        let done = idb::done(&tx);
-        let store = tx.object_store(EVENTS).idb("settling")?;
-        let meta = tx.object_store(META).idb("settling")?;
-        let (floor, upto) = self.sent_run(&store, &meta, &outcomes).await?;
+        let (floor, upto) = self.sent_run(store, meta, &outcomes).await?;
         // Outcomes the watermark does not cover: one record each.
         let rest: Vec<Settlement> = outcomes
             .into_iter()
             .filter(|o| !(matches!(o.outcome, Outcome::Sent) && o.seq > floor && o.seq <= upto))
             .collect();
-        let records = Self::records_for_settle(&store, &rest).await?;
+        let records = Self::records_for_settle(store, &rest).await?;
         for (record, Settlement { outcome, seq, .. }) in records.into_iter().zip(rest) {
             if record.is_undefined() {
                 continue;
@@ -1324,8 +1352,70 @@ impl Store for IdbStore {
             meta.put_with_key(&JsValue::from_f64(upto as f64), &SENT_THROUGH.into())
                 .idb("settling")?;
         }
-        done.await.idb("settling")?;
+        Ok(upto)
+    }
+
+    async fn record_by_id(store: &IdbObjectStore, id: EventId) -> Result<Option<JsValue>> {
+        let index = store.index(BY_ID).idb("reading an event")?;
+        let req = index
+            .get(&JsValue::from_str(&id.to_string()))
+            .idb("reading an event")?;
+        let r = idb::wait(req).await.idb("reading an event")?;
+        Ok((!r.is_undefined()).then_some(r))
+    }
+}
+
+impl Store for IdbStore {
+    fn client_id(&self) -> &str {
+        &self.inner.client_id
+    }
+
+    async fn enqueue(&self, events: Vec<NewEvent>) -> Result<Vec<Event>> {
+        for e in &events {
+            e.validate(self.inner.max_event_bytes)?;
+        }
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tx = self.tx(&[EVENTS], "readwrite").await?;
+        let done = idb::done(&tx);
+        let store = tx.object_store(EVENTS).idb("writing events")?;
+        let now = Timestamp::now();
+        let mut pending = Vec::with_capacity(events.len());
+        for e in events {
+            let (id, record) = new_record(&e, now);
+            let req = store.add(&record).idb("writing events")?;
+            pending.push((id, e, idb::wait(req)));
+        }
+        let mut out = Vec::with_capacity(pending.len());
+        for (id, e, req) in pending {
+            let seq = req.await.idb("writing events")?.as_f64().unwrap_or(0.0) as i64;
+            out.push(e.into_pending(seq, id, now));
+        }
+        done.await.idb("committing events")?;
+        self.committed();
+        Ok(out)
+    }
+
+    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim> {
+        self.settle_claim(Vec::new(), request.now, Some(&request))
+            .await?
+    }
+
+    async fn settle(&self, outcomes: Vec<Settlement>, now: Timestamp) -> Result<()> {
+        // No request: the inner answer is always `Ok(Claim::Empty)`.
+        let _ = self.settle_claim(outcomes, now, None).await?;
         Ok(())
+    }
+
+    /// One readwrite transaction (obligation 10): see `settle_claim`.
+    async fn settle_and_claim(
+        &self,
+        outcomes: Vec<Settlement>,
+        now: Timestamp,
+        request: ClaimRequest<'_>,
+    ) -> Result<Result<Claim>> {
+        self.settle_claim(outcomes, now, Some(&request)).await
     }
 
     async fn release_lease(&self, owner: &str) -> Result<()> {
