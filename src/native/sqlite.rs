@@ -518,8 +518,14 @@ impl Inner {
         let mut sent: Vec<i64> = Vec::new();
         let mut retry: Vec<((Timestamp, &str), Vec<i64>)> = Vec::new();
         let mut dead: Vec<(i64, &str)> = Vec::new();
+        // An event named twice (no relay does that) gets its first outcome:
+        // one outcome per event whatever order the statements run in.
+        let mut named = std::collections::HashSet::with_capacity(outcomes.len());
         for settlement in outcomes {
             let seq = settlement.seq;
+            if !named.insert(seq) {
+                continue;
+            }
             match &settlement.outcome {
                 Outcome::Sent => sent.push(seq),
                 Outcome::Retry { at, error } => {
@@ -532,7 +538,6 @@ impl Inner {
             }
         }
         sent.sort_unstable();
-        sent.dedup();
         // Every statement changes only events still pending (stored
         // `'pending'` at or above the floor): a late answer never resurrects
         // an event the app has since discarded, nor undoes a dead or sent
@@ -648,7 +653,11 @@ impl Inner {
     }
 
     pub(crate) fn list(&self, status: EventStatus, limit: usize) -> Result<Vec<Event>> {
-        let conn = self.lock();
+        let mut conn = self.lock();
+        // One snapshot for the floor and the rows: a settle committed in
+        // between must not leave the batch it sent listed as pending (its
+        // rows still say so; the floor says they are sent).
+        let conn = conn.transaction().map_err(|e| self.map(e))?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = match status {
             EventStatus::Pending => {
@@ -673,7 +682,9 @@ impl Inner {
                 .prepare_cached(&status_sql(status))
                 .and_then(|mut s| s.query_map([limit], row_to_event)?.collect()),
         };
-        rows.map_err(|e| self.map(e))
+        let rows = rows.map_err(|e| self.map(e))?;
+        conn.finish().map_err(|e| self.map(e))?;
+        Ok(rows)
     }
 
     /// The seqs where the event `id` may be stored: the one its id carries
