@@ -221,6 +221,12 @@ impl Error {
     }
 
     /// The `name` the JavaScript `Error` gets in the npm package.
+    ///
+    /// `"AbortedError"` only reaches JavaScript from Rust code built into
+    /// the page (a transaction closure returning [`Error::aborted`]): the
+    /// npm package's own API cannot produce it (a throwing JS callback
+    /// rethrows the app's own error), so `OutboxErrorName` in
+    /// js/index.d.ts does not list it.
     pub fn js_name(&self) -> &'static str {
         match self {
             Error::InvalidEventType { .. }
