@@ -385,6 +385,33 @@ impl<S: Store + Clone + 'static, T: Transport> Driver<S, T> {
     }
 }
 
+/// A [`ClaimRequest`] that owns its owner name, to move into the blocking pool.
+struct OwnedClaimRequest {
+    owner: String,
+    request: ClaimRequest<'static>,
+}
+
+impl From<ClaimRequest<'_>> for OwnedClaimRequest {
+    fn from(request: ClaimRequest<'_>) -> Self {
+        OwnedClaimRequest {
+            owner: request.owner.to_owned(),
+            request: ClaimRequest {
+                owner: "",
+                ..request
+            },
+        }
+    }
+}
+
+impl OwnedClaimRequest {
+    fn borrow(&self) -> ClaimRequest<'_> {
+        ClaimRequest {
+            owner: &self.owner,
+            ..self.request.clone()
+        }
+    }
+}
+
 /// Runs the relay's store calls (claim, settle, counts, lease) on tokio's
 /// blocking pool. SQLite works synchronously: on the runtime's own threads it
 /// would stall the app's other tasks, and the HTTP client's connection task,
@@ -417,35 +444,32 @@ impl<S: Store + Clone + 'static> Store for OffThread<S> {
     }
 
     async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim> {
-        let owner = request.owner.to_owned();
-        let ClaimRequest {
-            lease,
-            max_events,
-            max_bytes,
-            now,
-            after,
-            max_wait,
-            ..
-        } = request;
-        self.run(move |store| async move {
-            store
-                .claim(ClaimRequest {
-                    owner: &owner,
-                    lease,
-                    max_events,
-                    max_bytes,
-                    now,
-                    after,
-                    max_wait,
-                })
-                .await
-        })
-        .await
+        let request = OwnedClaimRequest::from(request);
+        self.run(move |store| async move { store.claim(request.borrow()).await })
+            .await
     }
 
     async fn settle(&self, outcomes: Vec<Settlement>, now: Timestamp) -> Result<()> {
         self.run(move |store| async move { store.settle(outcomes, now).await })
             .await
+    }
+
+    /// One trip to the blocking pool for both (the store's own
+    /// `settle_and_claim`), not one each: the relay does this beside every
+    /// push, and each hand-off is two thread wake-ups.
+    async fn settle_and_claim(
+        &self,
+        outcomes: Vec<Settlement>,
+        now: Timestamp,
+        request: ClaimRequest<'_>,
+    ) -> Result<Result<Claim>> {
+        let request = OwnedClaimRequest::from(request);
+        self.run(move |store| async move {
+            store
+                .settle_and_claim(outcomes, now, request.borrow())
+                .await
+        })
+        .await
     }
 
     async fn release_lease(&self, owner: &str) -> Result<()> {
