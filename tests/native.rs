@@ -1680,3 +1680,290 @@ fn the_sqlite_store_matches_the_reference_store_under_random_operations() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Attacks on schema v5 (the pending floor records sent batches): each test
+// drives the store into a corner and checks both what the library reports and
+// the file's own bookkeeping.
+
+/// The schema v5 bookkeeping of the outbox in the file at `path`, read with a
+/// connection of its own: the marks are disjoint runs below the pending
+/// floor, every row stored as pending below the floor lies in a mark (so it
+/// has a `sent_at` and can be pruned), every row stored as sent has a
+/// `sent_at`, the sent count in meta is the number of events that read as
+/// sent, and the next `seq` is at or above the floor (a new event can never
+/// be born below it, where it would read as sent).
+fn assert_v5_bookkeeping(path: &Path, context: &str) {
+    let conn = Connection::open(path).unwrap();
+    let meta = |key: &str| -> i64 {
+        conn.query_row(
+            "SELECT CAST(value AS INTEGER) FROM edge_outbox_meta WHERE key = ?1",
+            [key],
+            |r| r.get(0),
+        )
+        .unwrap_or_else(|e| panic!("{context}: meta {key}: {e}"))
+    };
+    let floor = meta("pending_floor");
+    let marks: Vec<(i64, i64)> = conn
+        .prepare("SELECT lo, hi FROM edge_outbox_sent_marks ORDER BY hi")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for &(lo, hi) in &marks {
+        assert!(lo <= hi, "{context}: mark {lo}..={hi} is empty");
+        assert!(
+            hi < floor,
+            "{context}: mark {lo}..={hi} reaches the floor {floor}"
+        );
+    }
+    for w in marks.windows(2) {
+        assert!(w[0].1 < w[1].0, "{context}: marks overlap: {marks:?}");
+    }
+    let uncovered: Vec<i64> = conn
+        .prepare(
+            "SELECT seq FROM edge_outbox_events e WHERE status = 'pending' AND seq < ?1 \
+             AND NOT EXISTS (SELECT 1 FROM edge_outbox_sent_marks m \
+                             WHERE m.lo <= e.seq AND e.seq <= m.hi)",
+        )
+        .unwrap()
+        .query_map([floor], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(
+        uncovered.is_empty(),
+        "{context}: rows below the floor {floor} in no mark: {uncovered:?} (marks {marks:?})"
+    );
+    let no_sent_at: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM edge_outbox_events WHERE status = 'sent' AND sent_at IS NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(no_sent_at, 0, "{context}: sent rows without sent_at");
+    let reads_sent: i64 = conn
+        .query_row(
+            &format!("SELECT count(*) FROM edge_outbox_events WHERE ({STATUS_SQL}) = 'sent'"),
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(meta("sent_count"), reads_sent, "{context}: sent_count");
+    let next_seq: i64 = conn
+        .query_row(
+            "SELECT max(coalesce((SELECT seq FROM sqlite_sequence \
+                                  WHERE name = 'edge_outbox_events'), 0), \
+                        coalesce((SELECT max(seq) FROM edge_outbox_events), 0)) + 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        next_seq >= floor,
+        "{context}: the next event (seq {next_seq}) would be born below the floor {floor}"
+    );
+}
+
+/// `(status, attempts, sent_at in ms)` of an event as the library reports it;
+/// `None` once it is gone.
+fn state_of(outbox: &Outbox, e: &edge_outbox::Event) -> Option<(EventStatus, u32, Option<i64>)> {
+    outbox
+        .get(e.id)
+        .unwrap()
+        .map(|e| (e.status, e.attempts, e.sent_at.map(Timestamp::as_millis)))
+}
+
+fn dead(reason: &str) -> Outcome {
+    Outcome::Dead {
+        reason: reason.into(),
+    }
+}
+
+/// Settles `events[i]` for each `(i, outcome)` at `at` ms.
+fn settle_at(
+    outbox: &Outbox,
+    events: &[edge_outbox::Event],
+    outcomes: &[(usize, Outcome)],
+    at: i64,
+) {
+    let outcomes = outcomes
+        .iter()
+        .map(|(i, o)| Settlement::new(&events[*i], o.clone()))
+        .collect();
+    block_on(outbox.store().settle(outcomes, Timestamp::from_millis(at))).unwrap();
+}
+
+/// Dead letters at a mark's lowest seq, at its highest, in its middle and at
+/// the top of the file, retried one after another (each lower than the
+/// last), with the clock going backwards between two settles: every
+/// neighbour the floor comes back down over keeps its own mark's `sent_at`
+/// and its one attempt, the retried events alone are claimed, and pruning
+/// follows each event's own `sent_at`.
+#[test]
+fn dead_letters_at_the_edges_of_sent_marks_are_retried_without_touching_their_neighbours() {
+    use EventStatus::{Dead, Pending, Sent};
+    let (_dir, path, outbox) = open_new();
+    let ev = outbox
+        .enqueue((0..12).map(|i| order_created(i, 1)))
+        .unwrap();
+    assert_eq!(
+        ev.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=12).collect::<Vec<_>>()
+    );
+    let (t1, t2, t3, t4) = (10_000, 20_000, 5_000, 30_000); // t3: the clock went back
+    // Mark 1..=4 at t1 with 2 dead inside; mark 5..=8 at t2 with its lo (5)
+    // and hi (8) dead; mark 9..=12 at t3 with its hi (12) dead.
+    let batch = |range: std::ops::Range<usize>, dead_at: &[usize]| -> Vec<(usize, Outcome)> {
+        range
+            .map(|i| {
+                (
+                    i,
+                    if dead_at.contains(&i) {
+                        dead("HTTP 422")
+                    } else {
+                        Outcome::Sent
+                    },
+                )
+            })
+            .collect()
+    };
+    settle_at(&outbox, &ev, &batch(0..4, &[1]), t1);
+    settle_at(&outbox, &ev, &batch(4..8, &[4, 7]), t2);
+    settle_at(&outbox, &ev, &batch(8..12, &[11]), t3);
+    assert_v5_bookkeeping(&path, "three marks");
+    let stats = outbox.stats().unwrap();
+    assert_eq!((stats.pending, stats.sent, stats.dead), (0, 8, 4));
+
+    let expected = |ev: &[edge_outbox::Event], pending: &[usize], resent: Option<i64>| {
+        for (i, e) in ev.iter().enumerate() {
+            let want = if pending.contains(&i) {
+                match resent {
+                    Some(at) => Some((Sent, 1, Some(at))),
+                    None => Some((Pending, 0, None)),
+                }
+            } else if [1, 4, 7, 11].contains(&i) {
+                Some((Dead, 1, None))
+            } else {
+                let at = [t1, t2, t3][i / 4];
+                Some((Sent, 1, Some(at)))
+            };
+            assert_eq!(state_of(&outbox, e), want, "event {i} (seq {})", e.seq);
+        }
+    };
+    // At the hi of the middle mark: both marks from there up are written out.
+    assert!(outbox.retry(ev[7].id).unwrap());
+    assert_v5_bookkeeping(&path, "retried the hi of mark 2");
+    expected(&ev, &[7], None);
+    // At the lo of the same (now written out) mark: the floor comes down again.
+    assert!(outbox.retry(ev[4].id).unwrap());
+    assert_v5_bookkeeping(&path, "retried the lo of mark 2");
+    expected(&ev, &[4, 7], None);
+    // In the middle of the lowest mark.
+    assert!(outbox.retry(ev[1].id).unwrap());
+    assert_v5_bookkeeping(&path, "retried inside mark 1");
+    expected(&ev, &[1, 4, 7], None);
+    // At the top, above the floor now: nothing to write out.
+    assert!(outbox.retry(ev[11].id).unwrap());
+    assert_v5_bookkeeping(&path, "retried the top");
+    expected(&ev, &[1, 4, 7, 11], None);
+    // A second retry of an event no longer dead does nothing.
+    assert!(!outbox.retry(ev[4].id).unwrap());
+    let stats = outbox.stats().unwrap();
+    assert_eq!((stats.pending, stats.sent, stats.dead), (4, 8, 0));
+
+    let Claim::Batch(batch) = block_on(
+        outbox
+            .store()
+            .claim(claim_request("relay", Timestamp::now())),
+    )
+    .unwrap() else {
+        panic!("expected a batch");
+    };
+    assert_eq!(
+        batch.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [2, 5, 8, 12]
+    );
+    settle_at(&outbox, &ev, &[1, 4, 7, 11].map(|i| (i, Outcome::Sent)), t4);
+    assert_v5_bookkeeping(&path, "the retried events sent");
+    for (i, e) in ev.iter().enumerate() {
+        let at = if [1, 4, 7, 11].contains(&i) {
+            t4
+        } else {
+            [t1, t2, t3][i / 4]
+        };
+        assert_eq!(state_of(&outbox, e), Some((Sent, 1, Some(at))), "event {i}");
+    }
+    assert_eq!(outbox.stats().unwrap().sent, 12);
+
+    // Pruning goes by each event's own sent_at, whatever the seq order.
+    let prune =
+        |before: i64| block_on(outbox.store().prune_sent(Timestamp::from_millis(before))).unwrap();
+    assert_eq!(prune(t3 + 1), 3, "the t3 batch (the clock went back)");
+    assert_v5_bookkeeping(&path, "pruned t3");
+    assert_eq!(prune(t2 + 1), 5, "t1 and t2");
+    assert_v5_bookkeeping(&path, "pruned t2");
+    assert_eq!(prune(t4), 0);
+    assert_eq!(prune(t4 + 1), 4, "the retried ones");
+    assert_v5_bookkeeping(&path, "pruned all");
+    assert_eq!(count_events(&path), 0);
+    assert_eq!(outbox.stats().unwrap().sent, 0);
+}
+
+/// A dead letter below every mark (its own mark was pruned): the floor comes
+/// down over a whole later mark, which is written out with its `sent_at`,
+/// and the new events after it are claimed in order behind it.
+#[test]
+fn a_dead_letter_below_every_mark_is_retried_after_its_own_mark_was_pruned() {
+    use EventStatus::{Pending, Sent};
+    let (_dir, path, outbox) = open_new();
+    let ev = outbox.enqueue((0..6).map(|i| order_created(i, 1))).unwrap();
+    settle_at(
+        &outbox,
+        &ev,
+        &[
+            (0, dead("HTTP 422")),
+            (1, Outcome::Sent),
+            (2, Outcome::Sent),
+        ],
+        1_000,
+    );
+    assert_eq!(
+        block_on(outbox.store().prune_sent(Timestamp::from_millis(1_001))).unwrap(),
+        2
+    );
+    settle_at(
+        &outbox,
+        &ev,
+        &[(3, Outcome::Sent), (4, Outcome::Sent), (5, Outcome::Sent)],
+        2_000,
+    );
+    assert_v5_bookkeeping(&path, "dead letter below a pruned mark");
+    assert!(outbox.retry(ev[0].id).unwrap());
+    assert_v5_bookkeeping(&path, "retried below every mark");
+    assert_eq!(state_of(&outbox, &ev[0]).unwrap().0, Pending);
+    for e in &ev[3..] {
+        assert_eq!(state_of(&outbox, e), Some((Sent, 1, Some(2_000))));
+    }
+    let more = outbox.enqueue([order_created(7, 1)]).unwrap();
+    let Claim::Batch(batch) = block_on(
+        outbox
+            .store()
+            .claim(claim_request("relay", Timestamp::now())),
+    )
+    .unwrap() else {
+        panic!("expected a batch");
+    };
+    assert_eq!(
+        batch.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [1, more[0].seq]
+    );
+    assert_eq!(
+        block_on(outbox.store().prune_sent(Timestamp::from_millis(2_001))).unwrap(),
+        3
+    );
+    assert_v5_bookkeeping(&path, "pruned the written-out mark");
+    assert_eq!(outbox.stats().unwrap().pending, 2);
+}
