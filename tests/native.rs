@@ -1967,3 +1967,267 @@ fn a_dead_letter_below_every_mark_is_retried_after_its_own_mark_was_pruned() {
     assert_v5_bookkeeping(&path, "pruned the written-out mark");
     assert_eq!(outbox.stats().unwrap().pending, 2);
 }
+
+/// What a schema v4 writer could leave (see `git show 028a911:src/native/sqlite.rs`):
+/// event 1 sent, 2 dead, 3 waiting to retry (the head), 4 sent while 3
+/// waited, 5 dead above the head, 6 pending, 7 sent, 8 pending; with the
+/// pending floor at the head (3), below it (1: a floor may be lower than
+/// every pending seq), or missing (the migration computes it) and no
+/// `sent_count`. Opened as v5, each reads the same; the pending events are
+/// then sent by the floor, the dead letter below them retried (the floor
+/// comes back down over rows of both kinds), sent again, and everything
+/// prunes by its own `sent_at`.
+#[test]
+fn odd_schema_v4_files_migrate_and_then_settle_retry_and_prune_correctly() {
+    use EventStatus::{Dead, Pending, Sent};
+    for floor in [Some("3"), Some("1"), None] {
+        let context = format!("v4 floor {floor:?}");
+        let (_dir, path, outbox) = open_new();
+        let ev = outbox.enqueue((0..8).map(|i| order_created(i, 1))).unwrap();
+        drop(outbox);
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "UPDATE edge_outbox_events SET status = 'sent', sent_at = 1000, attempts = 1 \
+                     WHERE seq = 1;
+                 UPDATE edge_outbox_events SET status = 'sent', sent_at = 2000, attempts = 2 \
+                     WHERE seq IN (4, 7);
+                 UPDATE edge_outbox_events SET status = 'dead', last_error = 'HTTP 422', \
+                     attempts = 1 WHERE seq IN (2, 5);
+                 UPDATE edge_outbox_events SET attempts = 1, last_error = 'HTTP 503' \
+                     WHERE seq = 3;
+                 DELETE FROM edge_outbox_meta WHERE key IN ('pending_floor', 'sent_count');
+                 UPDATE edge_outbox_meta SET value = '4' WHERE key = 'schema_version';
+                 DROP TABLE edge_outbox_sent_marks;",
+            )
+            .unwrap();
+            if let Some(floor) = floor {
+                conn.execute(
+                    "INSERT INTO edge_outbox_meta (key, value) VALUES ('pending_floor', ?1)",
+                    [floor],
+                )
+                .unwrap();
+            }
+        }
+        let outbox = Outbox::open(&path, config()).unwrap();
+        assert_v5_bookkeeping(&path, &context);
+        let stats = outbox.stats().unwrap();
+        assert_eq!(
+            (stats.pending, stats.sent, stats.dead),
+            (3, 3, 2),
+            "{context}"
+        );
+        let states = |outbox: &Outbox| ev.iter().map(|e| state_of(outbox, e)).collect::<Vec<_>>();
+        let v4_view = vec![
+            Some((Sent, 1, Some(1000))),
+            Some((Dead, 1, None)),
+            Some((Pending, 1, None)),
+            Some((Sent, 2, Some(2000))),
+            Some((Dead, 1, None)),
+            Some((Pending, 0, None)),
+            Some((Sent, 2, Some(2000))),
+            Some((Pending, 0, None)),
+        ];
+        assert_eq!(states(&outbox), v4_view, "{context}");
+
+        // The three pending ones sent together: recorded by the floor.
+        settle_at(
+            &outbox,
+            &ev,
+            &[(2, Outcome::Sent), (5, Outcome::Sent), (7, Outcome::Sent)],
+            3000,
+        );
+        assert_v5_bookkeeping(&path, &format!("{context}, sent by the floor"));
+        let mut now_sent = v4_view.clone();
+        now_sent[2] = Some((Sent, 2, Some(3000)));
+        now_sent[5] = Some((Sent, 1, Some(3000)));
+        now_sent[7] = Some((Sent, 1, Some(3000)));
+        assert_eq!(states(&outbox), now_sent, "{context}");
+
+        // The dead letter under all of it, then the one in the middle.
+        assert!(outbox.retry(ev[1].id).unwrap(), "{context}");
+        assert!(outbox.retry(ev[4].id).unwrap(), "{context}");
+        assert_v5_bookkeeping(&path, &format!("{context}, retried"));
+        let mut retried = now_sent.clone();
+        retried[1] = Some((Pending, 0, None));
+        retried[4] = Some((Pending, 0, None));
+        assert_eq!(states(&outbox), retried, "{context}");
+        let Claim::Batch(batch) = block_on(
+            outbox
+                .store()
+                .claim(claim_request("relay", Timestamp::now())),
+        )
+        .unwrap() else {
+            panic!("{context}: expected a batch");
+        };
+        assert_eq!(
+            batch.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [2, 5],
+            "{context}"
+        );
+        settle_at(
+            &outbox,
+            &ev,
+            &[(4, Outcome::Sent), (1, Outcome::Sent)],
+            4000,
+        );
+        assert_v5_bookkeeping(&path, &format!("{context}, all sent"));
+        let mut all_sent = now_sent.clone();
+        all_sent[1] = Some((Sent, 1, Some(4000)));
+        all_sent[4] = Some((Sent, 1, Some(4000)));
+        assert_eq!(states(&outbox), all_sent, "{context}");
+        assert_eq!(outbox.stats().unwrap().sent, 8, "{context}");
+
+        let prune = |before| block_on(outbox.store().prune_sent(Timestamp::from_millis(before)));
+        assert_eq!(prune(2001).unwrap(), 3, "{context}: the v4 rows");
+        assert_eq!(prune(3001).unwrap(), 3, "{context}: the first floor batch");
+        assert_eq!(prune(i64::MAX).unwrap(), 2, "{context}: the retried ones");
+        assert_v5_bookkeeping(&path, &format!("{context}, pruned"));
+        assert_eq!(count_events(&path), 0, "{context}");
+        let stats = outbox.stats().unwrap();
+        assert_eq!(
+            (stats.pending, stats.sent, stats.dead),
+            (0, 0, 0),
+            "{context}"
+        );
+        // The seqs are not reused after the table was emptied.
+        let next = outbox.enqueue([order_created(9, 1)]).unwrap();
+        assert_eq!(next[0].seq, 9, "{context}");
+        assert_eq!(outbox.pending(10).unwrap().len(), 1, "{context}");
+    }
+}
+
+/// Outcomes that name events that never existed, were pruned, or were
+/// discarded, on an empty table with a high floor and a pruned tail, change
+/// nothing and never move the floor past a later event.
+#[test]
+fn outcomes_for_events_that_are_gone_or_never_were_change_nothing() {
+    let (_dir, path, outbox) = open_new();
+    let ev = outbox.enqueue((0..4).map(|i| order_created(i, 1))).unwrap();
+    settle_at(
+        &outbox,
+        &ev,
+        &[
+            (0, Outcome::Sent),
+            (1, Outcome::Sent),
+            (2, dead("x")),
+            (3, dead("y")),
+        ],
+        1000,
+    );
+    assert!(outbox.discard(ev[2].id).unwrap());
+    assert!(outbox.discard(ev[3].id).unwrap()); // the tail of the table
+    assert_eq!(
+        block_on(outbox.store().prune_sent(Timestamp::from_millis(1001))).unwrap(),
+        2
+    );
+    assert_eq!(count_events(&path), 0);
+    assert_v5_bookkeeping(&path, "empty table");
+    // Late answers for all of them, in every kind, plus seqs never given.
+    let ghost = |seq: i64, outcome: Outcome| Settlement {
+        seq,
+        id: ev[0].id,
+        outcome,
+    };
+    let late: Vec<Settlement> = ev
+        .iter()
+        .flat_map(|e| {
+            [
+                Settlement::new(e, Outcome::Sent),
+                Settlement::new(
+                    e,
+                    Outcome::Retry {
+                        at: Timestamp::from_millis(9000),
+                        error: "late".into(),
+                    },
+                ),
+            ]
+        })
+        .chain([
+            ghost(0, Outcome::Sent),
+            ghost(-5, Outcome::Sent),
+            ghost(1 << 40, Outcome::Sent),
+            ghost(99, dead("z")),
+        ])
+        .collect();
+    block_on(
+        outbox
+            .store()
+            .settle(late.clone(), Timestamp::from_millis(2000)),
+    )
+    .unwrap();
+    assert_v5_bookkeeping(&path, "late answers on an empty table");
+    let fresh = outbox
+        .enqueue((0..2).map(|i| order_created(10 + i, 1)))
+        .unwrap();
+    assert_eq!(fresh.iter().map(|e| e.seq).collect::<Vec<_>>(), [5, 6]);
+    // The same late answers again, now that live events sit above them, and
+    // answers for seqs above the live ones: the new events stay pending.
+    let mut again = late;
+    again.push(ghost(7, Outcome::Sent));
+    again.push(ghost(1 << 40, Outcome::Sent));
+    block_on(outbox.store().settle(again, Timestamp::from_millis(3000))).unwrap();
+    assert_v5_bookkeeping(&path, "late answers below live events");
+    let stats = outbox.stats().unwrap();
+    assert_eq!((stats.pending, stats.sent, stats.dead), (2, 0, 0));
+    for e in &fresh {
+        assert_eq!(state_of(&outbox, e), Some((EventStatus::Pending, 0, None)));
+    }
+    let Claim::Batch(batch) = block_on(
+        outbox
+            .store()
+            .claim(claim_request("relay", Timestamp::now())),
+    )
+    .unwrap() else {
+        panic!("expected a batch");
+    };
+    assert_eq!(batch.len(), 2);
+}
+
+/// One settle naming an event twice (no relay does, but `Store::settle` is
+/// public): the event gets the first outcome named for it and one attempt,
+/// whatever the order the store's statements run in (Retry, then Dead, then
+/// Sent); the floor is raised only past events whose first outcome is Sent.
+/// Note: `MemoryStore` applies both outcomes of `[Retry, Sent]` (sent, two
+/// attempts), so the model test below names each event at most once.
+#[test]
+fn an_event_named_twice_in_one_settle_takes_its_first_outcome() {
+    use EventStatus::{Dead, Pending, Sent};
+    let (_dir, path, outbox) = open_new();
+    let ev = outbox.enqueue((0..5).map(|i| order_created(i, 1))).unwrap();
+    let retry = Outcome::Retry {
+        at: Timestamp::from_millis(9000),
+        error: "HTTP 503".into(),
+    };
+    let pairs = [
+        (Outcome::Sent, dead("HTTP 422")),
+        (Outcome::Sent, retry.clone()),
+        (dead("HTTP 422"), Outcome::Sent),
+        (retry.clone(), Outcome::Sent),
+        (Outcome::Sent, Outcome::Sent),
+    ];
+    // Named in reverse seq order, the second naming of each after all firsts.
+    let outcomes: Vec<(usize, Outcome)> = (0..5)
+        .rev()
+        .map(|i| (i, pairs[i].0.clone()))
+        .chain((0..5).map(|i| (i, pairs[i].1.clone())))
+        .collect();
+    settle_at(&outbox, &ev, &outcomes, 1000);
+    assert_v5_bookkeeping(&path, "an event named twice");
+    let got: Vec<_> = ev
+        .iter()
+        .map(|e| state_of(&outbox, e).map(|(s, a, _)| (s, a)))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            Some((Sent, 1)),
+            Some((Sent, 1)),
+            Some((Dead, 1)),
+            Some((Pending, 1)),
+            Some((Sent, 1))
+        ]
+    );
+    let stats = outbox.stats().unwrap();
+    assert_eq!((stats.pending, stats.sent, stats.dead), (1, 3, 1));
+}
