@@ -2231,3 +2231,194 @@ fn an_event_named_twice_in_one_settle_takes_its_first_outcome() {
     let stats = outbox.stats().unwrap();
     assert_eq!((stats.pending, stats.sent, stats.dead), (1, 3, 1));
 }
+
+/// The model test above, harder: two `Outbox` handles (two connections) on
+/// one file taking turns, a handle closed and reopened now and then, claims
+/// that pipeline (`after` the last batch claimed, while it is unanswered),
+/// answers that come back shuffled, late, for batches claimed before others
+/// were answered, with a clock that jumps backwards, retries and discards
+/// aimed at events that are not dead, and prunes before the far past and
+/// the far future. After every step the SQLite store must show what
+/// `MemoryStore` shows, and its file must keep the v5 bookkeeping.
+#[test]
+fn the_sqlite_store_matches_the_reference_store_with_pipelined_claims_two_handles_and_reopens() {
+    use edge_outbox::testing::MemoryStore;
+    for seed in 1..=12u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model2.db");
+        let mut handles = [
+            Outbox::open(&path, config()).unwrap(),
+            Outbox::open(&path, config()).unwrap(),
+        ];
+        let mem = MemoryStore::new();
+        let mut rng = Rng(seed.wrapping_mul(0xd1b5_4a32_d192_ed03) | 1);
+        let (mut in_sql, mut in_mem) = (Vec::<edge_outbox::Event>::new(), Vec::new());
+        // Claimed batches (indexes into the run's events); `open` are the ones
+        // not answered yet, in claim order.
+        let (mut answered, mut open): (Vec<Vec<usize>>, Vec<Vec<usize>>) = (Vec::new(), Vec::new());
+        let mut clock = Timestamp::now().as_millis() + 60_000;
+        let index = |events: &[edge_outbox::Event], seq: i64| {
+            events.iter().position(|e| e.seq == seq).unwrap()
+        };
+        for step in 0..150 {
+            clock += 1000;
+            let context = format!("seed {seed}, step {step}");
+            let h = rng.below(2) as usize;
+            let sql = handles[h].store().clone();
+            // Answers and management calls run on a clock that may have gone back.
+            let skewed =
+                Timestamp::from_millis(clock - 1000 * rng.below(40) as i64 * rng.below(2) as i64);
+            let settle = |rng: &mut Rng, batch: &[usize]| {
+                let mut order = batch.to_vec();
+                for k in (1..order.len()).rev() {
+                    order.swap(k, rng.below(k as u64 + 1) as usize);
+                }
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                for i in order {
+                    if rng.below(8) == 0 {
+                        continue;
+                    }
+                    let outcome = match rng.below(10) {
+                        0 | 1 => dead(&format!("rejected {i}")),
+                        2 | 3 => Outcome::Retry {
+                            at: Timestamp::from_millis(clock + 1000 * rng.below(3) as i64),
+                            error: "HTTP 503".into(),
+                        },
+                        _ => Outcome::Sent,
+                    };
+                    a.push(Settlement::new(&in_sql[i], outcome.clone()));
+                    b.push(Settlement::new(&in_mem[i], outcome));
+                }
+                block_on(sql.settle(a, skewed)).unwrap();
+                block_on(mem.settle(b, skewed)).unwrap();
+            };
+            match rng.below(12) {
+                0 | 1 => {
+                    let n = 1 + rng.below(4) as i64;
+                    let made = block_on(sql.enqueue((0..n).map(|k| order_created(k, 1)).collect()))
+                        .unwrap();
+                    for e in made {
+                        let same = NewEvent::from_json_text(&e.event_type, &e.payload).unwrap();
+                        in_mem.push(mem.enqueue_at(same, e.created_at));
+                        in_sql.push(e);
+                    }
+                }
+                2..=4 => {
+                    // Pipelined: after the last batch still unanswered, if any.
+                    let after = match open.last().and_then(|b| b.last()) {
+                        Some(&i) if rng.below(3) > 0 => Some(i),
+                        _ => None,
+                    };
+                    let now = Timestamp::from_millis(clock);
+                    let max_events = 1 + rng.below(6) as usize;
+                    let request = |after: Option<i64>| ClaimRequest {
+                        max_events,
+                        after,
+                        ..claim_request("relay", now)
+                    };
+                    let a = block_on(sql.claim(request(after.map(|i| in_sql[i].seq)))).unwrap();
+                    let b = block_on(mem.claim(request(after.map(|i| in_mem[i].seq)))).unwrap();
+                    match (a, b) {
+                        (Claim::Batch(a), Claim::Batch(b)) => {
+                            let a: Vec<usize> = a.iter().map(|e| index(&in_sql, e.seq)).collect();
+                            let b: Vec<usize> = b.iter().map(|e| index(&in_mem, e.seq)).collect();
+                            assert_eq!(a, b, "{context}: claimed after {after:?}");
+                            if rng.below(3) == 0 {
+                                settle(&mut rng, &a);
+                                answered.push(a);
+                            } else {
+                                open.push(a);
+                            }
+                        }
+                        (a, b) => assert_eq!(a, b, "{context}: claim after {after:?}"),
+                    }
+                }
+                5 | 6 if !open.is_empty() => {
+                    // Any unanswered batch, most often not the oldest.
+                    let batch = open.remove(rng.below(open.len() as u64) as usize);
+                    settle(&mut rng, &batch);
+                    answered.push(batch);
+                }
+                7 if !answered.is_empty() => {
+                    let old = answered[rng.below(answered.len() as u64) as usize].clone();
+                    settle(&mut rng, &old);
+                }
+                8 | 9 if !in_mem.is_empty() => {
+                    // Mostly a dead letter; sometimes any event, dead or not.
+                    let dead: Vec<usize> = (0..in_mem.len())
+                        .filter(|&i| {
+                            block_on(mem.get(in_mem[i].id))
+                                .unwrap()
+                                .is_some_and(|e| e.status == EventStatus::Dead)
+                        })
+                        .collect();
+                    let i = match dead.get(rng.below(dead.len() as u64 * 3 / 2 + 1) as usize) {
+                        Some(&i) => i,
+                        None => rng.below(in_mem.len() as u64) as usize,
+                    };
+                    if rng.below(4) == 0 {
+                        let a = block_on(sql.discard(in_sql[i].id)).unwrap();
+                        let b = block_on(mem.discard(in_mem[i].id)).unwrap();
+                        assert_eq!(a, b, "{context}: discard {i}");
+                    } else {
+                        let a = block_on(sql.retry(in_sql[i].id, skewed)).unwrap();
+                        let b = block_on(mem.retry(in_mem[i].id, skewed)).unwrap();
+                        assert_eq!(a, b, "{context}: retry {i}");
+                    }
+                }
+                10 => {
+                    let before = match rng.below(4) {
+                        0 => Timestamp::from_millis(i64::MIN),
+                        1 => Timestamp::from_millis(i64::MAX),
+                        _ => Timestamp::from_millis(clock - 1000 * rng.below(30) as i64),
+                    };
+                    let a = block_on(sql.prune_sent(before)).unwrap();
+                    let b = block_on(mem.prune_sent(before)).unwrap();
+                    assert_eq!(a, b, "{context}: pruned before {before:?}");
+                }
+                11 => {
+                    // Close this handle and open the file again.
+                    handles[h] = Outbox::open(&path, config()).unwrap();
+                }
+                _ => {
+                    let a = block_on(sql.retry_now(skewed)).unwrap();
+                    let b = block_on(mem.retry_now(skewed)).unwrap();
+                    assert_eq!(a, b, "{context}: retry_now");
+                }
+            }
+            assert_v5_bookkeeping(&path, &context);
+            // Read through the other handle: what one connection wrote, the
+            // other sees.
+            let sql = handles[1 - h].store().clone();
+            for i in 0..in_sql.len() {
+                let a = block_on(sql.get(in_sql[i].id)).unwrap();
+                let b = block_on(mem.get(in_mem[i].id)).unwrap();
+                assert_eq!(
+                    a.as_ref().map(observable),
+                    b.as_ref().map(observable),
+                    "{context}: event {i}"
+                );
+            }
+            let a = block_on(sql.stats()).unwrap();
+            let b = block_on(mem.stats()).unwrap();
+            assert_eq!(
+                (a.pending, a.sent, a.dead, a.oldest_pending_at),
+                (b.pending, b.sent, b.dead, b.oldest_pending_at),
+                "{context}: stats"
+            );
+            let listed = |events: Vec<edge_outbox::Event>, all: &[edge_outbox::Event]| {
+                events.iter().map(|e| index(all, e.seq)).collect::<Vec<_>>()
+            };
+            assert_eq!(
+                listed(block_on(sql.pending(1000)).unwrap(), &in_sql),
+                listed(block_on(mem.pending(1000)).unwrap(), &in_mem),
+                "{context}: pending"
+            );
+            assert_eq!(
+                listed(block_on(sql.dead_letters(1000)).unwrap(), &in_sql),
+                listed(block_on(mem.dead_letters(1000)).unwrap(), &in_mem),
+                "{context}: dead letters"
+            );
+        }
+    }
+}
