@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use edge_outbox::testing::{Fault, MemoryServer};
@@ -2421,4 +2422,221 @@ fn the_sqlite_store_matches_the_reference_store_with_pipelined_claims_two_handle
             );
         }
     }
+}
+
+const CHURN_CHILD_ENV: &str = "EDGE_OUTBOX_TEST_V5_CHURN_DB";
+
+/// Events the churn never answers `Sent` nor discards: whatever interleaving
+/// or crash, each must stay in the file, pending or dead, never sent.
+const NEVER_SENT: &str = "NeverSent";
+
+/// One random step on the outbox as a relay and an app might take it:
+/// enqueue, answer some pending events (late answers included: the events
+/// come from the pending list, which another process may have answered
+/// since), retry or discard a dead letter, prune. Returns how many
+/// `NEVER_SENT` events it committed.
+fn churn_step(outbox: &Outbox, rng: &mut Rng) -> u64 {
+    let store = outbox.store();
+    let now = Timestamp::now();
+    match rng.below(8) {
+        0 | 1 => {
+            let events: Vec<NewEvent> = (0..1 + rng.below(3))
+                .map(|k| {
+                    let kind = if rng.below(3) == 0 {
+                        NEVER_SENT
+                    } else {
+                        "OrderCreated"
+                    };
+                    NewEvent::json(
+                        kind,
+                        &Order {
+                            id: k as i64,
+                            amount: 1,
+                        },
+                    )
+                    .unwrap()
+                })
+                .collect();
+            let never = events
+                .iter()
+                .filter(|e| e.event_type() == NEVER_SENT)
+                .count();
+            outbox.enqueue(events).unwrap();
+            never as u64
+        }
+        2..=4 => {
+            let mut outcomes = Vec::new();
+            for e in outbox.pending(40).unwrap() {
+                if rng.below(3) == 0 {
+                    continue;
+                }
+                let retry = Outcome::Retry {
+                    at: now,
+                    error: "HTTP 503".into(),
+                };
+                let outcome = match rng.below(10) {
+                    0 => dead("HTTP 422"),
+                    1 | 2 => retry,
+                    _ if e.event_type == NEVER_SENT => retry,
+                    _ => Outcome::Sent,
+                };
+                outcomes.push(Settlement::new(&e, outcome));
+            }
+            block_on(store.settle(outcomes, now)).unwrap();
+            0
+        }
+        5 | 6 => {
+            let dead = outbox.dead_letters().unwrap();
+            if let Some(e) = dead.get(rng.below(dead.len() as u64 + 1) as usize) {
+                if e.event_type != NEVER_SENT && rng.below(3) == 0 {
+                    outbox.discard(e.id).unwrap();
+                } else {
+                    outbox.retry(e.id).unwrap();
+                }
+            }
+            0
+        }
+        _ => {
+            let before = if rng.below(2) == 0 {
+                Timestamp::from_millis(i64::MAX)
+            } else {
+                now.sub(Duration::from_millis(rng.below(5)))
+            };
+            block_on(store.prune_sent(before)).unwrap();
+            0
+        }
+    }
+}
+
+/// The other process of `two_processes_churn_one_file_and_one_is_killed`
+/// (does nothing unless started by it): churns the file until killed,
+/// saying how many `NEVER_SENT` events it has committed so far.
+#[test]
+fn child_churns_the_outbox() {
+    let Ok(spec) = std::env::var(CHURN_CHILD_ENV) else {
+        return;
+    };
+    let (seed, path) = spec.split_once(':').unwrap();
+    let outbox = Outbox::open(path, config()).unwrap();
+    let mut rng = Rng(seed.parse::<u64>().unwrap() | 1);
+    let mut never = 0;
+    for step in 0.. {
+        never += churn_step(&outbox, &mut rng);
+        println!("STEP {step} NEVER_SENT {never}");
+    }
+}
+
+/// Two processes settle, retry, discard and prune on one file at once, the
+/// answers of one racing the other's (the same events answered differently,
+/// late), and one of them is killed with SIGKILL in the middle of its work.
+/// Reopened, the file keeps the v5 bookkeeping; no event that was never
+/// answered `Sent` reads as sent or is gone; and what is pending is claimed
+/// and sent to the end.
+#[test]
+fn two_processes_churn_one_file_and_one_is_killed() {
+    use std::io::BufRead;
+    let (_dir, path, outbox) = open_new();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_churns_the_outbox",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHURN_CHILD_ENV, format!("7:{}", path.display()))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read the child's progress on a thread so that it never waits on a full
+    // pipe: it is busy with the file whenever it is killed.
+    let stdout = child.stdout.take().unwrap();
+    let progress = std::sync::Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let reader = {
+        let progress = progress.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let words: Vec<&str> = line.split(' ').collect();
+                if let ["STEP", step, "NEVER_SENT", n] = words[..] {
+                    progress[1].store(n.parse().unwrap(), Ordering::SeqCst);
+                    progress[0].store(step.parse::<u64>().unwrap() + 1, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+    // Both sides do a good deal of work at once: at least 300 steps here
+    // while the child does at least 200.
+    let mut rng = Rng(0x5eed);
+    let (mut steps, mut never) = (0, 0);
+    while steps < 300 || progress[0].load(Ordering::SeqCst) < 200 {
+        assert!(!reader.is_finished(), "the child process ended");
+        never += churn_step(&outbox, &mut rng);
+        steps += 1;
+    }
+    child.kill().unwrap(); // SIGKILL, wherever it is
+    child.wait().unwrap();
+    reader.join().unwrap();
+    // Every step the child printed was committed (it prints after each).
+    let child_never = progress[1].load(Ordering::SeqCst);
+    drop(outbox);
+
+    assert_v5_bookkeeping(&path, "after kill -9");
+    let outbox = Outbox::open(&path, config()).unwrap();
+    let conn = Connection::open(&path).unwrap();
+    let kept: Vec<(i64, String)> = conn
+        .prepare(&format!(
+            "SELECT seq, {STATUS_SQL} FROM edge_outbox_events WHERE type = '{NEVER_SENT}'"
+        ))
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(
+        kept.len() as u64 >= never + child_never && never > 0 && child_never > 0,
+        "{} never-sent events in the file, {never} committed here and at least {child_never} by the child",
+        kept.len()
+    );
+    let sent: Vec<i64> = kept
+        .iter()
+        .filter(|(_, s)| s == "sent")
+        .map(|(seq, _)| *seq)
+        .collect();
+    assert!(
+        sent.is_empty(),
+        "events never answered Sent read as sent: {sent:?}"
+    );
+    let stats = outbox.stats().unwrap();
+    let counted: i64 = conn
+        .query_row(
+            &format!("SELECT count(*) FROM edge_outbox_events WHERE ({STATUS_SQL}) = 'pending'"),
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(stats.pending as i64, counted);
+    for e in outbox.dead_letters().unwrap() {
+        outbox.retry(e.id).unwrap();
+    }
+    let mut now = Timestamp::now();
+    loop {
+        now = now.add(Duration::from_secs(1));
+        match block_on(outbox.store().claim(claim_request("relay", now))).unwrap() {
+            Claim::Batch(batch) => {
+                let all = batch
+                    .iter()
+                    .map(|e| Settlement::new(e, Outcome::Sent))
+                    .collect();
+                block_on(outbox.store().settle(all, now)).unwrap();
+            }
+            Claim::Empty => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_v5_bookkeeping(&path, "all sent after kill -9");
+    let stats = outbox.stats().unwrap();
+    assert_eq!((stats.pending, stats.dead), (0, 0));
+    assert_eq!(stats.sent as i64, count_events(&path));
 }
