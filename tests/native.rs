@@ -2640,3 +2640,132 @@ fn two_processes_churn_one_file_and_one_is_killed() {
     assert_eq!((stats.pending, stats.dead), (0, 0));
     assert_eq!(stats.sent as i64, count_events(&path));
 }
+
+/// The real relay on schema v5, end to end: rounds of enqueues, relay runs
+/// (one handle, then another on the same file; batches of 1 to 4) against a
+/// server that drops connections, loses answers after storing, stores all
+/// but the last event without naming it, answers 503 or garbage, and
+/// rejects one type of event (dead letters, which the app retries, so the
+/// floor keeps coming back down over sent batches), with "try now" and
+/// prunes between rounds. After every round: the file keeps the v5
+/// bookkeeping, and every event that reads as sent, or was pruned, is on
+/// the server (a pending event read as sent would be lost). At the end,
+/// everything but the rejected type is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_over_schema_v5_reports_sent_only_what_the_server_has() {
+    let (_dir, path, outbox) = open_new();
+    let other = Outbox::open(&path, config()).unwrap();
+    let server = MemoryServer::new();
+    server.reject_type("Poison");
+    let fast = RetryPolicy::new()
+        .with_base(Duration::from_millis(5))
+        .with_cap(Duration::from_millis(50));
+    let mut rng = Rng(0x0b5e_55ed);
+    let mut all: Vec<edge_outbox::Event> = Vec::new();
+    let check = |all: &[edge_outbox::Event], context: &str| {
+        assert_v5_bookkeeping(&path, context);
+        let stored: std::collections::HashSet<_> = server
+            .stored()
+            .into_iter()
+            .map(|(_, id, _, _)| id)
+            .collect();
+        for e in all {
+            let now = outbox.get(e.id).unwrap();
+            let sent_or_pruned = now.as_ref().is_none_or(|n| n.status == EventStatus::Sent);
+            if sent_or_pruned {
+                assert!(
+                    stored.contains(&e.id),
+                    "{context}: seq {} reads {:?} but the server never got it",
+                    e.seq,
+                    now.map(|n| n.status)
+                );
+            }
+            if e.event_type == "Poison" {
+                assert!(
+                    !stored.contains(&e.id),
+                    "{context}: a rejected event stored"
+                );
+            }
+        }
+    };
+    for round in 0..40 {
+        let context = format!("round {round}");
+        let handle = if rng.below(2) == 0 { &outbox } else { &other };
+        let events: Vec<NewEvent> = (0..1 + rng.below(6))
+            .map(|k| {
+                let kind = if rng.below(6) == 0 {
+                    "Poison"
+                } else {
+                    "OrderCreated"
+                };
+                NewEvent::json(
+                    kind,
+                    &Order {
+                        id: k as i64,
+                        amount: 1,
+                    },
+                )
+                .unwrap()
+            })
+            .collect();
+        all.extend(handle.enqueue(events).unwrap());
+        for _ in 0..rng.below(3) {
+            server.push_fault(match rng.below(6) {
+                0 => Fault::Network,
+                1 => Fault::CommitThenDrop,
+                2 => Fault::SkipLast,
+                3 => Fault::Malformed,
+                4 => Fault::None,
+                _ => Fault::Status {
+                    status: 503,
+                    retry_after: None,
+                    body: String::new(),
+                },
+            });
+        }
+        let relay = handle
+            .relay(server.clone())
+            .owner(format!("relay-{round}"))
+            .max_events(1 + rng.below(4) as usize)
+            .retry_policy(fast.clone())
+            .poll_interval(Duration::from_millis(10))
+            .spawn();
+        relay.flush().await.unwrap();
+        relay.shutdown().await.unwrap();
+        check(&all, &context);
+        // The app's side: retry some dead letters, "try now", prune.
+        for e in handle.dead_letters().unwrap() {
+            if rng.below(2) == 0 {
+                assert!(handle.retry(e.id).unwrap(), "{context}");
+            }
+        }
+        handle.retry_now().unwrap();
+        if rng.below(4) == 0 {
+            handle.prune_sent(Duration::ZERO).unwrap();
+        }
+        check(&all, &format!("{context}, after the app's calls"));
+    }
+    // No more faults: everything deliverable is delivered.
+    let relay = outbox
+        .relay(server.clone())
+        .retry_policy(fast)
+        .poll_interval(Duration::from_millis(10))
+        .spawn();
+    for _ in 0..20 {
+        outbox.retry_now().unwrap();
+        let report = relay.flush().await.unwrap();
+        if report.pending == 0 {
+            break;
+        }
+    }
+    relay.shutdown().await.unwrap();
+    check(&all, "the end");
+    let stats = outbox.stats().unwrap();
+    let poison = all.iter().filter(|e| e.event_type == "Poison").count() as u64;
+    assert_eq!((stats.pending, stats.dead), (0, poison), "{stats:?}");
+    for e in all.iter().filter(|e| e.event_type != "Poison") {
+        if let Some(now) = outbox.get(e.id).unwrap() {
+            assert_eq!(now.status, EventStatus::Sent, "seq {}", e.seq);
+        }
+    }
+}
