@@ -2769,3 +2769,119 @@ async fn the_relay_over_schema_v5_reports_sent_only_what_the_server_has() {
         }
     }
 }
+
+/// Events from before schema v4 (random ids, found through
+/// `edge_outbox_old_ids`) in a v3 file opened as v5: sent by the floor
+/// around a dead letter, that dead letter retried by its old id (the floor
+/// comes back down and its neighbours are written out), each read by its
+/// old id with the right status, attempts and `sent_at`, then pruned.
+#[test]
+fn events_with_pre_v4_ids_are_sent_by_the_floor_retried_and_pruned_by_their_old_ids() {
+    use EventStatus::{Dead, Pending, Sent};
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("v3.db");
+    let old_ids: Vec<edge_outbox::EventId> = (0..6).map(|_| edge_outbox::EventId::new()).collect();
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE edge_outbox_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+             CREATE TABLE edge_outbox_events (
+                 seq INTEGER PRIMARY KEY AUTOINCREMENT, id BLOB NOT NULL UNIQUE,
+                 type TEXT NOT NULL, key TEXT, payload TEXT NOT NULL, headers TEXT,
+                 created_at INTEGER NOT NULL,
+                 status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'dead')),
+                 attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at INTEGER NOT NULL,
+                 last_error TEXT, sent_at INTEGER, retried_at INTEGER);
+             CREATE INDEX edge_outbox_events_dead ON edge_outbox_events (seq) WHERE status = 'dead';
+             INSERT INTO edge_outbox_meta VALUES ('schema_version', '3'),
+                 ('client_id', '0191d3a4-0000-7000-8000-000000000033'),
+                 ('pending_floor', '1'), ('sent_count', '0');",
+        )
+        .unwrap();
+        for (i, id) in old_ids.iter().enumerate() {
+            conn.execute(
+                "INSERT INTO edge_outbox_events (id, type, payload, created_at, next_attempt_at) \
+                 VALUES (?1, 'T', ?2, 1000, 1000)",
+                rusqlite::params![id.as_uuid().as_bytes(), format!("{{\"n\":{}}}", i + 1)],
+            )
+            .unwrap();
+        }
+    }
+    let outbox = Outbox::open(&path, config()).unwrap();
+    let Claim::Batch(batch) = block_on(
+        outbox
+            .store()
+            .claim(claim_request("relay", Timestamp::now())),
+    )
+    .unwrap() else {
+        panic!("expected a batch");
+    };
+    assert_eq!(batch.iter().map(|e| e.id).collect::<Vec<_>>(), old_ids);
+    let outcomes = batch
+        .iter()
+        .map(|e| {
+            Settlement::new(
+                e,
+                if e.seq == 3 {
+                    dead("HTTP 422")
+                } else {
+                    Outcome::Sent
+                },
+            )
+        })
+        .collect();
+    block_on(
+        outbox
+            .store()
+            .settle(outcomes, Timestamp::from_millis(5000)),
+    )
+    .unwrap();
+    assert_v5_bookkeeping(&path, "old ids sent by the floor");
+    let by_old_id = |outbox: &Outbox| {
+        old_ids
+            .iter()
+            .map(|id| {
+                outbox
+                    .get(*id)
+                    .unwrap()
+                    .map(|e| (e.status, e.attempts, e.sent_at.map(Timestamp::as_millis)))
+            })
+            .collect::<Vec<_>>()
+    };
+    let sent = Some((Sent, 1, Some(5000)));
+    assert_eq!(
+        by_old_id(&outbox),
+        [sent, sent, Some((Dead, 1, None)), sent, sent, sent]
+    );
+    assert!(outbox.retry(old_ids[2]).unwrap());
+    assert_v5_bookkeeping(&path, "old id retried below the floor");
+    assert_eq!(
+        by_old_id(&outbox),
+        [sent, sent, Some((Pending, 0, None)), sent, sent, sent]
+    );
+    drop(outbox);
+    let outbox = Outbox::open(&path, config()).unwrap();
+    let Claim::Batch(batch) = block_on(
+        outbox
+            .store()
+            .claim(claim_request("relay", Timestamp::now())),
+    )
+    .unwrap() else {
+        panic!("expected a batch");
+    };
+    assert_eq!(batch.iter().map(|e| e.id).collect::<Vec<_>>(), [old_ids[2]]);
+    block_on(outbox.store().settle(
+        vec![Settlement::new(&batch[0], Outcome::Sent)],
+        Timestamp::from_millis(6000),
+    ))
+    .unwrap();
+    let mut all_sent = [sent; 6];
+    all_sent[2] = Some((Sent, 1, Some(6000)));
+    assert_eq!(by_old_id(&outbox), all_sent);
+    let prune = |before| block_on(outbox.store().prune_sent(Timestamp::from_millis(before)));
+    assert_eq!(prune(5001).unwrap(), 5);
+    assert_eq!(prune(6001).unwrap(), 1);
+    assert_v5_bookkeeping(&path, "old ids pruned");
+    assert_eq!(by_old_id(&outbox), [None; 6]);
+}
