@@ -111,7 +111,11 @@ pub struct RelayStatus {
     /// commits of the last second may not show yet; 0 is exact (the last
     /// claim found nothing).
     pub pending: u64,
-    /// Events acknowledged and not yet pruned.
+    /// Events acknowledged and not yet pruned. Counted like `pending`, and
+    /// raised as soon as the server acknowledges: during a flush the store
+    /// records the last push's answers beside the next push, a moment later
+    /// (if that fails, the events are pushed again and may count twice until
+    /// the next count in the store).
     pub sent: u64,
     /// Events given up on.
     pub dead: u64,
