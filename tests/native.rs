@@ -2946,3 +2946,45 @@ fn a_process_still_running_schema_v4_code_cannot_unsend_or_double_count() {
     assert_eq!(outbox.stats().unwrap().sent, 3);
     assert_v5_bookkeeping(&path, "after the v4 process");
 }
+
+/// What `retry` of an old dead letter costs at schema v5: it writes the
+/// sent state into every floor-sent row between the dead letter and the
+/// floor, in one write transaction (v4's retry changed one row). Prints the
+/// time for 100,000 events sent in batches of 100 around a dead first event.
+/// `cargo test -p edge-outbox --test native -- --ignored --nocapture retry_of_an_old_dead_letter`
+#[test]
+#[ignore = "a measurement: prints the time of one retry under 100,000 floor-sent rows"]
+fn retry_of_an_old_dead_letter_under_many_floor_sent_rows_time() {
+    let (_dir, path, outbox) = open_new();
+    let n = 100_000;
+    let mut ev = Vec::new();
+    for _ in 0..n / 1000 {
+        ev.extend(
+            outbox
+                .enqueue((0..1000).map(|i| order_created(i, 1)))
+                .unwrap(),
+        );
+    }
+    for (k, chunk) in ev.chunks(100).enumerate() {
+        let outcomes = chunk
+            .iter()
+            .map(|e| Settlement::new(e, if e.seq == 1 { dead("x") } else { Outcome::Sent }))
+            .collect();
+        block_on(
+            outbox
+                .store()
+                .settle(outcomes, Timestamp::from_millis(1000 + k as i64)),
+        )
+        .unwrap();
+    }
+    let started = Instant::now();
+    assert!(outbox.retry(ev[0].id).unwrap());
+    let took = started.elapsed();
+    assert_v5_bookkeeping(&path, "after the retry");
+    println!(
+        "RETRY of a dead letter under {} floor-sent rows in {} marks: {:.1} ms",
+        n - 1,
+        n / 100,
+        took.as_secs_f64() * 1e3
+    );
+}
