@@ -2751,7 +2751,7 @@ async fn the_relay_over_schema_v5_reports_sent_only_what_the_server_has() {
         .retry_policy(fast)
         .poll_interval(Duration::from_millis(10))
         .spawn();
-    for _ in 0..20 {
+    for _ in 0..200 {
         outbox.retry_now().unwrap();
         let report = relay.flush().await.unwrap();
         if report.pending == 0 {
