@@ -150,6 +150,31 @@ CREATE TABLE IF NOT EXISTS edge_outbox_sent_marks (
 );
 ";
 
+/// Schema v5's guards against writers that do not know it: a process of an
+/// earlier release that opened the file before a v5 process migrated it
+/// keeps running its own statements.
+/// - Lowering the pending floor with an `UPDATE` (v4's `retry`) would make
+///   the events sent below it read as pending again, without writing out
+///   their sent state first: it is refused with a message (v5 writes the
+///   floor with `INSERT OR REPLACE`, which fires no update trigger).
+/// - An update of a row that a sent mark covers (a late answer from v4's
+///   settle, which rewrites the row and counts it sent a second time) is
+///   ignored: the event is sent already. v5 never updates such a row; its
+///   `retry` drops the marks before writing their rows out.
+const GUARD_TRIGGERS: &str = "
+CREATE TRIGGER IF NOT EXISTS edge_outbox_floor_guard
+BEFORE UPDATE ON edge_outbox_meta WHEN OLD.key = 'pending_floor'
+BEGIN
+    SELECT RAISE(ABORT, 'edge-outbox: the outbox in this file was upgraded to schema v5 by a newer edge-outbox; restart this process with that version');
+END;
+CREATE TRIGGER IF NOT EXISTS edge_outbox_sent_guard
+BEFORE UPDATE ON edge_outbox_events WHEN OLD.status = 'pending' AND OLD.seq >= \
+    (SELECT lo FROM edge_outbox_sent_marks WHERE hi >= OLD.seq ORDER BY hi LIMIT 1)
+BEGIN
+    SELECT RAISE(IGNORE);
+END;
+";
+
 /// An SQL expression giving the status of a row of `edge_outbox_events`
 /// (`'pending'`, `'sent'` or `'dead'`), for tools that read the table
 /// directly, as the `edge-outbox` inspector does: since schema v5 a row
@@ -927,6 +952,23 @@ fn migrate(conn: &Connection) -> std::result::Result<(String, IdKey, bool), Migr
         if id_index {
             drop_id_index(conn)?;
         }
+        // After the v3 -> v4 rebuild, which drops the table's triggers.
+        conn.execute_batch(GUARD_TRIGGERS)?;
+        // Seqs must stay above the floor: a new event below it would read as
+        // sent. SQLite's `sqlite_sequence` remembers the highest seq ever
+        // given, but it is an ordinary table an app can reset, or lose when
+        // it copies its tables to a new file; with the tail pruned, the next
+        // seq would then start below the floor.
+        let floor = pending_floor(conn)?;
+        let given: i64 = conn.query_row(
+            "SELECT coalesce((SELECT seq FROM sqlite_sequence \
+             WHERE name = 'edge_outbox_events'), 0)",
+            [],
+            |r| r.get(0),
+        )?;
+        if given < floor - 1 {
+            keep_seqs_above(conn, floor - 1)?;
+        }
         conn.execute(
             "INSERT OR REPLACE INTO edge_outbox_meta (key, value) VALUES ('schema_version', ?1)",
             [SCHEMA_VERSION.to_string()],
@@ -1021,16 +1063,24 @@ fn drop_id_index(conn: &Connection) -> rusqlite::Result<()> {
          {DEAD_INDEX};"
     ))?;
     if let Some(last_seq) = last_seq {
-        let kept = conn.execute(
-            "UPDATE sqlite_sequence SET seq = max(seq, ?1) WHERE name = 'edge_outbox_events'",
-            [last_seq],
+        keep_seqs_above(conn, last_seq)?;
+    }
+    Ok(())
+}
+
+/// Make the next seq `AUTOINCREMENT` gives (and `NEXT_SEQ` reads) greater
+/// than `given`: raise `sqlite_sequence`'s row for the events table to it,
+/// or add the row (the table has no key on `name`, so no upsert).
+fn keep_seqs_above(conn: &Connection, given: i64) -> rusqlite::Result<()> {
+    let raised = conn.execute(
+        "UPDATE sqlite_sequence SET seq = max(seq, ?1) WHERE name = 'edge_outbox_events'",
+        [given],
+    )?;
+    if raised == 0 && given > 0 {
+        conn.execute(
+            "INSERT INTO sqlite_sequence (name, seq) VALUES ('edge_outbox_events', ?1)",
+            [given],
         )?;
-        if kept == 0 {
-            conn.execute(
-                "INSERT INTO sqlite_sequence (name, seq) VALUES ('edge_outbox_events', ?1)",
-                [last_seq],
-            )?;
-        }
     }
     Ok(())
 }
@@ -1129,30 +1179,36 @@ fn event_below_floor(conn: &Connection, mut event: Event, floor: i64) -> rusqlit
 
 /// Before the floor comes down to `from` (a `retry` made the event at
 /// `from` pending again): write the sent state into every other row stored
-/// as pending in `from..floor`, with its mark's
-/// `sent_at` (`now` if it has none, which cannot happen but must not leave
-/// a sent row unprunable), and drop those marks, so that no row changes
-/// meaning when it is above the floor again. A mark reaching below `from`
-/// is written out whole.
+/// as pending in `from..floor`, with its mark's `sent_at`, and drop those
+/// marks, so that no row changes meaning when it is above the floor again.
+/// A mark reaching below `from` is written out whole. The marks go first:
+/// [`GUARD_TRIGGERS`] ignores updates of rows a mark covers. A row below the
+/// floor in no mark (which the settle never leaves) gets `now`, so that it
+/// cannot stay sent and unprunable.
 fn write_out_marks(
     conn: &Connection,
     from: i64,
     floor: i64,
     now: Timestamp,
 ) -> rusqlite::Result<()> {
-    let lo: i64 = conn.query_row(
-        "SELECT min(coalesce((SELECT min(lo) FROM edge_outbox_sent_marks WHERE hi >= ?1), ?1), ?1)",
-        [from],
-        |r| r.get(0),
-    )?;
-    conn.execute(
-        "UPDATE edge_outbox_events SET status = 'sent', attempts = attempts + 1, \
-         last_error = NULL, sent_at = coalesce((SELECT m.sent_at FROM edge_outbox_sent_marks m \
-         WHERE m.hi >= edge_outbox_events.seq ORDER BY m.hi LIMIT 1), ?3) \
-         WHERE seq >= ?1 AND seq < ?2 AND seq <> ?4 AND status = 'pending'",
-        params![lo, floor, now.as_millis(), from],
-    )?;
-    conn.execute("DELETE FROM edge_outbox_sent_marks WHERE hi >= ?1", [lo])?;
+    let marks: Vec<(i64, i64, i64)> = conn
+        .prepare("DELETE FROM edge_outbox_sent_marks WHERE hi >= ?1 RETURNING lo, hi, sent_at")?
+        .query_map([from], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let write_out = |lo: i64, hi: i64, sent_at: i64| {
+        conn.prepare_cached(
+            "UPDATE edge_outbox_events SET status = 'sent', attempts = attempts + 1, \
+             last_error = NULL, sent_at = ?3 \
+             WHERE seq BETWEEN ?1 AND ?2 AND seq < ?4 AND seq <> ?5 AND status = 'pending'",
+        )?
+        .execute(params![lo, hi, sent_at, floor, from])
+    };
+    let mut lo = from;
+    for (mark_lo, mark_hi, sent_at) in marks {
+        lo = lo.min(mark_lo);
+        write_out(mark_lo, mark_hi, sent_at)?;
+    }
+    write_out(lo, floor - 1, now.as_millis())?;
     Ok(())
 }
 
