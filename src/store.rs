@@ -36,8 +36,9 @@
 //!    `Retry` one its error and next attempt time. An outcome names its event
 //!    by `seq` and `id` as claimed; both identify the same event (a `seq` is
 //!    never reused), so a store may find it by either, and an outcome whose
-//!    event is gone changes nothing. Settling never creates, drops or
-//!    reorders events.
+//!    event is gone changes nothing. An event named more than once in one
+//!    call (the relay never does it) gets one of those outcomes, not
+//!    several. Settling never creates, drops or reorders events.
 //! 8. Sent events stay until `prune_sent`; dead events stay until `retry` or
 //!    `discard`. `retry` records `retried_at` (the retry policy's max age
 //!    counts from it); `retry_now` makes waiting pending events due and

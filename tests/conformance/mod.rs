@@ -38,6 +38,7 @@ where
     check!(retry_time_blocks_later_events);
     check!(settle_touches_only_pending_events);
     check!(settle_touches_only_the_named_events);
+    check!(an_event_named_twice_in_one_settle_gets_one_outcome);
     check!(stats_count_each_status);
     check!(retry_and_discard_dead_letters);
     check!(prune_sent_removes_only_old_sent_events);
@@ -387,6 +388,42 @@ async fn settle_touches_only_the_named_events<S: Store>(s: &S) {
     assert_eq!(skipped.last_error, None);
     let stats = s.stats().await.unwrap();
     assert_eq!((stats.pending, stats.sent, stats.dead), (1, 4, 0));
+}
+
+async fn an_event_named_twice_in_one_settle_gets_one_outcome<S: Store>(s: &S) {
+    // Obligation 7: one of the outcomes, one attempt, counted once.
+    let e = s.enqueue((0..2).map(ev).collect()).await.unwrap();
+    claim_batch(s, "a", 2).await;
+    let now = Timestamp::now();
+    let retry = Outcome::Retry {
+        at: now,
+        error: "HTTP 503".into(),
+    };
+    let dead = Outcome::Dead {
+        reason: "HTTP 422".into(),
+    };
+    let twice = vec![
+        Settlement::new(&e[0], retry.clone()),
+        Settlement::new(&e[0], Outcome::Sent),
+        Settlement::new(&e[1], Outcome::Sent),
+        Settlement::new(&e[1], dead),
+    ];
+    s.settle(twice, now).await.unwrap();
+    let stats = s.stats().await.unwrap();
+    assert_eq!(stats.pending + stats.sent + stats.dead, 2);
+    for event in &e {
+        let now = s.get(event.id).await.unwrap().unwrap();
+        assert_eq!(now.attempts, 1, "{now:?}");
+    }
+    let first = s.get(e[0].id).await.unwrap().unwrap();
+    assert!(
+        matches!(first.status, EventStatus::Pending | EventStatus::Sent),
+        "{first:?}"
+    );
+    assert_eq!(
+        stats.sent + stats.dead,
+        1 + u64::from(first.status == EventStatus::Sent)
+    );
 }
 
 async fn stats_count_each_status<S: Store>(s: &S) {
