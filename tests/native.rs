@@ -2952,7 +2952,8 @@ fn a_process_still_running_schema_v4_code_cannot_unsend_or_double_count() {
 /// What `retry` of an old dead letter costs at schema v5: it writes the
 /// sent state into every floor-sent row between the dead letter and the
 /// floor, in one write transaction (v4's retry changed one row). Prints the
-/// time for 100,000 events sent in batches of 100 around a dead first event.
+/// time for 100,000 events sent in batches of 100 around a dead first event,
+/// and the time to prune them with 100,000 more sent by the floor.
 /// `cargo test -p edge-outbox --test native -- --ignored --nocapture retry_of_an_old_dead_letter`
 #[test]
 #[ignore = "a measurement: prints the time of one retry under 100,000 floor-sent rows"]
@@ -2986,6 +2987,34 @@ fn retry_of_an_old_dead_letter_under_many_floor_sent_rows_time() {
     println!(
         "RETRY of a dead letter under {} floor-sent rows in {} marks: {:.1} ms",
         n - 1,
+        n / 100,
+        took.as_secs_f64() * 1e3
+    );
+    // The same again, then prune them all: one DELETE per mark.
+    let ev = outbox
+        .enqueue((0..n).map(|i| order_created(i as i64, 1)))
+        .unwrap();
+    for (k, chunk) in ev.chunks(100).enumerate() {
+        let outcomes = chunk
+            .iter()
+            .map(|e| Settlement::new(e, Outcome::Sent))
+            .collect();
+        block_on(
+            outbox
+                .store()
+                .settle(outcomes, Timestamp::from_millis(2_000_000 + k as i64)),
+        )
+        .unwrap();
+    }
+    let started = Instant::now();
+    let pruned = block_on(outbox.store().prune_sent(Timestamp::from_millis(3_000_000))).unwrap();
+    let took = started.elapsed();
+    assert_eq!(pruned as usize, 2 * n - 1, "all but the retried one");
+    assert_v5_bookkeeping(&path, "after the prune");
+    println!(
+        "PRUNE of {} sent events ({} in {} marks): {:.1} ms",
+        pruned,
+        n,
         n / 100,
         took.as_secs_f64() * 1e3
     );

@@ -573,20 +573,24 @@ impl Inner {
             let by_seqs = |set: &str, values: &[&dyn rusqlite::ToSql], seqs: &mut [i64]| {
                 let mut changed = 0;
                 let n = values.len();
+                // Below the floor nothing is pending. The bound is applied
+                // here, not as a second `seq >=` term: SQLite walks the
+                // primary key between one lower and one upper bound, and
+                // may pick the wider one.
                 let sql = format!(
                     "UPDATE edge_outbox_events SET {set} \
-                     WHERE seq BETWEEN ?{} AND ?{} AND seq >= ?{} AND status = 'pending'",
+                     WHERE seq BETWEEN ?{} AND ?{} AND status = 'pending'",
                     n + 1,
                     n + 2,
-                    n + 3
                 );
                 let mut stmt = tx.prepare_cached(&sql).map_err(|e| self.map(e))?;
                 for (lo, hi) in runs(seqs) {
-                    let params: Vec<&dyn rusqlite::ToSql> = values
-                        .iter()
-                        .copied()
-                        .chain([&lo as _, &hi as _, &floor as _])
-                        .collect();
+                    let lo = lo.max(floor);
+                    if lo > hi {
+                        continue;
+                    }
+                    let params: Vec<&dyn rusqlite::ToSql> =
+                        values.iter().copied().chain([&lo as _, &hi as _]).collect();
                     changed += stmt.execute(params.as_slice()).map_err(|e| self.map(e))?;
                 }
                 Ok::<_, Error>(changed)
@@ -831,7 +835,7 @@ impl Inner {
                 )
                 .map_err(|e| self.map(e))?;
             // The rows sent below the floor, mark by mark (a mark is below
-            // the floor, so `seq < floor` only restates it).
+            // the floor, so bounding it by the floor only restates it).
             let floor = pending_floor(tx).map_err(|e| self.map(e))?;
             let marks: Vec<(i64, i64)> = tx
                 .prepare("DELETE FROM edge_outbox_sent_marks WHERE sent_at < ?1 RETURNING lo, hi")
@@ -841,12 +845,13 @@ impl Inner {
                 })
                 .map_err(|e| self.map(e))?;
             for (lo, hi) in marks {
+                // One range of the primary key (see `settle`).
                 pruned += tx
                     .prepare_cached(
                         "DELETE FROM edge_outbox_events \
-                         WHERE seq BETWEEN ?1 AND ?2 AND seq < ?3 AND status = 'pending'",
+                         WHERE seq BETWEEN ?1 AND ?2 AND status = 'pending'",
                     )
-                    .and_then(|mut s| s.execute([lo, hi, floor]))
+                    .and_then(|mut s| s.execute([lo, hi.min(floor - 1)]))
                     .map_err(|e| self.map(e))?;
             }
             add_to_sent_count(tx, -(pruned as i64)).map_err(|e| self.map(e))?;
@@ -1195,13 +1200,16 @@ fn write_out_marks(
         .prepare("DELETE FROM edge_outbox_sent_marks WHERE hi >= ?1 RETURNING lo, hi, sent_at")?
         .query_map([from], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<rusqlite::Result<_>>()?;
+    // One range of the primary key per statement: with a second bound on
+    // `seq` as its own term, SQLite scanned from the start of the mark to
+    // the floor for every mark (1.5 s instead of 0.1 s under 100,000 rows).
     let write_out = |lo: i64, hi: i64, sent_at: i64| {
         conn.prepare_cached(
             "UPDATE edge_outbox_events SET status = 'sent', attempts = attempts + 1, \
              last_error = NULL, sent_at = ?3 \
-             WHERE seq BETWEEN ?1 AND ?2 AND seq < ?4 AND seq <> ?5 AND status = 'pending'",
+             WHERE seq BETWEEN ?1 AND ?2 AND seq <> ?4 AND status = 'pending'",
         )?
-        .execute(params![lo, hi, sent_at, floor, from])
+        .execute(params![lo, hi.min(floor - 1), sent_at, from])
     };
     let mut lo = from;
     for (mark_lo, mark_hi, sent_at) in marks {
