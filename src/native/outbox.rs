@@ -254,6 +254,12 @@ impl Outbox {
     /// now, from which the retry policy's max age counts again). It keeps its
     /// `seq`, so it reaches the server after events committed later that
     /// were delivered meanwhile. Returns false when no dead event has this id.
+    ///
+    /// Cost: one write transaction that also writes the sent state into the
+    /// row of every event delivered since this one and not yet pruned (the
+    /// relay records delivered batches without rewriting their rows: see
+    /// the README, "The SQLite schema"), about 1 µs each; pruning sent
+    /// events keeps it small.
     pub fn retry(&self, id: EventId) -> Result<bool> {
         self.store.inner.retry(id, Timestamp::now())
     }
