@@ -437,15 +437,14 @@ async fn tail_shows_events_delivered_between_polls_as_sent() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run edge-outbox");
-    // It says where it starts just before its first poll; the events are
-    // committed and delivered well after that poll and well before the
-    // next one, 3 s later.
+    // It says where it starts once its first poll has run; the events are
+    // committed and delivered after that poll and well before the next
+    // one, 3 s later.
     let mut started = String::new();
     BufReader::new(child.stderr.take().unwrap())
         .read_line(&mut started)
         .unwrap();
     assert!(started.starts_with("following"), "{started}");
-    tokio::time::sleep(Duration::from_secs(1)).await;
     outbox.enqueue([ev("late", 1), ev("late", 2)]).unwrap();
     let relay = outbox.relay(MemoryServer::new()).spawn();
     assert_eq!(relay.flush().await.unwrap().pending, 0);

@@ -364,10 +364,12 @@ fn tail(path: &Path, interval: Duration, for_: Option<Duration>, json: bool) -> 
             |r| r.get(0),
         )
         .map_err(|e| e.to_string())?;
-    eprintln!(
+    // Said once the first poll has run, so that whoever waits for this line
+    // (a script, a test) knows every later commit comes in a later poll.
+    let mut announce = Some(format!(
         "following {} after seq {last} (Ctrl-C stops)",
         path.display()
-    );
+    ));
     let deadline = for_.map(|d| Instant::now() + d);
     let mut stmt = conn
         .prepare(&format!(
@@ -407,6 +409,9 @@ fn tail(path: &Path, interval: Duration, for_: Option<Duration>, json: bool) -> 
                 let line = format!("{seq:>6}  {id}  {at}  {status}  {ty}{key}  {payload}");
                 println!("{}", printable(&line));
             }
+        }
+        if let Some(line) = announce.take() {
+            eprintln!("{line}");
         }
         let wait = match deadline {
             Some(d) => {
