@@ -750,6 +750,19 @@ fn stored_rows(conn: &Connection) -> Vec<StoredRow> {
     .unwrap()
 }
 
+/// The tables of a schema v3 file (the release before v4: a unique index on
+/// `id`), empty, in WAL mode; each test adds its own meta rows and events.
+const V3_TABLES: &str = "PRAGMA journal_mode = WAL;
+     CREATE TABLE edge_outbox_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+     CREATE TABLE edge_outbox_events (
+         seq INTEGER PRIMARY KEY AUTOINCREMENT, id BLOB NOT NULL UNIQUE,
+         type TEXT NOT NULL, key TEXT, payload TEXT NOT NULL, headers TEXT,
+         created_at INTEGER NOT NULL,
+         status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'dead')),
+         attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at INTEGER NOT NULL,
+         last_error TEXT, sent_at INTEGER, retried_at INTEGER);
+     CREATE INDEX edge_outbox_events_dead ON edge_outbox_events (seq) WHERE status = 'dead';";
+
 /// A schema v3 file (as the previous release left it: a unique index on the
 /// ids, random UUIDv7s, the top seq pruned) is migrated in place to v4: the
 /// index is gone, every event keeps its seq, id and state, pending and dead
@@ -762,21 +775,12 @@ fn a_schema_v3_file_is_migrated_in_place() {
     let old_ids: Vec<edge_outbox::EventId> = (0..6).map(|_| edge_outbox::EventId::new()).collect();
     {
         let conn = Connection::open(&path).unwrap();
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             CREATE TABLE edge_outbox_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-             CREATE TABLE edge_outbox_events (
-                 seq INTEGER PRIMARY KEY AUTOINCREMENT, id BLOB NOT NULL UNIQUE,
-                 type TEXT NOT NULL, key TEXT, payload TEXT NOT NULL, headers TEXT,
-                 created_at INTEGER NOT NULL,
-                 status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'dead')),
-                 attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at INTEGER NOT NULL,
-                 last_error TEXT, sent_at INTEGER, retried_at INTEGER);
-             CREATE INDEX edge_outbox_events_dead ON edge_outbox_events (seq) WHERE status = 'dead';
+        conn.execute_batch(&format!(
+            "{V3_TABLES}
              INSERT INTO edge_outbox_meta VALUES ('schema_version', '3'),
                  ('client_id', '0191d3a4-0000-7000-8000-000000000003'),
-                 ('pending_floor', '3'), ('sent_count', '1');",
-        )
+                 ('pending_floor', '3'), ('sent_count', '1');"
+        ))
         .unwrap();
         // seq 1 sent, 2 dead, 3 pending, 4 dead, 5 pending with headers
         // and a retry time; 6 was sent and pruned (only sqlite_sequence
@@ -910,6 +914,15 @@ fn an_id_from_another_outbox_finds_nothing_here() {
     assert!(!a.discard(b_event.id).unwrap());
     assert_eq!(a.dead_letters().unwrap().len(), 1);
     assert!(a.retry(a_event.id).unwrap());
+}
+
+/// The next batch, claimed by owner "relay" now; panics when the claim is
+/// anything but a batch.
+fn claim_batch_now(store: &edge_outbox::SqliteStore) -> Vec<edge_outbox::Event> {
+    match block_on(store.claim(claim_request("relay", Timestamp::now()))).unwrap() {
+        Claim::Batch(batch) => batch,
+        other => panic!("expected a batch, got {other:?}"),
+    }
 }
 
 fn claim_request(owner: &str, now: Timestamp) -> ClaimRequest<'_> {
@@ -1322,6 +1335,23 @@ async fn takeover_time_after_kill_9_median_of_20() {
     );
 }
 
+/// Turn the outbox file at `path`, made by this build, into what schema v4
+/// left (no sent marks, none of v5's guard triggers, version 4), then run
+/// `state` (SQL setting the rows and meta as the test needs). Returns the
+/// connection it used.
+fn as_schema_v4(path: &Path, state: &str) -> Connection {
+    let conn = Connection::open(path).unwrap();
+    conn.execute_batch(
+        "DROP TRIGGER edge_outbox_floor_guard;
+         DROP TRIGGER edge_outbox_sent_guard;
+         DROP TABLE edge_outbox_sent_marks;
+         UPDATE edge_outbox_meta SET value = '4' WHERE key = 'schema_version';",
+    )
+    .unwrap();
+    conn.execute_batch(state).unwrap();
+    conn
+}
+
 /// A schema v4 file (sent rows marked in the rows, no sent marks) opens as
 /// v5 and reads the same; the next sent batch is recorded by the floor
 /// (its rows are not rewritten) and still reads as sent, by the library and
@@ -1334,21 +1364,16 @@ fn a_schema_v4_file_is_migrated_to_v5_and_reads_the_same() {
     {
         // What v4 left: 1 and 4 sent in their rows, 2 dead, 3, 5 and 6
         // pending (4 was sent while 3 waited to retry), the floor at 3.
-        let conn = Connection::open(&path).unwrap();
-        conn.execute_batch(
-            "DROP TRIGGER edge_outbox_floor_guard;
-             DROP TRIGGER edge_outbox_sent_guard;
-             UPDATE edge_outbox_events SET status = 'sent', sent_at = 1000, attempts = 1 \
+        as_schema_v4(
+            &path,
+            "UPDATE edge_outbox_events SET status = 'sent', sent_at = 1000, attempts = 1 \
                  WHERE seq IN (1, 4);
              UPDATE edge_outbox_events SET status = 'dead', last_error = 'HTTP 422', attempts = 1 \
                  WHERE seq = 2;
              UPDATE edge_outbox_events SET attempts = 1, last_error = 'HTTP 503' WHERE seq = 3;
              UPDATE edge_outbox_meta SET value = '3' WHERE key = 'pending_floor';
-             UPDATE edge_outbox_meta SET value = '2' WHERE key = 'sent_count';
-             UPDATE edge_outbox_meta SET value = '4' WHERE key = 'schema_version';
-             DROP TABLE edge_outbox_sent_marks;",
-        )
-        .unwrap();
+             UPDATE edge_outbox_meta SET value = '2' WHERE key = 'sent_count';",
+        );
     }
     let outbox = Outbox::open(&path, config()).unwrap();
     let conn = Connection::open(&path).unwrap();
@@ -1371,11 +1396,7 @@ fn a_schema_v4_file_is_migrated_to_v5_and_reads_the_same() {
 
     // The rest is sent in one batch: recorded by the floor, rows untouched.
     let store = outbox.store().clone();
-    let Claim::Batch(batch) =
-        block_on(store.claim(claim_request("relay", Timestamp::now()))).unwrap()
-    else {
-        panic!("expected a batch");
-    };
+    let batch = claim_batch_now(&store);
     assert_eq!(batch.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 5, 6]);
     let sent_at = Timestamp::from_millis(5000);
     let all = batch
@@ -1475,11 +1496,7 @@ fn a_dead_letter_retried_below_the_floor_leaves_its_sent_neighbours_sent() {
             assert_eq!((now.attempts, now.sent_at), (1, Some(sent_at)), "event {i}");
         }
     }
-    let Claim::Batch(batch) =
-        block_on(store.claim(claim_request("relay", Timestamp::now()))).unwrap()
-    else {
-        panic!("expected a batch");
-    };
+    let batch = claim_batch_now(&store);
     assert_eq!(batch.iter().map(|e| e.seq).collect::<Vec<_>>(), [5]);
     // A late second answer for the whole first batch changes nothing.
     let late = events
@@ -1776,14 +1793,7 @@ fn dead_letters_at_the_edges_of_sent_marks_are_retried_without_touching_their_ne
     let stats = outbox.stats().unwrap();
     assert_eq!((stats.pending, stats.sent, stats.dead), (4, 8, 0));
 
-    let Claim::Batch(batch) = block_on(
-        outbox
-            .store()
-            .claim(claim_request("relay", Timestamp::now())),
-    )
-    .unwrap() else {
-        panic!("expected a batch");
-    };
+    let batch = claim_batch_now(outbox.store());
     assert_eq!(
         batch.iter().map(|e| e.seq).collect::<Vec<_>>(),
         [2, 5, 8, 12]
@@ -1850,14 +1860,7 @@ fn a_dead_letter_below_every_mark_is_retried_after_its_own_mark_was_pruned() {
         assert_eq!(state_of(&outbox, e), Some((Sent, 1, Some(2_000))));
     }
     let more = outbox.enqueue([order_created(7, 1)]).unwrap();
-    let Claim::Batch(batch) = block_on(
-        outbox
-            .store()
-            .claim(claim_request("relay", Timestamp::now())),
-    )
-    .unwrap() else {
-        panic!("expected a batch");
-    };
+    let batch = claim_batch_now(outbox.store());
     assert_eq!(
         batch.iter().map(|e| e.seq).collect::<Vec<_>>(),
         [1, more[0].seq]
@@ -1888,8 +1891,8 @@ fn odd_schema_v4_files_migrate_and_then_settle_retry_and_prune_correctly() {
         let ev = outbox.enqueue((0..8).map(|i| order_created(i, 1))).unwrap();
         drop(outbox);
         {
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(
+            let conn = as_schema_v4(
+                &path,
                 "UPDATE edge_outbox_events SET status = 'sent', sent_at = 1000, attempts = 1 \
                      WHERE seq = 1;
                  UPDATE edge_outbox_events SET status = 'sent', sent_at = 2000, attempts = 2 \
@@ -1898,11 +1901,8 @@ fn odd_schema_v4_files_migrate_and_then_settle_retry_and_prune_correctly() {
                      attempts = 1 WHERE seq IN (2, 5);
                  UPDATE edge_outbox_events SET attempts = 1, last_error = 'HTTP 503' \
                      WHERE seq = 3;
-                 DELETE FROM edge_outbox_meta WHERE key IN ('pending_floor', 'sent_count');
-                 UPDATE edge_outbox_meta SET value = '4' WHERE key = 'schema_version';
-                 DROP TABLE edge_outbox_sent_marks;",
-            )
-            .unwrap();
+                 DELETE FROM edge_outbox_meta WHERE key IN ('pending_floor', 'sent_count');",
+            );
             if let Some(floor) = floor {
                 conn.execute(
                     "INSERT INTO edge_outbox_meta (key, value) VALUES ('pending_floor', ?1)",
@@ -2075,14 +2075,7 @@ fn outcomes_for_events_that_are_gone_or_never_were_change_nothing() {
     for e in &fresh {
         assert_eq!(state_of(&outbox, e), Some((EventStatus::Pending, 0, None)));
     }
-    let Claim::Batch(batch) = block_on(
-        outbox
-            .store()
-            .claim(claim_request("relay", Timestamp::now())),
-    )
-    .unwrap() else {
-        panic!("expected a batch");
-    };
+    let batch = claim_batch_now(outbox.store());
     assert_eq!(batch.len(), 2);
 }
 
@@ -2656,21 +2649,12 @@ fn events_with_pre_v4_ids_are_sent_by_the_floor_retried_and_pruned_by_their_old_
     let old_ids: Vec<edge_outbox::EventId> = (0..6).map(|_| edge_outbox::EventId::new()).collect();
     {
         let conn = Connection::open(&path).unwrap();
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             CREATE TABLE edge_outbox_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-             CREATE TABLE edge_outbox_events (
-                 seq INTEGER PRIMARY KEY AUTOINCREMENT, id BLOB NOT NULL UNIQUE,
-                 type TEXT NOT NULL, key TEXT, payload TEXT NOT NULL, headers TEXT,
-                 created_at INTEGER NOT NULL,
-                 status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'dead')),
-                 attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at INTEGER NOT NULL,
-                 last_error TEXT, sent_at INTEGER, retried_at INTEGER);
-             CREATE INDEX edge_outbox_events_dead ON edge_outbox_events (seq) WHERE status = 'dead';
+        conn.execute_batch(&format!(
+            "{V3_TABLES}
              INSERT INTO edge_outbox_meta VALUES ('schema_version', '3'),
                  ('client_id', '0191d3a4-0000-7000-8000-000000000033'),
-                 ('pending_floor', '1'), ('sent_count', '0');",
-        )
+                 ('pending_floor', '1'), ('sent_count', '0');"
+        ))
         .unwrap();
         for (i, id) in old_ids.iter().enumerate() {
             conn.execute(
@@ -2682,14 +2666,7 @@ fn events_with_pre_v4_ids_are_sent_by_the_floor_retried_and_pruned_by_their_old_
         }
     }
     let outbox = Outbox::open(&path, config()).unwrap();
-    let Claim::Batch(batch) = block_on(
-        outbox
-            .store()
-            .claim(claim_request("relay", Timestamp::now())),
-    )
-    .unwrap() else {
-        panic!("expected a batch");
-    };
+    let batch = claim_batch_now(outbox.store());
     assert_eq!(batch.iter().map(|e| e.id).collect::<Vec<_>>(), old_ids);
     let outcomes = batch
         .iter()
@@ -2735,14 +2712,7 @@ fn events_with_pre_v4_ids_are_sent_by_the_floor_retried_and_pruned_by_their_old_
     );
     drop(outbox);
     let outbox = Outbox::open(&path, config()).unwrap();
-    let Claim::Batch(batch) = block_on(
-        outbox
-            .store()
-            .claim(claim_request("relay", Timestamp::now())),
-    )
-    .unwrap() else {
-        panic!("expected a batch");
-    };
+    let batch = claim_batch_now(outbox.store());
     assert_eq!(batch.iter().map(|e| e.id).collect::<Vec<_>>(), [old_ids[2]]);
     block_on(outbox.store().settle(
         vec![Settlement::new(&batch[0], Outcome::Sent)],
