@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use super::lease::RelayLease;
 use super::sqlite::{DEFAULT_BUSY_TIMEOUT, Inner, SqliteStore};
 use crate::error::{Error, Result};
-use crate::event::{DEFAULT_MAX_EVENT_BYTES, Event, EventId, EventStatus, NewEvent};
+use crate::event::{DEFAULT_MAX_EVENT_BYTES, Event, EventId, NewEvent};
 use crate::store::Stats;
 use crate::time::Timestamp;
 
@@ -237,12 +237,12 @@ impl Outbox {
 
     /// Up to `limit` pending events, oldest first.
     pub fn pending(&self, limit: usize) -> Result<Vec<Event>> {
-        self.store.inner.list(EventStatus::Pending, limit)
+        self.store.inner.pending_list(limit)
     }
 
     /// Every dead event (rejected, expired or too large), oldest first.
     pub fn dead_letters(&self) -> Result<Vec<Event>> {
-        self.store.inner.list(EventStatus::Dead, usize::MAX)
+        self.store.inner.dead_list(usize::MAX)
     }
 
     /// One event by id.

@@ -211,14 +211,10 @@ fn pending_from_sql(op: &str) -> String {
     format!("{SELECT_EVENT} WHERE seq {op} ?2 AND status = 'pending' ORDER BY seq LIMIT ?1")
 }
 
-/// Up to `?1` events of a status other than pending, in order. Dead ones
-/// come from their partial index, which SQLite uses only with the status as
-/// a literal (it comes from the enum, never from user text).
-fn status_sql(status: EventStatus) -> String {
-    format!(
-        "{SELECT_EVENT} WHERE status = '{}' ORDER BY seq LIMIT ?1",
-        status.as_str()
-    )
+/// Up to `?1` dead events, in order, from their partial index, which SQLite
+/// uses only with the status spelled as a literal.
+fn dead_sql() -> String {
+    format!("{SELECT_EVENT} WHERE status = 'dead' ORDER BY seq LIMIT ?1")
 }
 
 /// Pending events from the floor `?1` on.
@@ -681,39 +677,31 @@ impl Inner {
         Ok(stats)
     }
 
-    pub(crate) fn list(&self, status: EventStatus, limit: usize) -> Result<Vec<Event>> {
+    /// Up to `limit` pending events, in `seq` order.
+    pub(crate) fn pending_list(&self, limit: usize) -> Result<Vec<Event>> {
         let mut conn = self.lock();
         // One snapshot for the floor and the rows: a settle committed in
         // between must not leave the batch it sent listed as pending (its
         // rows still say so; the floor says they are sent).
         let conn = conn.transaction().map_err(|e| self.map(e))?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = match status {
-            EventStatus::Pending => {
-                let floor = pending_floor(&conn).map_err(|e| self.map(e))?;
-                conn.prepare_cached(&pending_from_sql(">="))
-                    .and_then(|mut s| s.query_map([limit, floor], row_to_event)?.collect())
-            }
-            EventStatus::Sent => {
-                // Sent rows, and the rows sent below the floor.
-                let floor = pending_floor(&conn).map_err(|e| self.map(e))?;
-                conn.prepare_cached(&format!(
-                    "{SELECT_EVENT} WHERE status = 'sent' OR (status = 'pending' AND seq < ?2) \
-                     ORDER BY seq LIMIT ?1"
-                ))
-                .and_then(|mut s| {
-                    s.query_map([limit, floor], row_to_event)?
-                        .map(|event| event_below_floor(&conn, event?, floor))
-                        .collect()
-                })
-            }
-            EventStatus::Dead => conn
-                .prepare_cached(&status_sql(status))
-                .and_then(|mut s| s.query_map([limit], row_to_event)?.collect()),
-        };
-        let rows = rows.map_err(|e| self.map(e))?;
+        let floor = pending_floor(&conn).map_err(|e| self.map(e))?;
+        let rows = conn
+            .prepare_cached(&pending_from_sql(">="))
+            .and_then(|mut s| s.query_map([limit, floor], row_to_event)?.collect())
+            .map_err(|e| self.map(e))?;
         conn.finish().map_err(|e| self.map(e))?;
         Ok(rows)
+    }
+
+    /// Up to `limit` dead events, in `seq` order (one statement, on their
+    /// partial index).
+    pub(crate) fn dead_list(&self, limit: usize) -> Result<Vec<Event>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.lock()
+            .prepare_cached(&dead_sql())
+            .and_then(|mut s| s.query_map([limit], row_to_event)?.collect())
+            .map_err(|e| self.map(e))
     }
 
     /// The seqs where the event `id` may be stored: the one its id carries
@@ -964,16 +952,7 @@ fn migrate(conn: &Connection) -> std::result::Result<(String, IdKey, bool), Migr
         // given, but it is an ordinary table an app can reset, or lose when
         // it copies its tables to a new file; with the tail pruned, the next
         // seq would then start below the floor.
-        let floor = pending_floor(conn)?;
-        let given: i64 = conn.query_row(
-            "SELECT coalesce((SELECT seq FROM sqlite_sequence \
-             WHERE name = 'edge_outbox_events'), 0)",
-            [],
-            |r| r.get(0),
-        )?;
-        if given < floor - 1 {
-            keep_seqs_above(conn, floor - 1)?;
-        }
+        keep_seqs_above(conn, pending_floor(conn)? - 1)?;
         conn.execute(
             "INSERT OR REPLACE INTO edge_outbox_meta (key, value) VALUES ('schema_version', ?1)",
             [SCHEMA_VERSION.to_string()],
@@ -1076,17 +1055,21 @@ fn drop_id_index(conn: &Connection) -> rusqlite::Result<()> {
 /// Make the next seq `AUTOINCREMENT` gives (and `NEXT_SEQ` reads) greater
 /// than `given`: raise `sqlite_sequence`'s row for the events table to it,
 /// or add the row (the table has no key on `name`, so no upsert).
+/// Writes nothing when the sequence is already at or above `given` (every
+/// open calls it).
 fn keep_seqs_above(conn: &Connection, given: i64) -> rusqlite::Result<()> {
-    let raised = conn.execute(
-        "UPDATE sqlite_sequence SET seq = max(seq, ?1) WHERE name = 'edge_outbox_events'",
+    if given <= 0 {
+        return Ok(());
+    }
+    conn.execute(
+        "UPDATE sqlite_sequence SET seq = ?1 WHERE name = 'edge_outbox_events' AND seq < ?1",
         [given],
     )?;
-    if raised == 0 && given > 0 {
-        conn.execute(
-            "INSERT INTO sqlite_sequence (name, seq) VALUES ('edge_outbox_events', ?1)",
-            [given],
-        )?;
-    }
+    conn.execute(
+        "INSERT INTO sqlite_sequence (name, seq) SELECT 'edge_outbox_events', ?1 \
+         WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'edge_outbox_events')",
+        [given],
+    )?;
     Ok(())
 }
 
@@ -1288,11 +1271,11 @@ impl Store for SqliteStore {
     }
 
     async fn pending(&self, limit: usize) -> Result<Vec<Event>> {
-        self.inner.list(EventStatus::Pending, limit)
+        self.inner.pending_list(limit)
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<Event>> {
-        self.inner.list(EventStatus::Dead, limit)
+        self.inner.dead_list(limit)
     }
 
     async fn get(&self, id: EventId) -> Result<Option<Event>> {
@@ -1349,10 +1332,7 @@ mod tests {
             (COUNT_PENDING.to_owned(), by_key),
             (FIRST_PENDING_CREATED_AT.to_owned(), by_key),
             (PENDING_SEQS_FROM.to_owned(), by_key),
-            (
-                status_sql(EventStatus::Dead),
-                "USING INDEX edge_outbox_events_dead",
-            ),
+            (dead_sql(), "USING INDEX edge_outbox_events_dead"),
         ];
         for (sql, expected) in cases {
             let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
