@@ -189,6 +189,26 @@ impl Settlement {
     }
 }
 
+impl Settlement {
+    /// Obligation 7's rule for an event named more than once in one call:
+    /// its first outcome counts and the later ones are dropped, order kept.
+    /// The relay names each event once, in `seq` order, which is checked in
+    /// one pass; anything else is searched linearly (a hash set would cost
+    /// the browser package more than the few hundred outcomes of a call
+    /// cost to search).
+    pub fn keep_first_of_each(outcomes: &mut Vec<Settlement>) {
+        if outcomes.windows(2).all(|w| w[0].seq < w[1].seq) {
+            return;
+        }
+        let mut named: Vec<i64> = Vec::with_capacity(outcomes.len());
+        outcomes.retain(|o| {
+            let first = !named.contains(&o.seq);
+            named.push(o.seq);
+            first
+        });
+    }
+}
+
 /// Counts over the outbox.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Stats {

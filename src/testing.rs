@@ -198,12 +198,9 @@ impl Store for MemoryStore {
             s.fail_settles -= 1;
             return Err(Error::storage("injected settle failure", None));
         }
-        let mut named = std::collections::HashSet::new();
+        let mut outcomes = outcomes;
+        Settlement::keep_first_of_each(&mut outcomes);
         for Settlement { seq, id, outcome } in outcomes {
-            // An event named twice gets its first outcome (store.rs, 7).
-            if !named.insert(seq) {
-                continue;
-            }
             let Some(e) = s.events.get_mut(&seq) else {
                 continue;
             };

@@ -525,7 +525,7 @@ impl Inner {
         claim
     }
 
-    pub(crate) fn settle(&self, outcomes: &[Settlement], now: Timestamp) -> Result<()> {
+    pub(crate) fn settle(&self, outcomes: Vec<Settlement>, now: Timestamp) -> Result<()> {
         if outcomes.is_empty() {
             // Nothing to record: no transaction, so no write lock taken.
             return Ok(());
@@ -539,14 +539,11 @@ impl Inner {
         let mut sent: Vec<i64> = Vec::new();
         let mut retry: Vec<((Timestamp, &str), Vec<i64>)> = Vec::new();
         let mut dead: Vec<(i64, &str)> = Vec::new();
-        // An event named twice (no relay does that) gets its first outcome:
-        // one outcome per event whatever order the statements run in.
-        let mut named = std::collections::HashSet::with_capacity(outcomes.len());
-        for settlement in outcomes {
+        // One outcome per event, whatever order the statements run in.
+        let mut outcomes = outcomes;
+        Settlement::keep_first_of_each(&mut outcomes);
+        for settlement in &outcomes {
             let seq = settlement.seq;
-            if !named.insert(seq) {
-                continue;
-            }
             match &settlement.outcome {
                 Outcome::Sent => sent.push(seq),
                 Outcome::Retry { at, error } => {
@@ -1259,7 +1256,7 @@ impl Store for SqliteStore {
     }
 
     async fn settle(&self, outcomes: Vec<Settlement>, now: Timestamp) -> Result<()> {
-        self.inner.settle(&outcomes, now)
+        self.inner.settle(outcomes, now)
     }
 
     async fn release_lease(&self, owner: &str) -> Result<()> {

@@ -1186,17 +1186,10 @@ impl IdbStore {
         request: Option<&ClaimRequest<'_>>,
     ) -> Result<Result<Claim>> {
         const WHAT: &str = "settling or claiming";
-        // An event named twice gets its first outcome (store.rs, 7): the
-        // records are read before any is written, so both would apply. A
-        // linear search: a few hundred outcomes cost microseconds, and a
-        // hash set 700 B of the package.
+        // The records are read before any is written, so an event named
+        // twice would get both outcomes (store.rs, 7).
         let mut outcomes = outcomes;
-        let mut named: Vec<i64> = Vec::with_capacity(outcomes.len());
-        outcomes.retain(|o| {
-            let first = !named.contains(&o.seq);
-            named.push(o.seq);
-            first
-        });
+        Settlement::keep_first_of_each(&mut outcomes);
         let tx = self.tx(&[EVENTS, META], "readwrite").await?;
         let done = idb::done(&tx);
         let events = tx.object_store(EVENTS).idb(WHAT)?;
