@@ -11,8 +11,6 @@ use crate::time::Timestamp;
 pub const DEFAULT_MAX_EVENTS: usize = 100;
 /// Default most event bytes ([`Event::size`](crate::Event::size)) in one push: 512 KiB.
 pub const DEFAULT_MAX_BYTES: usize = 512 * 1024;
-/// Default pushes' worth of events taken by one claim (see [`RelayConfig::claim_batches`]).
-pub const DEFAULT_CLAIM_BATCHES: usize = 4;
 /// Default relay lease: another relay may take over this long after the last claim.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
@@ -38,12 +36,6 @@ pub struct RelayConfig {
     pub retry: RetryPolicy,
     /// The lease owner's name; unique per relay instance (a random one by default).
     pub owner: String,
-    /// How many pushes' worth of events one claim takes (default 4). The
-    /// pushes still go out one at a time, each after the previous answer, but
-    /// the outcome of one push is settled while the next is on the wire, so
-    /// local bookkeeping overlaps the network. Keep `lease` longer than this
-    /// many round trips.
-    pub claim_batches: usize,
 }
 
 impl Default for RelayConfig {
@@ -54,7 +46,6 @@ impl Default for RelayConfig {
             lease: DEFAULT_LEASE,
             retry: RetryPolicy::new(),
             owner: format!("relay-{}", uuid::Uuid::new_v4()),
-            claim_batches: DEFAULT_CLAIM_BATCHES,
         }
     }
 }
@@ -86,12 +77,6 @@ impl RelayConfig {
     /// Set the retry policy.
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
-        self
-    }
-
-    /// Set how many pushes' worth of events one claim takes (at least 1).
-    pub fn with_claim_batches(mut self, n: usize) -> Self {
-        self.claim_batches = n.max(1);
         self
     }
 

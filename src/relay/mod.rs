@@ -39,12 +39,15 @@
 //!
 //! Pushes go out one at a time, each after the previous answer (that is what
 //! keeps `seq` order at the server), but the relay's local work overlaps the
-//! network. While push *k* is on the wire, from the moment the transport says
-//! its request has left ([`RequestSent`]), the relay settles the answer to
-//! push *k − 1* and, when the last claim was full, claims and serializes one
-//! more push's worth of events past the last claimed `seq`
-//! ([`ClaimRequest::after`]) into the group *ahead*, both in one store call
-//! ([`Store::settle_and_claim`]). Inside a flush, a group's last answer is
+//! network. Every claim takes one push's worth of events, so the first push
+//! of a flush leaves as soon as its own events are read. While push *k* is
+//! on the wire, from the moment the transport says its request has left
+//! ([`RequestSent`]), the relay settles the answer to push *k − 1* and, when
+//! the last claim was full, claims and serializes one more push's worth of
+//! events past the last claimed `seq`
+//! ([`ClaimRequest::after`](crate::store::ClaimRequest::after)) into the
+//! group *ahead*, both in one store call ([`Store::settle_and_claim`]).
+//! Inside a flush, a group's last answer is
 //! settled beside the next group's first push, or with the next claim when
 //! nothing is ahead. A failed settle records nothing (obligation 10 of
 //! [`crate::store`]): those events stay pending and are pushed again.
@@ -65,18 +68,18 @@ use std::ops::Range;
 use std::time::Duration;
 
 pub use config::{
-    DEFAULT_CLAIM_BATCHES, DEFAULT_LEASE, DEFAULT_MAX_BYTES, DEFAULT_MAX_EVENTS, EXPIRED,
-    FlushReport, MIN_COUNT_INTERVAL, RelayConfig, RelayStatus, StatusObserver, Step,
+    DEFAULT_LEASE, DEFAULT_MAX_BYTES, DEFAULT_MAX_EVENTS, EXPIRED, FlushReport, MIN_COUNT_INTERVAL,
+    RelayConfig, RelayStatus, StatusObserver, Step,
 };
 use push::{
-    Group, Pushes, Trial, Wire, claim_request, group_limits, join, match_results,
+    AHEAD_PUSHES, Group, Pushes, Trial, Wire, claim_request, join, match_results,
     next_attempt_number, push_body, send_with_auth, tally,
 };
 
 use crate::error::Result;
 use crate::policy::{Jitter, PushWindow, Verdict, classify, network_failure};
 use crate::protocol::{PROTOCOL_VERSION, ResultStatus};
-use crate::store::{Claim, ClaimRequest, Outcome, Settlement, Store};
+use crate::store::{Claim, Outcome, Settlement, Store};
 use crate::time::Timestamp;
 use crate::trace;
 use crate::transport::{RequestSent, Transport};
@@ -621,7 +624,7 @@ impl<S: Store, T: Transport> Relay<S, T> {
         prefetch_after: &mut Option<i64>,
     ) -> Result<Verdict> {
         let ahead_len = self.ahead.as_ref().map_or(0, |g| g.wire.len());
-        let (ahead_cap, _) = group_limits(&self.config);
+        let ahead_cap = self.config.max_events.saturating_mul(AHEAD_PUSHES);
         let prefetch = prefetch_after.take().filter(|_| ahead_len < ahead_cap);
         let part = &wire[range];
         self.status.in_flight = part.len();
@@ -640,12 +643,7 @@ impl<S: Store, T: Transport> Relay<S, T> {
                 }
                 return Ok(None);
             };
-            let request = ClaimRequest {
-                after: Some(after),
-                max_events: config.max_events,
-                max_bytes: config.max_bytes,
-                ..claim_request(config, now, None)
-            };
+            let request = claim_request(config, now, Some(after));
             // One store transaction where the store can (obligation 10): an
             // outer `Err` recorded nothing, so the events stay pending.
             let claimed = store.settle_and_claim(settle, now, request.clone()).await?;
@@ -1076,12 +1074,12 @@ mod tests {
         // to be settled beside the next push.
         block_on(relay.step_carrying()).unwrap();
         assert_eq!(relay.carried.len(), 10);
-        assert_eq!(count(&store, EventStatus::Sent), 30);
+        assert_eq!(count(&store, EventStatus::Sent), 0);
         store.fail_next_settles(1);
         assert!(block_on(relay.flush()).is_err());
-        assert_eq!(count(&store, EventStatus::Pending), 70);
+        assert_eq!(count(&store, EventStatus::Pending), 100);
         let report = block_on(relay.flush()).unwrap();
-        assert_eq!((report.sent, report.pending), (70, 0));
+        assert_eq!((report.sent, report.pending), (100, 0));
         assert_eq!(seqs(&server), (1..=100).collect::<Vec<_>>());
     }
 
@@ -1106,10 +1104,10 @@ mod tests {
                 .contains("settle")
         );
         assert!(relay.ahead.is_none());
-        assert_eq!(count(&store, EventStatus::Sent), 30);
-        assert_eq!(count(&store, EventStatus::Pending), 70);
+        assert_eq!(count(&store, EventStatus::Sent), 0);
+        assert_eq!(count(&store, EventStatus::Pending), 100);
         let report = block_on(relay.flush()).unwrap();
-        assert_eq!((report.sent, report.pending), (70, 0));
+        assert_eq!((report.sent, report.pending), (100, 0));
         // Resent events were duplicates: each stored once, in order.
         assert_eq!(seqs(&server), (1..=100).collect::<Vec<_>>());
         assert!(store.all().iter().all(|e| e.attempts == 1));
@@ -1124,7 +1122,7 @@ mod tests {
         store.fail_next_claims(1);
         let report = block_on(relay.flush()).unwrap();
         // The 10 carried over were counted by the first step.
-        assert_eq!((report.sent, report.pending), (60, 0));
+        assert_eq!((report.sent, report.pending), (90, 0));
         assert_eq!(count(&store, EventStatus::Sent), 100);
         assert_eq!(seqs(&server), (1..=100).collect::<Vec<_>>());
         assert_eq!(server.requests().len(), 10, "no push was sent twice");
@@ -1136,14 +1134,13 @@ mod tests {
         let (mut relay, store, server) = setup(100);
         block_on(relay.flush()).unwrap();
         assert_eq!(server.requests().len(), 10);
-        // 40 per claim, 10 per push. Pushes 1-4 (group 1) and 5-6 claim one
-        // push's worth ahead each, push 7 finds nothing more past 100, push 9
-        // (the group claimed ahead was full) looks once more; with the first
-        // claim and the last (empty) one, every claim is a settle_and_claim
-        // that also settles the answers known by then, so no store
-        // transaction of its own sits between two pushes.
-        assert_eq!(store.claims(), 10);
-        assert_eq!(store.settle_and_claims(), 10);
+        // 10 per claim and per push. The first claim, then each push claims
+        // the next push's worth ahead (the last finds nothing past 100), then
+        // the last (empty) claim: every claim is a settle_and_claim that also
+        // settles the answers known by then, so no store transaction of its
+        // own sits between two pushes.
+        assert_eq!(store.claims(), 12);
+        assert_eq!(store.settle_and_claims(), 12);
         assert_eq!(count(&store, EventStatus::Sent), 100);
     }
 
@@ -1157,7 +1154,10 @@ mod tests {
         // answers are carried, or they are pushed twice.
         relay.config.lease = Duration::ZERO;
         block_on(relay.step_carrying()).unwrap();
-        assert_eq!(count(&store, EventStatus::Sent), 50);
+        // The 10 carried were settled in the claim; this push's 10 are
+        // carried in turn (its successor was claimed ahead).
+        assert_eq!(count(&store, EventStatus::Sent), 10);
+        assert_eq!(relay.carried.len(), 10);
         relay.config.lease = DEFAULT_LEASE;
         block_on(relay.flush()).unwrap();
         let pushed: usize = server.requests().iter().map(|r| r.0).sum();
@@ -1180,20 +1180,24 @@ mod tests {
                 .unwrap()
                 .contains("settle")
         );
-        assert_eq!(count(&store, EventStatus::Pending), 70);
+        assert_eq!(count(&store, EventStatus::Pending), 100);
         relay.config.lease = DEFAULT_LEASE;
         let report = block_on(relay.flush()).unwrap();
-        assert_eq!((report.sent, report.pending), (70, 0));
+        assert_eq!((report.sent, report.pending), (100, 0));
         assert_eq!(seqs(&server), (1..=100).collect::<Vec<_>>());
     }
 
     #[test]
-    fn one_claim_feeds_several_pushes() {
+    fn a_claim_takes_one_push_worth_and_the_next_comes_while_it_is_out() {
         let (mut relay, store, server) = setup(35);
         block_on(relay.flush()).unwrap();
-        // 35 events, 10 per push, 40 per claim: one claim (plus the empty one).
-        assert_eq!(server.requests().len(), 4);
-        assert_eq!(store.claims(), 2);
+        // 35 events, 10 per push: the first push leaves once its own 10 are
+        // read; each full claim brings the next push's worth while its push
+        // is out (3), and the last claim finds nothing.
+        let sizes: Vec<usize> = server.requests().iter().map(|r| r.0).collect();
+        assert_eq!(sizes, [10, 10, 10, 5]);
+        assert_eq!(store.claims(), 5);
+        assert_eq!(seqs(&server), (1..=35).collect::<Vec<_>>());
         assert!(store.all().iter().all(|e| e.attempts == 1));
     }
 
@@ -1207,24 +1211,32 @@ mod tests {
                 .flat_map(|g| g.wire.iter().map(|w| w.seq))
                 .collect()
         };
-        // 40 events per claim, 10 per push: the first claim is full, so each
-        // of its 4 pushes brings one more push's worth (claimed and
-        // serialized while the push is on the wire).
+        // 10 events per claim and per push: the first claim is full, so its
+        // push brings the next push's worth (claimed and serialized while
+        // the push is on the wire).
         let step = block_on(relay.step()).unwrap();
-        assert!(matches!(step, Step::Batch { sent: 40, .. }), "{step:?}");
-        assert_eq!(ahead_seqs(&relay), (41..=80).collect::<Vec<_>>());
-        assert_eq!(store.claims(), 5);
+        assert!(matches!(step, Step::Batch { sent: 10, .. }), "{step:?}");
+        assert_eq!(ahead_seqs(&relay), (11..=20).collect::<Vec<_>>());
+        assert_eq!(store.claims(), 2);
         // A step leaves nothing unsettled behind it (only a flush carries a
         // group's last outcomes over to the next group's first push).
-        assert_eq!(count(&store, EventStatus::Sent), 40);
-        // The next step pushes them without a claim first.
-        block_on(relay.step()).unwrap();
-        assert_eq!(ahead_seqs(&relay), (81..=100).collect::<Vec<_>>());
+        assert_eq!(count(&store, EventStatus::Sent), 10);
+        // The next steps push them without a claim first, each bringing the
+        // next push's worth.
+        for first in (11..=81).step_by(10) {
+            block_on(relay.step()).unwrap();
+            assert_eq!(
+                ahead_seqs(&relay),
+                (first + 10..=first + 19).collect::<Vec<_>>()
+            );
+        }
         assert!(matches!(
             block_on(relay.step()).unwrap(),
-            Step::Batch { sent: 20, .. }
+            Step::Batch { sent: 10, .. }
         ));
+        assert!(relay.ahead.is_none());
         assert_eq!(block_on(relay.step()).unwrap(), Step::Idle);
+        assert_eq!(store.claims(), 12);
         assert_eq!(seqs(&server), (1..=100).collect::<Vec<_>>());
         assert!(store.all().iter().all(|e| e.attempts == 1));
     }
@@ -1267,13 +1279,23 @@ mod tests {
     #[test]
     fn a_claim_stops_pushing_at_half_its_lease() {
         let (mut relay, store, server) = setup(35);
-        // A zero lease: every push after a claim's first waits for a new claim.
+        // Pushes narrowed below the claim size (after a 413), so a claim
+        // takes several pushes; a zero lease: every push after a claim's
+        // first waits for a new claim, which renews the lease.
+        relay.window.too_large(10);
         relay.config.lease = Duration::ZERO;
         let report = block_on(relay.flush()).unwrap();
         assert_eq!((report.sent, report.pending), (35, 0));
-        assert_eq!(server.requests().len(), 4);
-        assert_eq!(store.claims(), 5, "one claim per push, then the empty one");
+        let sizes: Vec<usize> = server.requests().iter().map(|r| r.0).collect();
+        // Each claim's first push only (the window widens to 9, below the
+        // size that was too large): the rest waits for the next claim.
+        assert_eq!(sizes, [5, 9, 9, 9, 3]);
+        // A claim before each push, one ahead beside each full one (dropped:
+        // events of its group stayed behind), and the last, empty one.
+        assert_eq!(store.claims(), 5 + 4 + 1);
         assert_eq!(seqs(&server), (1..=35).collect::<Vec<_>>());
+        // Events claimed but left for the next claim were not attempted.
+        assert!(store.all().iter().all(|e| e.attempts == 1));
     }
 
     #[test]
@@ -1535,9 +1557,10 @@ mod tests {
         relay.window.failed(1, true);
         block_on(relay.flush()).unwrap();
         // Each push is cut when it goes, at the window of that moment:
-        // 1, 2, 4, 8, then 10 per push (the configured most).
+        // 1, 2, 4, then the 3 left of the first claim, then 10 per push
+        // (the configured most) for the 30 claimed ahead meanwhile.
         let sizes: Vec<usize> = server.requests().iter().map(|r| r.0).collect();
-        assert_eq!(sizes, [1, 2, 4, 8, 10, 10, 5]);
+        assert_eq!(sizes, [1, 2, 4, 3, 10, 10, 10]);
         assert_eq!(seqs(&server), (1..=40).collect::<Vec<_>>());
     }
 

@@ -115,27 +115,27 @@ impl Group {
     }
 }
 
-/// Most events and bytes in one group: `claim_batches` pushes' worth.
-pub(super) fn group_limits(config: &RelayConfig) -> (usize, usize) {
-    let pushes = config.claim_batches.max(1);
-    (
-        config.max_events.saturating_mul(pushes),
-        config.max_bytes.saturating_mul(pushes),
-    )
-}
+/// Most pushes' worth of events (`max_events` each) held claimed ahead. The
+/// relay claims one push's worth beside each push and a group usually goes
+/// in one push, so the group ahead holds one; when pushes come out smaller
+/// than claims (a batch split after a `413`, a window narrowed by failures),
+/// a group takes several pushes and brings one push's worth ahead at each:
+/// this bounds what is held in memory.
+pub(super) const AHEAD_PUSHES: usize = 4;
 
-/// A claim of one group for `config`'s owner.
+/// A claim of one push's worth for `config`'s owner. The first push of a
+/// flush leaves as soon as its own events are read and serialized; the
+/// following ones are claimed while the one before is on the wire.
 pub(super) fn claim_request(
     config: &RelayConfig,
     now: Timestamp,
     after: Option<i64>,
 ) -> ClaimRequest<'_> {
-    let (max_events, max_bytes) = group_limits(config);
     ClaimRequest {
         owner: &config.owner,
         lease: config.lease,
-        max_events,
-        max_bytes,
+        max_events: config.max_events,
+        max_bytes: config.max_bytes,
         now,
         after,
         max_wait: config.retry.cap(),
