@@ -1242,6 +1242,29 @@ mod tests {
     }
 
     #[test]
+    fn what_is_claimed_ahead_stays_bounded_when_pushes_are_smaller_than_claims() {
+        let (mut relay, store, server) = setup(100);
+        // Pushes of one event (a 413 for two), claims of 10: each of the
+        // first group's 10 pushes would bring 10 more ahead.
+        relay.window.too_large(2);
+        let step = block_on(relay.step()).unwrap();
+        assert!(matches!(step, Step::Batch { sent: 10, .. }), "{step:?}");
+        assert_eq!(server.requests().len(), 10);
+        let ahead: Vec<i64> = relay
+            .ahead
+            .iter()
+            .flat_map(|g| g.wire.iter().map(|w| w.seq))
+            .collect();
+        assert_eq!(
+            ahead,
+            (11..=10 + 10 * AHEAD_PUSHES as i64).collect::<Vec<_>>()
+        );
+        block_on(relay.flush()).unwrap();
+        assert_eq!(seqs(&server), (1..=100).collect::<Vec<_>>());
+        assert!(store.all().iter().all(|e| e.attempts == 1));
+    }
+
+    #[test]
     fn a_claim_that_is_not_full_brings_nothing_ahead() {
         // A trickle of commits costs one claim per batch, not two.
         let (mut relay, store, _server) = setup(5);
