@@ -475,8 +475,12 @@ engineTest("the Retry now button: waiting events are made due, the page says how
     await addItem(page, "parked");
     await waitFor(async () => (await server.requests()).some((r) => r.status === 503), { message: "the 503" });
     await (await page.find("[data-testid=retry-now]")).click();
-    await waitFor(async () => /retrying \d+ waiting events?/.test(await text(page, "flush-result")),
-      { message: "the retry-now result" });
+    // On a timeout, say what the page showed instead (an error from
+    // retryNow(), or nothing: the click or the promise went missing).
+    let shown = null;
+    await waitFor(async () => /retrying \d+ waiting events?/.test(shown = await text(page, "flush-result")),
+      { message: "the retry-now result" })
+      .catch((e) => { throw new Error(`${e.message}; the result line showed ${JSON.stringify(shown)}`); });
     await waitServerCount(server, client, 1);
     await waitStat(page, "pending", 0);
     assert.deepEqual(titlesOf(await checkedEvents(server, client)), ["parked"]);
