@@ -729,6 +729,15 @@ mod tests {
         server.stored().iter().map(|s| s.2).collect()
     }
 
+    /// The seqs of the group claimed ahead.
+    fn ahead_seqs(relay: &Relay<MemoryStore, MemoryServer>) -> Vec<i64> {
+        relay
+            .ahead
+            .iter()
+            .flat_map(|g| g.wire.iter().map(|w| w.seq))
+            .collect()
+    }
+
     fn count(store: &MemoryStore, status: EventStatus) -> usize {
         store.all().iter().filter(|e| e.status == status).count()
     }
@@ -1204,13 +1213,6 @@ mod tests {
     #[test]
     fn a_full_claim_brings_the_next_group_while_its_pushes_are_out() {
         let (mut relay, store, server) = setup(100);
-        let ahead_seqs = |relay: &Relay<MemoryStore, MemoryServer>| -> Vec<i64> {
-            relay
-                .ahead
-                .iter()
-                .flat_map(|g| g.wire.iter().map(|w| w.seq))
-                .collect()
-        };
         // 10 events per claim and per push: the first claim is full, so its
         // push brings the next push's worth (claimed and serialized while
         // the push is on the wire).
@@ -1250,15 +1252,8 @@ mod tests {
         let step = block_on(relay.step()).unwrap();
         assert!(matches!(step, Step::Batch { sent: 10, .. }), "{step:?}");
         assert_eq!(server.requests().len(), 10);
-        let ahead: Vec<i64> = relay
-            .ahead
-            .iter()
-            .flat_map(|g| g.wire.iter().map(|w| w.seq))
-            .collect();
-        assert_eq!(
-            ahead,
-            (11..=10 + 10 * AHEAD_PUSHES as i64).collect::<Vec<_>>()
-        );
+        let ahead = (11..=10 + 10 * AHEAD_PUSHES as i64).collect::<Vec<_>>();
+        assert_eq!(ahead_seqs(&relay), ahead);
         block_on(relay.flush()).unwrap();
         assert_eq!(seqs(&server), (1..=100).collect::<Vec<_>>());
         assert!(store.all().iter().all(|e| e.attempts == 1));
