@@ -116,9 +116,9 @@ fn enqueue(outbox: &Outbox, n: usize) {
     }
 }
 
-/// Post one pre-built push body and read the whole answer, as the bare and
+/// Post one push body and read the whole answer (returned), as the bare and
 /// hand sides both do: one definition, so they do the same HTTP work.
-async fn post(client: &reqwest::Client, url: &str, body: Vec<u8>) {
+async fn post(client: &reqwest::Client, url: &str, body: Vec<u8>) -> bytes::Bytes {
     let response = client
         .post(url)
         .header("content-type", "application/json")
@@ -127,7 +127,7 @@ async fn post(client: &reqwest::Client, url: &str, body: Vec<u8>) {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    response.bytes().await.unwrap();
+    response.bytes().await.unwrap()
 }
 
 /// The bodies the relay would send for `n` fresh events, `batch` per body.
@@ -314,15 +314,7 @@ fn hand_claim(
 /// The hand side's post: the body, then the answer parsed and matched to
 /// the batch by position (what a relay must know before its next post).
 async fn hand_post(client: &reqwest::Client, url: &str, batch: HandBatch) -> (i64, i64) {
-    let response = client
-        .post(url)
-        .header("content-type", "application/json")
-        .body(batch.body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let answer = PushResponse::from_json(&response.bytes().await.unwrap()).unwrap();
+    let answer = PushResponse::from_json(&post(client, url, batch.body).await).unwrap();
     assert_eq!(answer.results.len(), batch.ids.len());
     for (result, id) in answer.results.iter().zip(&batch.ids) {
         assert_eq!(result.id, *id, "results in request order");
@@ -403,7 +395,6 @@ impl Sides {
             // The first batch is claimed before its post, as a relay must.
             let mut sending = hand_claim(&conn.lock().unwrap(), &prefix, self.hand_after, batch);
             let mut settle: Option<(i64, i64)> = None;
-            let mut last = self.hand_after;
             while let Some(claimed) = sending {
                 let after = claimed.range.1;
                 let (conn, prefix) = (Arc::clone(&conn), Arc::clone(&prefix));
@@ -417,11 +408,11 @@ impl Sides {
                 let (posted, next) =
                     tokio::join!(hand_post(&self.client, &self.url, claimed), local);
                 settle = Some(posted);
-                last = posted.1;
                 sending = next.unwrap();
             }
-            hand_settle(&mut conn.lock().unwrap(), settle.unwrap());
-            last
+            let range = settle.unwrap();
+            hand_settle(&mut conn.lock().unwrap(), range);
+            range.1
         });
         let elapsed = started.elapsed();
         self.hand_after = after;

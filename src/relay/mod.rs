@@ -47,9 +47,8 @@
 //! events past the last claimed `seq`
 //! ([`ClaimRequest::after`](crate::store::ClaimRequest::after)) into the
 //! group *ahead*, both in one store call ([`Store::settle_and_claim`]).
-//! Inside a flush, a group's last answer is
-//! settled beside the next group's first push, or with the next claim when
-//! nothing is ahead. A failed settle records nothing (obligation 10 of
+//! Inside a flush, a group's last answer is settled beside the next group's
+//! first push, or with the next claim when nothing is ahead. A failed settle records nothing (obligation 10 of
 //! [`crate::store`]): those events stay pending and are pushed again.
 //! Anything that leaves an event of a group pending (a failure, an event the
 //! answer did not name, a lease running short) drops the group claimed
