@@ -1335,6 +1335,95 @@ async fn takeover_time_after_kill_9_median_of_20() {
     );
 }
 
+/// The events table's SQL as `sqlite_schema` holds it, and the schema version.
+fn events_table_sql(conn: &Connection) -> (String, i64) {
+    let sql = conn
+        .query_row(
+            "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'edge_outbox_events'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let version = conn
+        .query_row("PRAGMA schema_version", [], |r| r.get(0))
+        .unwrap();
+    (sql, version)
+}
+
+/// Earlier builds checked the status with `IN (...)`, which SQLite runs as
+/// a temporary b-tree built at every insert. Opening such a file rewrites
+/// the check in place, without touching a row: the events read the same,
+/// the check still refuses a bad status, a connection the app held open
+/// across the rewrite goes on writing, and a second open changes nothing.
+#[test]
+fn a_file_with_the_in_list_status_check_gets_the_cheap_check_in_place() {
+    const IN_LIST: &str = "CHECK (status IN ('pending', 'sent', 'dead'))";
+    const CHEAP: &str = "CHECK (status = 'pending' OR status = 'sent' OR status = 'dead')";
+    let (_dir, path, outbox) = open_new();
+    let events = outbox.enqueue((0..3).map(|i| order_created(i, 1))).unwrap();
+    drop(outbox);
+    // What earlier builds made: the same table with the IN-list check.
+    let app = Connection::open(&path).unwrap();
+    let (sql, version) = events_table_sql(&app);
+    assert!(sql.contains(CHEAP), "{sql}");
+    app.execute_batch(&format!(
+        "BEGIN IMMEDIATE;
+         PRAGMA writable_schema = ON;
+         UPDATE sqlite_schema SET sql = replace(sql, \"{CHEAP}\", \"{IN_LIST}\") \
+             WHERE type = 'table' AND name = 'edge_outbox_events';
+         PRAGMA schema_version = {};
+         PRAGMA writable_schema = RESET;
+         COMMIT;",
+        version + 1
+    ))
+    .unwrap();
+    let (sql, old_version) = events_table_sql(&app);
+    assert!(sql.contains(IN_LIST), "{sql}");
+    let root: i64 = app
+        .query_row(
+            "SELECT rootpage FROM sqlite_schema WHERE name = 'edge_outbox_events'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+
+    let outbox = Outbox::open(&path, config()).unwrap();
+    let (sql, version) = events_table_sql(&app);
+    assert!(sql.contains(CHEAP) && !sql.contains(IN_LIST), "{sql}");
+    assert_eq!(version, old_version + 1);
+    let (check, root_now): (String, i64) = app
+        .query_row(
+            "SELECT (SELECT group_concat(integrity_check) FROM pragma_integrity_check), \
+                    (SELECT rootpage FROM sqlite_schema WHERE name = 'edge_outbox_events')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((check.as_str(), root_now), ("ok", root));
+    for event in &events {
+        let read = outbox.get(event.id).unwrap().unwrap();
+        assert_eq!((read.seq, read.status), (event.seq, EventStatus::Pending));
+    }
+    let err = app
+        .execute(
+            "UPDATE edge_outbox_events SET status = 'lost' WHERE seq = 1",
+            [],
+        )
+        .unwrap_err();
+    assert_eq!(
+        err.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::ConstraintViolation),
+        "{err}"
+    );
+    app.execute("INSERT INTO orders (id, amount) VALUES (1, 5)", [])
+        .unwrap();
+    outbox.enqueue([order_created(9, 9)]).unwrap();
+    assert_eq!(outbox.stats().unwrap().pending, 4);
+    drop(outbox);
+    drop(Outbox::open(&path, config()).unwrap());
+    assert_eq!(events_table_sql(&app), (sql, version));
+}
+
 /// Turn the outbox file at `path`, made by this build, into what schema v4
 /// left (no sent marks, none of v5's guard triggers, version 4), then run
 /// `state` (SQL setting the rows and meta as the test needs). Returns the
