@@ -1359,8 +1359,10 @@ fn events_table_sql(conn: &Connection) -> (String, i64) {
 /// Earlier builds checked the status with `IN (...)`, which SQLite runs as
 /// a temporary b-tree built at every insert. Opening such a file rewrites
 /// the check in place, without touching a row: the events read the same,
-/// the check still refuses a bad status, a connection the app held open
-/// across the rewrite goes on writing, and a second open changes nothing.
+/// the check still refuses a bad status, a connection held open across the
+/// rewrite (an earlier build's process) goes on writing with the statement
+/// it prepared before, a reader mid-read keeps its snapshot and sees the new
+/// check afterwards, and a second open changes nothing.
 #[test]
 fn a_file_with_the_in_list_status_check_gets_the_cheap_check_in_place() {
     const IN_LIST: &str = "CHECK (status IN ('pending', 'sent', 'dead'))";
@@ -1392,8 +1394,33 @@ fn a_file_with_the_in_list_status_check_gets_the_cheap_check_in_place() {
             |r| r.get(0),
         )
         .unwrap();
+    // A process of an earlier build keeps the file open: a statement it
+    // prepared on the events table, and a reader in the middle of a read.
+    const OLD_BUILD_UPDATE: &str = "UPDATE edge_outbox_events SET attempts = attempts + 1 \
+         WHERE seq = ?1";
+    app.prepare_cached(OLD_BUILD_UPDATE)
+        .unwrap()
+        .execute([events[0].seq])
+        .unwrap();
+    let reader = Connection::open(&path).unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let (sql_read, _) = events_table_sql(&reader);
+    assert!(sql_read.contains(IN_LIST), "{sql_read}");
 
     let outbox = Outbox::open(&path, config()).unwrap();
+    // The reader's snapshot is the one it started with; once it ends, it
+    // sees the new check.
+    let (sql_read, _) = events_table_sql(&reader);
+    assert!(sql_read.contains(IN_LIST), "{sql_read}");
+    reader.execute_batch("COMMIT").unwrap();
+    let (sql_read, _) = events_table_sql(&reader);
+    assert!(sql_read.contains(CHEAP), "{sql_read}");
+    // The earlier build's statement is prepared again under the new schema.
+    app.prepare_cached(OLD_BUILD_UPDATE)
+        .unwrap()
+        .execute([events[0].seq])
+        .unwrap();
+    assert_eq!(outbox.get(events[0].id).unwrap().unwrap().attempts, 2);
     let (sql, version) = events_table_sql(&app);
     assert!(sql.contains(CHEAP) && !sql.contains(IN_LIST), "{sql}");
     assert_eq!(version, old_version + 1);
