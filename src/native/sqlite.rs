@@ -114,6 +114,10 @@ CREATE TABLE IF NOT EXISTS edge_outbox_meta (
 /// commit and removed at every settle made the settle cost about twice as
 /// much). `migrate` upgrades v1 to v4 files in place.
 ///
+/// The status check is an `OR` of equalities ([`STATUS_CHECK`]); files
+/// whose check an earlier build spelled `IN (...)` get it at open, with no
+/// new schema version (see `respell_status_check`).
+///
 /// Dead events are few and may sit anywhere, so they keep a partial index.
 /// Queries must spell `status = 'dead'` as a literal for SQLite to use it.
 ///
@@ -140,7 +144,8 @@ const EVENTS_COLUMNS: &str = "(
 /// The events table's status check, as [`EVENTS_COLUMNS`] spells it. An
 /// `OR` of equalities, because SQLite codes `status IN (...)` in a CHECK as a
 /// temporary b-tree of the three values that it builds anew at every insert
-/// and update: 7-8 % of a commit (BENCHMARKS.md, "The status check").
+/// (and every update of the status): 7-8 % of a commit (BENCHMARKS.md, "The
+/// status check").
 const STATUS_CHECK: &str = "CHECK (status = 'pending' OR status = 'sent' OR status = 'dead')";
 
 /// The same check as earlier builds spelled it (in schema v1 to v5 files);
