@@ -2,7 +2,7 @@
 //!
 //! `serde_json` quietly writes `NaN` and infinities as `null` and turns integer
 //! map keys into strings. An outbox must never change what the app meant to
-//! send, so payloads first go through [`check`], a serializer that produces
+//! send, so payloads first go through [`Check`], a serializer that produces
 //! nothing and fails on anything JSON cannot represent faithfully; only then are
 //! they written by `serde_json`.
 
