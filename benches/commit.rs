@@ -1,7 +1,8 @@
 //! Commit cost of `Outbox::transaction` (one order row plus one event) against
 //! two hand-written baselines, side by side in one run, for both durability
 //! modes; and the commit cost with 1,000,000 pending events against an empty
-//! outbox. `scripts/bench commit` runs it; BENCHMARKS.md records its lines.
+//! outbox, and what opening each of those two files takes. `scripts/bench
+//! commit` runs it; BENCHMARKS.md records its lines.
 //!
 //! ```text
 //! cargo bench --bench commit            # EDGE_OUTBOX_BENCH_ROUNDS=15 for more rounds
@@ -285,6 +286,27 @@ fn commit_with_backlog() {
         .unwrap();
     }
     assert_eq!(full.stats().unwrap().pending, 1_000_000);
+    // What opening the file costs an app at start with this backlog: medians
+    // of 5 opens of each file (the OS has the files in its page cache).
+    drop(full);
+    let open_ms = |name: &str| {
+        let path = dir.path().join(name);
+        let ms = (0..5)
+            .map(|_| {
+                let started = Instant::now();
+                drop(Outbox::open(&path, Config::new("http://127.0.0.1:9")).unwrap());
+                started.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        median(ms)
+    };
+    let (full_ms, full_lo, full_hi) = open_ms("backlog.db");
+    let (empty_ms, empty_lo, empty_hi) = open_ms("empty.db");
+    println!(
+        "open backlog: 1,000,000 pending {full_ms:.2} ms ({full_lo:.2}-{full_hi:.2}), \
+         empty {empty_ms:.2} ms ({empty_lo:.2}-{empty_hi:.2}), medians of 5 opens"
+    );
+    let full = open_outbox(&dir.path().join("backlog.db"), Durability::Normal);
     let mut sides = [
         Side::new("1m_pending", |id| commit_outbox(&full, id)),
         Side::new("empty", |id| commit_outbox(&empty, id)),
