@@ -23,8 +23,10 @@
 //!    tab) leaves no trace on them. A store may keep the lease outside the
 //!    database (SQLite: an OS file lock that the kernel drops when the process
 //!    dies); where it keeps an expiry time, an expiry further than `lease`
-//!    past `now` is not believed (it was written under a clock that ran
-//!    ahead) and counts as expired.
+//!    past the later of `now` and the clock as the store reads it is not
+//!    believed (it was written under a clock that ran ahead) and counts as
+//!    expired ([`ClaimRequest::lease_holds`]; a lease renewed after the
+//!    claimant read `now` holds).
 //! 6. `claim` returns [`Claim::NotBefore`] when the first event it would take
 //!    is not due yet (`next_attempt_at` in the future): later events never
 //!    overtake it. A `next_attempt_at` further than `max_wait` past `now` is
@@ -119,16 +121,32 @@ impl ClaimRequest<'_> {
     /// of another owner, stored as expiring at `until`, still hold? Not once
     /// it has expired, and not when it claims to last longer than a lease can
     /// (written under a clock that ran ahead, then corrected).
+    ///
+    /// "Longer than a lease can" is judged from the clock as the store reads
+    /// the lease, not from `now` alone: `now` was read when the request was
+    /// made, before the store took its lock or transaction, and the holder
+    /// may have renewed its lease since (a browser tab's claim waits for the
+    /// sending tab's IndexedDB transaction). Judged from `now`, that renewal
+    /// would look like a clock that ran ahead, and a second sender would
+    /// take over.
     pub fn lease_holds(&self, until: Timestamp) -> bool {
-        until > self.now && until <= self.now.add(self.lease)
+        until > self.now && until <= self.latest().add(self.lease)
     }
 
     /// Obligation 6, the one copy of the rule every store uses: is an event
     /// whose stored retry time is `next_attempt_at` due now? Yes once that
     /// time has come, and also when it lies further ahead than `max_wait`
-    /// (such a time is not believed).
+    /// (such a time is not believed). "Further ahead" is judged as in
+    /// [`ClaimRequest::lease_holds`]: another sender may have written the
+    /// retry time after this request read `now`.
     pub fn is_due(&self, next_attempt_at: Timestamp) -> bool {
-        next_attempt_at <= self.now || next_attempt_at > self.now.add(self.max_wait)
+        next_attempt_at <= self.now || next_attempt_at > self.latest().add(self.max_wait)
+    }
+
+    /// The later of `now` and the clock as the store reads: what a time
+    /// written meanwhile by another sender can be measured against.
+    fn latest(&self) -> Timestamp {
+        self.now.max(Timestamp::now())
     }
 }
 

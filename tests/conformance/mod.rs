@@ -48,6 +48,8 @@ where
     check!(a_retry_time_beyond_max_wait_is_not_believed);
     check!(retry_records_retried_at);
     check!(a_lease_expiry_beyond_the_lease_is_not_believed);
+    check!(a_lease_renewed_after_the_claimant_read_its_clock_holds);
+    check!(a_retry_time_written_after_the_claimant_read_its_clock_holds);
     check!(a_dead_event_retried_among_sent_ones_is_pending_alone);
     check!(settle_and_claim_is_a_settle_then_a_claim);
     check!(settle_and_claim_settles_under_another_owners_lease);
@@ -699,6 +701,54 @@ async fn a_lease_expiry_beyond_the_lease_is_not_believed<S: Store>(s: &S) {
         Claim::LeaseHeld { .. }
     ));
     s.release_lease("b").await.unwrap();
+}
+
+/// A claim's `now` is read before the store takes its lock or transaction,
+/// and the holder may renew its lease in between: in the browser, "b"'s
+/// claim waits for the IndexedDB transaction of "a", which is sending. Its
+/// expiry then lies a little more than a lease past "b"'s `now`, which is
+/// not a clock that ran ahead: the lease holds, and only one sends.
+async fn a_lease_renewed_after_the_claimant_read_its_clock_holds<S: Store>(s: &S) {
+    s.enqueue(vec![ev(0), ev(1)]).await.unwrap();
+    // "b" read its clock 200 ms ago, then waited for the store.
+    let b_read = Timestamp::now().sub(Duration::from_millis(200));
+    assert!(matches!(
+        s.claim(request("a", 1, usize::MAX, Timestamp::now()))
+            .await
+            .unwrap(),
+        Claim::Batch(_)
+    ));
+    assert!(
+        matches!(
+            s.claim(request("b", 10, usize::MAX, b_read)).await.unwrap(),
+            Claim::LeaseHeld { .. }
+        ),
+        "a second sender took over a lease renewed after its clock read"
+    );
+    s.release_lease("a").await.unwrap();
+}
+
+/// The same for a retry time: another sender settled a failure with the
+/// longest wait there is after this claim read its clock. The wait holds.
+async fn a_retry_time_written_after_the_claimant_read_its_clock_holds<S: Store>(s: &S) {
+    let e = s.enqueue(vec![ev(0)]).await.unwrap();
+    let read = Timestamp::now().sub(Duration::from_millis(200));
+    let max_wait = request("a", 10, usize::MAX, read).max_wait;
+    claim_batch(s, "a", 1).await;
+    let written = Timestamp::now();
+    let at = written.add(max_wait);
+    let retry = Outcome::Retry {
+        at,
+        error: "HTTP 503".into(),
+    };
+    s.settle(vec![Settlement::new(&e[0], retry)], written)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.claim(request("a", 10, usize::MAX, read)).await.unwrap(),
+        Claim::NotBefore(at)
+    );
+    s.release_lease("a").await.unwrap();
 }
 
 async fn a_dead_event_retried_among_sent_ones_is_pending_alone<S: Store>(s: &S) {
