@@ -29,9 +29,10 @@
 //!    claimant read `now` holds).
 //! 6. `claim` returns [`Claim::NotBefore`] when the first event it would take
 //!    is not due yet (`next_attempt_at` in the future): later events never
-//!    overtake it. A `next_attempt_at` further than `max_wait` past `now` is
-//!    not believed (a clock that ran ahead, a `Retry-After` from before its
-//!    ceiling): the event is due now.
+//!    overtake it. A `next_attempt_at` further than `max_wait` past the
+//!    later of `now` and the clock as the store reads it is not believed (a
+//!    clock that ran ahead, a `Retry-After` from before its ceiling): the
+//!    event is due now ([`ClaimRequest::is_due`]).
 //! 7. `settle` applies outcomes only to events still pending, and counts one
 //!    attempt on each event it settles (`attempts` = attempts that reached an
 //!    outcome); a `Sent` event records `sent_at`; a `Dead` one its reason; a
