@@ -1049,21 +1049,21 @@ fn respell_status_check(conn: &Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
     conn.execute_batch("PRAGMA writable_schema = ON")?;
     let writable: bool = conn.query_row("PRAGMA writable_schema", [], |r| r.get(0))?;
-    let edited = writable
-        .then(|| {
-            conn.execute(
-                "UPDATE sqlite_schema SET sql = replace(sql, ?1, ?2) \
-                 WHERE type = 'table' AND name = 'edge_outbox_events'",
-                [IN_LIST_STATUS_CHECK, STATUS_CHECK],
-            )?;
-            // A pragma takes no parameters.
-            conn.execute_batch(&format!("PRAGMA schema_version = {}", version + 1))
-        })
-        .transpose();
+    let edited = if writable {
+        conn.execute(
+            "UPDATE sqlite_schema SET sql = replace(sql, ?1, ?2) \
+             WHERE type = 'table' AND name = 'edge_outbox_events'",
+            [IN_LIST_STATUS_CHECK, STATUS_CHECK],
+        )
+        // A pragma takes no parameters.
+        .and_then(|_| conn.execute_batch(&format!("PRAGMA schema_version = {}", version + 1)))
+    } else {
+        Ok(())
+    };
     // RESET turns writable_schema off and makes this connection reload the
     // schema, so the rest of `migrate` sees the new check.
     conn.execute_batch("PRAGMA writable_schema = RESET")?;
-    edited.map(drop)
+    edited
 }
 
 /// v3 -> v4: rebuild the events table without the unique index on `id`

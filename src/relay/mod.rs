@@ -48,8 +48,9 @@
 //! ([`ClaimRequest::after`](crate::store::ClaimRequest::after)) into the
 //! group *ahead*, both in one store call ([`Store::settle_and_claim`]).
 //! Inside a flush, a group's last answer is settled beside the next group's
-//! first push, or with the next claim when nothing is ahead. A failed settle records nothing (obligation 10 of
-//! [`crate::store`]): those events stay pending and are pushed again.
+//! first push, or with the next claim when nothing is ahead. A failed settle
+//! records nothing (obligation 10 of [`crate::store`]): those events stay
+//! pending and are pushed again.
 //! Anything that leaves an event of a group pending (a failure, an event the
 //! answer did not name, a lease running short) drops the group claimed
 //! ahead, so nothing overtakes that event; and [`Relay::step`] /
